@@ -1,0 +1,81 @@
+"""Every engine option in one validated dataclass, with vLLM's names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+BUNDLED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class EngineConfig:
+    model: str = BUNDLED_MODEL
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype (or bfloat16) on CUDA
+    device: str = "auto"
+    max_model_len: int | None = None  # default: the model's context length
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # default 8192; longer prompts are chunked
+    long_prefill_token_threshold: int | None = None  # chunk size of a long prefill while others wait
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None  # explicit KV budget; CPU default 2 GiB
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    enforce_eager: bool = False
+    trust_remote_code: bool = False  # accepted for vLLM compatibility; no remote code ever runs
+    tokenizer_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.dtype = str(self.dtype).replace("torch.", "")
+        _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        _check(self.device in _DEVICES, "device", f"must be one of {_DEVICES}, got {self.device!r}")
+        _check(isinstance(self.model, str) and self.model, "model", "must be a path, a name or dummy:<preset>")
+        _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
+               f"must be a power of two up to 128, got {self.block_size}")
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+               f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_model_len", "max_num_batched_tokens", "long_prefill_token_threshold",
+                     "kv_cache_memory_bytes", "num_gpu_blocks_override"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and value > 0), name,
+                   f"must be a positive integer, got {value!r}")
+        _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs > 0, "max_num_seqs",
+               f"must be a positive integer, got {self.max_num_seqs!r}")
+        _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
+               "num_gpu_blocks_override", "must be at least 2")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+
+@dataclass
+class SchedulerConfig:
+    """The scheduler's limits, resolved once the model's context length is known."""
+
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    long_prefill_token_threshold: int
+
+    @classmethod
+    def resolve(cls, config: EngineConfig, model_max_len: int) -> "SchedulerConfig":
+        max_model_len = config.max_model_len or model_max_len
+        if max_model_len > model_max_len:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context length {model_max_len}")
+        batched = config.max_num_batched_tokens or 8192
+        threshold = config.long_prefill_token_threshold or max(config.block_size, batched // 4)
+        return cls(max_model_len, config.max_num_seqs, batched, min(threshold, batched))
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{field_name} {message}")

@@ -1,0 +1,209 @@
+"""Continuous batching with a token budget (vLLM v1's scheduler).
+
+Each step every running request gets the tokens it still needs (1 for a decode, a chunk for a
+prefill) out of `max_num_batched_tokens`; waiting requests are admitted with what is left.
+Prefill and decode mix freely in one step. When blocks run out, the running request with the
+worst (priority, arrival) is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from engine.config import SchedulerConfig
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus, child_request_id
+
+
+@dataclass
+class SchedulerOutput:
+    # Requests in batch order with the number of tokens each computes this step.
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    block_ids: dict[str, list[int]] = field(default_factory=dict)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(num for _, num in self.scheduled)
+
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.waiting: list[Request] = []  # kept sorted by Request.sort_key
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self.peak_kv_blocks = 0  # most blocks held by running requests at the end of any step
+        self.peak_kv_token_utilization = 1.0  # live tokens / allocated slots at that peak
+
+    # -- queue management ---------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self._enqueue_waiting(request)
+
+    def finish_requests(self, request_ids, status: RequestStatus) -> list[Request]:
+        """Abort or stop requests wherever they are; their blocks return to the pool now."""
+        finished = []
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished():
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+            finished.append(request)
+        return finished
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=lambda r: r.sort_key)
+        scheduled_ids: set[str] = set()
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = self._num_tokens_to_schedule(request, budget)
+            while self.kv_cache_manager.allocate_slots(request, num_new) is None:
+                victim = self.running.pop()  # worst (priority, arrival) among running
+                self._preempt(victim)
+                output.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                output.scheduled.append((request, num_new))
+                scheduled_ids.add(request.request_id)
+                budget -= num_new
+                index += 1
+                continue
+            break
+
+        if not output.preempted:
+            budget = self._admit_waiting(output, budget)
+
+        for request, _ in output.scheduled:
+            output.block_ids[request.request_id] = self.kv_cache_manager.get_block_ids(request.request_id)
+        return output
+
+    def _admit_waiting(self, output: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[index]
+            sibling = self._sibling_with_prompt(request)
+            if sibling is False:  # an earlier sibling is still computing the shared prompt
+                index += 1
+                continue
+            computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request, sibling)
+            remaining = request.num_tokens - request.num_computed_tokens - num_computed
+            num_new = min(remaining, budget, self._prefill_chunk_limit(len(self.waiting) - 1))
+            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
+                break  # the pool is full; keep arrival order rather than skipping ahead
+            self.waiting.pop(index)
+            request.num_computed_tokens += num_computed
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            output.scheduled.append((request, num_new))
+            budget -= num_new
+        return budget
+
+    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Advance progress after the model ran; append sampled tokens; return finished requests."""
+        finished = []
+        for request, num_new in output.scheduled:
+            if request.is_finished():  # aborted while the step ran
+                continue
+            request.num_computed_tokens += num_new
+            token_id = sampled_token_ids.get(request.request_id)
+            if token_id is None:
+                continue  # a partial prefill chunk: nothing to sample yet
+            request.append_output_token(token_id)
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+                finished.append(request)
+        self._record_kv_usage()
+        return finished
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _num_tokens_to_schedule(self, request: Request, budget: int) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining > 1:
+            remaining = min(remaining, self._prefill_chunk_limit(len(self.waiting)))
+        return min(remaining, budget)
+
+    def _prefill_chunk_limit(self, num_others_waiting: int) -> int:
+        """A long prefill takes smaller chunks while others wait, so they never starve behind it."""
+        if num_others_waiting > 0:
+            return self.config.long_prefill_token_threshold
+        return self.config.max_num_batched_tokens
+
+    def _sibling_with_prompt(self, request: Request):
+        """For child k > 0 of an `n > 1` request: the first child, whose prompt blocks it shares
+        once computed; False while that prompt is still being computed; None if not applicable."""
+        if request.parent_id is None or request.index == 0 or request.num_preemptions:
+            return None
+        first = self.requests.get(child_request_id(request.parent_id, 0))
+        if first is None or first.num_preemptions:
+            return None
+        if first.status != RequestStatus.RUNNING or first.num_computed_tokens < first.num_prompt_tokens:
+            return False
+        return first
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if (not params.ignore_eos and token_id in params.all_stop_token_ids) or token_id in params.stop_token_ids:
+                request.stop_reason = token_id if token_id in params.stop_token_ids else None
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        return None
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue_waiting(request)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+
+    def _enqueue_waiting(self, request: Request) -> None:
+        keys = [r.sort_key for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, request.sort_key), request)
+
+    def _record_kv_usage(self) -> None:
+        manager = self.kv_cache_manager
+        num_blocks = sum(len(manager.req_to_blocks.get(r.request_id, ())) for r in self.running)
+        if num_blocks > self.peak_kv_blocks:
+            live = sum(r.num_computed_tokens for r in self.running)
+            self.peak_kv_blocks = num_blocks
+            self.peak_kv_token_utilization = live / (num_blocks * manager.block_size)
+

@@ -1,0 +1,73 @@
+"""The attention layer: writes this step's K/V into the paged cache, then attends over it.
+
+Per-step metadata (built once by the model runner) is published through `set_forward_context`,
+so the model code reads like the paper and never threads batching details through its calls.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.paged_attention_ref import paged_decode_attention, paged_prefill_attention, reshape_and_cache
+
+
+@dataclass
+class AttentionMetadata:
+    """The batch is ordered decodes first: `num_decodes` one-token queries, then prefill chunks."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot of each token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] padded with the null block 0
+    seq_lens: torch.Tensor  # [num_seqs] context length including this step's tokens
+    num_decodes: int
+    decode_max_blocks: int  # block-table columns the decodes need (the rest is prefill padding)
+    seq_lens_cpu: list[int]
+    query_start_loc_cpu: list[int]  # [num_seqs + 1]
+
+
+_context: AttentionMetadata | None = None
+
+
+@contextmanager
+def set_forward_context(metadata: AttentionMetadata):
+    global _context
+    previous, _context = _context, metadata
+    try:
+        yield
+    finally:
+        _context = previous
+
+
+def get_forward_context() -> AttentionMetadata:
+    if _context is None:
+        raise RuntimeError("attention called outside set_forward_context()")
+    return _context
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.key_cache = torch.empty(0)  # bound by the model runner once the cache is allocated
+        self.value_cache = torch.empty(0)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """query: `[num_tokens, num_heads, head_dim]`; key/value: `[num_tokens, num_kv_heads, head_dim]`."""
+        meta = get_forward_context()
+        reshape_and_cache(key, value, self.key_cache, self.value_cache, meta.slot_mapping)
+        out = torch.empty_like(query)
+        num_decodes = meta.num_decodes
+        if num_decodes:
+            out[:num_decodes] = paged_decode_attention(
+                query[:num_decodes], self.key_cache, self.value_cache,
+                meta.block_tables[:num_decodes, :meta.decode_max_blocks], meta.seq_lens[:num_decodes], self.scale)
+        starts = meta.query_start_loc_cpu
+        for seq in range(num_decodes, len(meta.seq_lens_cpu)):
+            start, end = starts[seq], starts[seq + 1]
+            out[start:end] = paged_prefill_attention(
+                query[start:end], self.key_cache, self.value_cache,
+                meta.block_tables[seq], meta.seq_lens_cpu[seq], self.scale)
+        return out

@@ -1,0 +1,25 @@
+"""Architecture name (config.json's `architectures[0]`) -> model class."""
+
+from __future__ import annotations
+
+from engine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+MODEL_REGISTRY = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def architecture_of(config) -> str:
+    architectures = getattr(config, "architectures", None) or []
+    for name in architectures:
+        if name in MODEL_REGISTRY:
+            return name
+    raise ValueError(f"unsupported model architecture {architectures or config.model_type!r}; "
+                     f"supported: {', '.join(sorted(MODEL_REGISTRY))}")
+
+
+def get_model_class(config):
+    return MODEL_REGISTRY[architecture_of(config)]

@@ -1,0 +1,1 @@
+"""Batch job models (none yet)."""

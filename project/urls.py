@@ -1,0 +1,8 @@
+"""Root URL routes: each app owns its own urls.py; this file only mounts them."""
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", include("inference.urls")),
+]

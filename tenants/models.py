@@ -1,0 +1,1 @@
+"""Tenant, API key, limit, quota and usage models (none yet)."""

@@ -1,0 +1,34 @@
+"""Django set up for plain pytest (no pytest-django).
+
+django.setup() runs when pytest collects this folder, so tests of engine/ and
+kernels/ never load Django. One test database (test_<NAME>, SQLite or
+PostgreSQL, whichever DATABASE_URL names) is created for the session.
+"""
+import os
+
+import django
+import pytest
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+os.environ.setdefault("DJANGO_DEBUG", "1")  # a dev SECRET_KEY when none is set
+django.setup()
+
+from django.test import Client  # noqa: E402  (needs django.setup())
+from django.test.runner import DiscoverRunner  # noqa: E402
+from django.test.utils import setup_test_environment, teardown_test_environment  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def django_test_database():
+    """Test environment and database for the whole session, as `manage.py test` would."""
+    setup_test_environment(debug=False)
+    runner = DiscoverRunner(verbosity=0, interactive=False)
+    old_config = runner.setup_databases()
+    yield
+    runner.teardown_databases(old_config)
+    teardown_test_environment()
+
+
+@pytest.fixture
+def client() -> Client:
+    return Client()
