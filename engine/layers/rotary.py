@@ -40,7 +40,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq, attention_factor = inverse_frequencies(config, head_dim)
         t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq.float())
+        freqs = torch.outer(t, inv_freq.float().to(t.device))
         self.register_buffer("cos_cache", freqs.cos() * attention_factor, persistent=False)
         self.register_buffer("sin_cache", freqs.sin() * attention_factor, persistent=False)
 

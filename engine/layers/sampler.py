@@ -1,0 +1,137 @@
+"""Logits -> next tokens for a batch of requests that each carry their own SamplingParams.
+
+Order, as in vLLM: raw logprobs (if asked) -> penalties -> min_tokens mask -> greedy or
+temperature -> top-k / top-p / min-p -> sample. Sampling uses the exponential race
+(argmax of p / q with q ~ Exp(1)), which draws exactly from p; a seeded request draws its q from
+its own generator, so its output does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import Request
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row, when the request asked for logprobs: [(token_id, logprob, rank)], sampled token first.
+    logprobs: list[list[tuple[int, float, int]] | None]
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.request_generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self.request_generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        logits = logits.float()
+        params = [r.sampling_params for r in requests]
+        want_logprobs = [p.logprobs is not None for p in params]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        self._apply_penalties(logits, requests)
+        self._mask_stop_tokens_before_min(logits, requests)
+        greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)
+        token_ids = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            random_rows = (~greedy).nonzero().flatten().tolist()
+            sampled = self._sample(logits[random_rows], [requests[i] for i in random_rows])
+            token_ids[random_rows] = sampled
+        token_list = token_ids.tolist()
+
+        logprobs = [None] * len(requests)
+        if raw_logprobs is not None:
+            for row, wanted in enumerate(want_logprobs):
+                if wanted:
+                    logprobs[row] = top_logprobs(raw_logprobs[row], token_list[row], params[row].logprobs)
+        return SamplerOutput(token_list, logprobs)
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        for row, request in enumerate(requests):
+            p = request.sampling_params
+            if not p.needs_penalties:
+                continue
+            vocab = logits.shape[-1]
+            if p.repetition_penalty != 1.0:
+                seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+                seen[torch.tensor(request.all_token_ids, device=logits.device)] = True
+                row_logits = logits[row]
+                penalized = torch.where(row_logits > 0, row_logits / p.repetition_penalty,
+                                        row_logits * p.repetition_penalty)
+                logits[row] = torch.where(seen, penalized, row_logits)
+            if request.output_token_ids and (p.frequency_penalty or p.presence_penalty):
+                output = torch.tensor(request.output_token_ids, device=logits.device)
+                counts = torch.bincount(output, minlength=vocab)[:vocab].to(logits.dtype)
+                logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+    @staticmethod
+    def _mask_stop_tokens_before_min(logits: torch.Tensor, requests: list[Request]) -> None:
+        for row, request in enumerate(requests):
+            p = request.sampling_params
+            if request.num_output_tokens < p.min_tokens:
+                stop_ids = [t for t in (*p.all_stop_token_ids, *p.stop_token_ids) if t < logits.shape[-1]]
+                if p.ignore_eos:
+                    stop_ids = [t for t in p.stop_token_ids if t < logits.shape[-1]]
+                logits[row, stop_ids] = float("-inf")
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        params = [r.sampling_params for r in requests]
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        logits = logits / temperature[:, None]
+        if any(p.top_k or p.top_p < 1.0 or p.min_p > 0 for p in params):
+            logits = filter_logits(logits, [p.top_k for p in params], [p.top_p for p in params],
+                                   [p.min_p for p in params])
+        probs = torch.softmax(logits, dim=-1)
+        race = torch.empty_like(probs)
+        for row, request in enumerate(requests):
+            race[row].exponential_(generator=self._generator_for(request))
+        return (probs / race).argmax(dim=-1)
+
+    def _generator_for(self, request: Request) -> torch.Generator:
+        seed = request.sampling_params.seed
+        if seed is None:
+            return self.generator
+        generator = self.request_generators.get(request.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed + request.index)
+            self.request_generators[request.request_id] = generator
+        return generator
+
+
+def filter_logits(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
+    """Set to -inf every logit outside each row's top-k, nucleus (top-p) and min-p sets."""
+    vocab = logits.shape[-1]
+    device = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device)
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device)
+    remove = ranks[None, :] >= k[:, None]
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    p = torch.tensor(top_p, device=device, dtype=probs.dtype)
+    mass_before = probs.cumsum(dim=-1) - probs  # the top token always stays
+    remove |= mass_before >= p[:, None]
+    m = torch.tensor(min_p, device=device, dtype=probs.dtype)
+    remove |= probs < (m * probs[:, :1])
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def top_logprobs(logprobs: torch.Tensor, token_id: int, num: int) -> list[tuple[int, float, int]]:
+    """The chosen token's (id, logprob, rank) followed by the `num` most likely tokens."""
+    chosen = logprobs[token_id]
+    rank = int((logprobs > chosen).sum()) + 1
+    entries = [(token_id, float(chosen), rank)]
+    if num:
+        values, ids = logprobs.topk(num)
+        entries += [(int(i), float(v), r + 1) for r, (v, i) in enumerate(zip(values.tolist(), ids.tolist()))]
+    return entries

@@ -1,0 +1,186 @@
+"""The step-level engine: add requests, step, get incremental outputs, abort.
+
+The whole loop is three calls: `scheduler.schedule()`, `runner.execute()`, `scheduler.update()`;
+the rest turns tokens into RequestOutputs. The Redis service drives this same object.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from engine.config import EngineConfig, SchedulerConfig
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.scheduler import Scheduler
+from engine.output_processor import RequestState, SequenceState
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus, child_request_id
+from engine.sampling_params import SamplingParams
+from engine.tokenization import eos_token_ids, load_tokenizer
+from engine.weights import load_model_config, resolve_model
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from engine.worker.model_runner import ModelRunner  # torch lives behind this import
+
+        started = time.perf_counter()
+        self.config = config
+        source = resolve_model(config.model)
+        self.model_config = load_model_config(source)
+        self.scheduler_config = SchedulerConfig.resolve(config, model_context_length(self.model_config))
+        self.tokenizer = load_tokenizer(source, config.tokenizer)
+        self.runner = ModelRunner(config, self.model_config, source, self.scheduler_config.max_model_len,
+                                  self.scheduler_config.max_num_batched_tokens)
+        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
+                                               config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config)
+        self.vocab_size = self.model_config.vocab_size
+        self.requests: dict[str, RequestState] = {}
+        self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}
+        logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, in %.1fs", source.name,
+                    self.runner.device, self.runner.dtype, self.runner.num_blocks, config.block_size,
+                    time.perf_counter() - started)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(**kwargs))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler_config.max_model_len
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, *,
+                    priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        self._validate_prompt(prompt_ids)
+        params = params.clone()
+        params.all_stop_token_ids = set(self.eos_token_ids)
+        n = params.n
+        sequences = []
+        for index in range(n):
+            child_id = request_id if n == 1 else child_request_id(request_id, index)
+            request = Request(child_id, prompt_ids, params, priority=priority, arrival_time=arrival_time,
+                              cache_salt=cache_salt, parent_id=None if n == 1 else request_id, index=index)
+            sequences.append(SequenceState(request, self.tokenizer))
+        state = RequestState(request_id, prompt_text, prompt_ids, params, sequences)
+        self.requests[request_id] = state
+        for sequence in sequences:
+            self.sequences[sequence.request.request_id] = (state, sequence)
+            self.scheduler.add_request(sequence.request)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Stop requests now; their KV blocks are free before the next step."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else list(request_ids):
+            state = self.requests.pop(request_id, None)
+            if state is None:
+                continue
+            child_ids = [seq.request.request_id for seq in state.sequences]
+            self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+            for child_id in child_ids:
+                self.sequences.pop(child_id, None)
+                self.runner.sampler.forget(child_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty():
+            return []
+        runner_output = self.runner.execute(scheduler_output)
+        finished = {r.request_id for r in self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)}
+
+        touched: dict[str, RequestState] = {}
+        for request, _ in scheduler_output.scheduled:
+            state, sequence = self.sequences.get(request.request_id, (None, None))
+            if state is None:
+                continue
+            if request.request_id in runner_output.prompt_logprobs:
+                state.add_prompt_logprobs(*runner_output.prompt_logprobs[request.request_id], self.tokenizer)
+            token_id = runner_output.sampled_token_ids.get(request.request_id)
+            if token_id is None:
+                continue
+            touched[state.request_id] = state
+            is_finished = request.request_id in finished
+            if sequence.append(token_id, runner_output.logprobs.get(request.request_id), is_finished) \
+                    and not is_finished:
+                self.scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_STOPPED)
+                is_finished = True
+            if is_finished:
+                sequence.finish(request.status)
+                self._forget_sequence(request.request_id)
+
+        outputs = []
+        for state in touched.values():
+            output = state.make_output()
+            if output is not None:
+                outputs.append(output)
+            if state.finished:
+                self.requests.pop(state.request_id, None)
+        return outputs
+
+    def stats(self) -> dict:
+        kv = self.kv_cache_manager
+        return {
+            "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions, "kv_cache_usage": kv.block_pool.get_usage(),
+            "num_blocks": self.runner.num_blocks, "prefix_cache_queries": kv.prefix_cache_queries,
+            "prefix_cache_hits": kv.prefix_cache_hits,
+            "peak_kv_token_utilization": self.scheduler.peak_kv_token_utilization,
+        }
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _forget_sequence(self, request_id: str) -> None:
+        self.sequences.pop(request_id, None)
+        self.runner.sampler.forget(request_id)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be text, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _validate_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt must not be empty")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if len(prompt_ids) > self.max_model_len:
+            raise ValueError(f"prompt is {len(prompt_ids)} tokens long, more than max_model_len="
+                             f"{self.max_model_len}")
+
+
+def model_context_length(model_config) -> int:
+    """The model's context length, capped by a sliding window we do not implement."""
+    length = model_config.max_position_embeddings
+    window = getattr(model_config, "sliding_window", None)
+    if window and getattr(model_config, "use_sliding_window", True) and window < length:
+        logger.warning("sliding window attention is not implemented: limiting the context to %d", window)
+        length = window
+    return length

@@ -1,0 +1,119 @@
+"""Turns sampled tokens into what users see: text deltas, stop strings, logprobs, RequestOutputs.
+
+One `SequenceState` per generated sequence (detokenizer, text, logprobs); one `RequestState` per
+user request, which gathers its `n` sequences into a single RequestOutput.
+"""
+
+from __future__ import annotations
+
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.tokenization import IncrementalDetokenizer
+
+
+class SequenceState:
+    def __init__(self, request: Request, tokenizer) -> None:
+        self.request = request
+        params = request.sampling_params
+        self.params = params
+        self.tokenizer = tokenizer
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer, request.prompt_token_ids, params.skip_special_tokens,
+            params.spaces_between_special_tokens) if params.detokenize else None
+        self.max_stop_len = max((len(s) for s in params.stop), default=0)
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.sent_text = self.sent_tokens = 0  # for DELTA outputs
+
+    def append(self, token_id: int, logprobs: list[tuple[int, float, int]] | None, finished: bool) -> bool:
+        """Add one sampled token; returns True if a stop string ended the sequence here."""
+        self.token_ids.append(token_id)
+        if logprobs is not None and self.logprobs is not None:
+            self.logprobs.append(to_logprob_dict(logprobs, self.tokenizer if self.detokenizer else None))
+            self.cumulative_logprob += logprobs[0][1]
+        if self.detokenizer is None:
+            return False
+        previous_len = len(self.text)
+        self.text += self.detokenizer.step([token_id], final=finished)
+        if self.max_stop_len and self.request.num_output_tokens >= self.params.min_tokens:
+            return self._truncate_at_stop_string(previous_len)
+        return False
+
+    def finish(self, status: RequestStatus) -> None:
+        self.finish_reason = RequestStatus.finish_reason(status)
+        if self.stop_reason is None:
+            self.stop_reason = self.request.stop_reason
+
+    def _truncate_at_stop_string(self, previous_len: int) -> bool:
+        search_from = max(0, previous_len - self.max_stop_len + 1)
+        hits = [(self.text.find(stop, search_from), stop) for stop in self.params.stop]
+        hits = [(index, stop) for index, stop in hits if index >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        self.text = self.text[:index + (len(stop) if self.params.include_stop_str_in_output else 0)]
+        self.stop_reason = stop
+        return True
+
+    def completion(self, index: int, kind: RequestOutputKind) -> CompletionOutput | None:
+        finished = self.finish_reason is not None
+        # While streaming, hold back text that could still turn out to be the start of a stop string.
+        visible = len(self.text) if finished else max(0, len(self.text) - max(self.max_stop_len - 1, 0))
+        if kind == RequestOutputKind.DELTA:
+            if not finished and visible == self.sent_text and len(self.token_ids) == self.sent_tokens:
+                return None
+            text, tokens = self.text[self.sent_text:visible], self.token_ids[self.sent_tokens:]
+            logprobs = self.logprobs[self.sent_tokens:] if self.logprobs is not None else None
+            self.sent_text, self.sent_tokens = visible, len(self.token_ids)
+        else:
+            text, tokens, logprobs = self.text[:visible], list(self.token_ids), self.logprobs
+        return CompletionOutput(index=index, text=text, token_ids=tokens, cumulative_logprob=self.cumulative_logprob,
+                                logprobs=logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+
+
+class RequestState:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, sequences: list[SequenceState]) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.sequences = sequences
+        self.prompt_logprobs = [None] if params.prompt_logprobs is not None else None
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finish_reason is not None for seq in self.sequences)
+
+    def add_prompt_logprobs(self, first_position: int, entries, tokenizer) -> None:
+        if self.prompt_logprobs is None or first_position != len(self.prompt_logprobs):
+            return  # already recorded (a sibling, or a recompute after preemption)
+        self.prompt_logprobs.extend(to_logprob_dict(e, tokenizer) for e in entries)
+
+    def make_output(self) -> RequestOutput | None:
+        kind = self.params.output_kind
+        finished = self.finished
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        outputs = [seq.completion(i, kind) for i, seq in enumerate(self.sequences)]
+        outputs = [o for o in outputs if o is not None]
+        if not outputs and not finished:
+            return None
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
+            outputs=outputs, finished=finished, prompt_logprobs=self.prompt_logprobs,
+            num_cached_tokens=self.sequences[0].request.num_cached_tokens)
+
+
+def to_logprob_dict(entries: list[tuple[int, float, int]], tokenizer) -> dict[int, Logprob]:
+    result = {}
+    for token_id, logprob, rank in entries:
+        if token_id not in result:
+            decoded = tokenizer.decode([token_id]) if tokenizer is not None else None
+            result[token_id] = Logprob(logprob=logprob, rank=rank, decoded_token=decoded)
+    return result

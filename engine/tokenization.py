@@ -1,0 +1,87 @@
+"""Tokenizer loading (Hugging Face folders and GGUF files) and incremental detokenization."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from engine.weights.source import ModelSource, bundled_model_path, resolve_model
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ENGINE_CACHE_DIR", Path.home() / ".cache" / "llm-serve"))
+
+
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None):
+    """The tokenizer named by `tokenizer`, else the model's own; dummy models borrow SmolLM2's."""
+    if tokenizer is not None and tokenizer != source.name:
+        source = resolve_model(tokenizer)
+    if source.kind == "dummy":
+        source = ModelSource("gguf", path=bundled_model_path())
+    from transformers import AutoTokenizer
+
+    if source.kind == "hf":
+        return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
+    return _gguf_tokenizer(source.path)
+
+
+def _gguf_tokenizer(path: Path):
+    """Building a fast tokenizer from GGUF metadata takes seconds, so the result is cached on disk."""
+    from transformers import AutoTokenizer
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = _cache_dir() / "tokenizers" / key
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tok.save_pretrained(str(cached))
+    except OSError:
+        pass  # a read-only home only costs the conversion time next start
+    return tok
+
+
+def eos_token_ids(tokenizer, model_config) -> set[int]:
+    ids = set()
+    for value in (getattr(model_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    return ids
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without ever emitting half a character.
+
+    Decodes only a short window (a few tokens of context plus the unread ones), as vLLM does:
+    a delta is released once the window's text no longer ends in an incomplete UTF-8 sequence.
+    """
+
+    CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.spaces_between_special_tokens = spaces_between_special_tokens
+        self.tokens = list(prompt_token_ids[-self.CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.tokens)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens,
+                                     spaces_between_special_tokens=self.spaces_between_special_tokens)
+
+    def step(self, new_token_ids: list[int], final: bool = False) -> str:
+        """Append tokens; return the text that is now complete (all of it when `final`)."""
+        self.tokens.extend(new_token_ids)
+        prefix_text = self.decode(self.tokens[self.prefix_offset:self.read_offset])
+        full_text = self.decode(self.tokens[self.prefix_offset:])
+        if len(full_text) > len(prefix_text) and (final or not full_text.endswith("\ufffd")):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.tokens)
+            return full_text[len(prefix_text):]
+        return ""

@@ -1,0 +1,64 @@
+"""`dummy:<preset>`: real model shapes with random weights, for benchmarks (as vLLM's
+`--load-format dummy`). Values are small and uniform so activations stay finite."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+PRESETS = {
+    "smollm2-135m": ("LlamaForCausalLM", dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, bos_token_id=1, eos_token_id=2)),
+    "llama-3.2-1b": ("LlamaForCausalLM", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, rope_parameters={**_LLAMA3_ROPE, "factor": 32.0},
+        bos_token_id=128000, eos_token_id=128009)),
+    "llama-3.1-8b": ("LlamaForCausalLM", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters=_LLAMA3_ROPE, bos_token_id=128000, eos_token_id=128009)),
+    "llama-3.1-70b": ("LlamaForCausalLM", dict(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters=_LLAMA3_ROPE, bos_token_id=128000, eos_token_id=128009)),
+    "mistral-7b": ("MistralForCausalLM", dict(
+        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        bos_token_id=1, eos_token_id=2)),
+    "qwen2.5-0.5b": ("Qwen2ForCausalLM", dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, bos_token_id=151643, eos_token_id=151645)),
+    "qwen3-0.6b": ("Qwen3ForCausalLM", dict(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        bos_token_id=151643, eos_token_id=151645)),
+}
+
+
+def dummy_config(preset: str):
+    import transformers
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown dummy preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+    architecture, kwargs = PRESETS[preset]
+    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    return config_class(architectures=[architecture], **kwargs)
+
+
+@torch.no_grad()
+def initialize_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.uniform_(-0.02, 0.02, generator=generator)

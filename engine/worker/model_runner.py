@@ -1,0 +1,212 @@
+"""Owns the model and the KV cache on one device; turns a SchedulerOutput into sampled tokens.
+
+Each step: flatten the scheduled tokens of all requests (decodes first) into `input_ids`,
+`positions` and `slot_mapping`, publish the attention metadata, run the model, compute logits only
+where a token is sampled (or prompt logprobs are wanted), and sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig
+from engine.core.scheduler import SchedulerOutput
+from engine.layers.attention import Attention, AttentionMetadata, set_forward_context
+from engine.layers.sampler import Sampler, top_logprobs
+from engine.models.registry import get_model_class
+from engine.request import Request
+from engine.weights import ModelSource, load_weights_into
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+                "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+CPU_DEFAULT_KV_BYTES = 4 << 30
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device, model_config) -> torch.dtype:
+    if name != "auto":
+        return _DTYPE_NAMES[name]
+    if device.type == "cpu":
+        return torch.float32
+    checkpoint = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    checkpoint = _DTYPE_NAMES.get(str(checkpoint).replace("torch.", ""), torch.bfloat16)
+    return torch.bfloat16 if checkpoint == torch.float32 else checkpoint
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)
+    # request id -> (first prompt position covered, one entry list per position)
+    prompt_logprobs: dict[str, tuple[int, list[list[tuple[int, float, int]]]]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config, source: ModelSource, max_model_len: int,
+                 max_num_batched_tokens: int) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, model_config)
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        torch.manual_seed(config.seed)
+        self.model = self._load_model(source)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.num_blocks = self._decide_num_blocks()
+        self._allocate_kv_cache(self.num_blocks)
+        self.sampler = Sampler(config.seed, self.device)
+
+    # -- set-up -------------------------------------------------------------------------------------
+
+    def _load_model(self, source: ModelSource) -> torch.nn.Module:
+        model_class = get_model_class(self.model_config)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = model_class(self.model_config)
+        finally:
+            torch.set_default_dtype(previous)
+        with torch.no_grad():
+            load_weights_into(model, source, self.config.seed)
+        # Rotary tables stay float32 for accuracy; everything else runs in the chosen dtype.
+        return model.eval()
+
+    def _kv_bytes_per_block(self) -> int:
+        layer = self.attention_layers[0]
+        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        return per_token * self.block_size * len(self.attention_layers)
+
+    def _decide_num_blocks(self) -> int:
+        if self.config.num_gpu_blocks_override:
+            return self.config.num_gpu_blocks_override
+        if self.config.kv_cache_memory_bytes:
+            budget = self.config.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            budget = self._cuda_kv_budget()
+        else:
+            budget = CPU_DEFAULT_KV_BYTES
+        num_blocks = budget // self._kv_bytes_per_block()
+        if num_blocks < 2:
+            raise ValueError(f"KV cache budget of {budget} bytes holds fewer than 2 blocks")
+        return int(num_blocks)
+
+    def _cuda_kv_budget(self) -> int:
+        """gpu_memory_utilization of the card, minus weights and the peak of a full-budget forward."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._profile_run()
+        peak = torch.cuda.max_memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        budget = int(total * self.config.gpu_memory_utilization) - peak - max(used_by_others, 0)
+        logger.info("KV cache budget %.2f GiB (peak of profile run %.2f GiB)", budget / 2**30, peak / 2**30)
+        return max(budget, 0)
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        num_tokens = min(self.max_num_batched_tokens, self.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size) + 1
+        self._allocate_kv_cache(num_blocks)
+        block_table = torch.arange(1, num_blocks, device=self.device)[None, :]
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device) + self.block_size,
+            block_tables=block_table, seq_lens=torch.tensor([num_tokens], device=self.device), num_decodes=0,
+            decode_max_blocks=0, seq_lens_cpu=[num_tokens], query_start_loc_cpu=[0, num_tokens])
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        with set_forward_context(meta):
+            hidden = self.model(input_ids, torch.arange(num_tokens, device=self.device))
+        self.model.compute_logits(hidden[: self.config.max_num_seqs])
+        torch.cuda.synchronize()
+        self._allocate_kv_cache(0)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        for layer in self.attention_layers:
+            layer.key_cache = layer.value_cache = torch.empty(0)
+        if num_blocks == 0:
+            return
+        layer = self.attention_layers[0]
+        shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        # Zeroed: padded slots are masked, but 0 * NaN from uninitialised memory would still be NaN.
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.key_cache, layer.value_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        batch = sorted(scheduler_output.scheduled, key=lambda item: item[1] != 1)  # decodes first
+        meta, input_ids, positions = self._prepare_inputs(batch, scheduler_output.block_ids)
+        with set_forward_context(meta):
+            hidden = self.model(input_ids, positions)
+
+        output = ModelRunnerOutput()
+        sample_rows, sample_requests = [], []
+        for seq, (request, num_new) in enumerate(batch):
+            start, end = meta.query_start_loc_cpu[seq], meta.query_start_loc_cpu[seq + 1]
+            if request.num_computed_tokens + num_new == request.num_tokens:
+                sample_rows.append(end - 1)
+                sample_requests.append(request)
+            if request.sampling_params.prompt_logprobs is not None:
+                self._prompt_logprobs(request, hidden[start:end], output)
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[sample_rows])
+            sampled = self.sampler(logits, sample_requests)
+            for request, token_id, logprobs in zip(sample_requests, sampled.token_ids, sampled.logprobs):
+                output.sampled_token_ids[request.request_id] = token_id
+                if logprobs is not None:
+                    output.logprobs[request.request_id] = logprobs
+        return output
+
+    def _prepare_inputs(self, batch: list[tuple[Request, int]], block_ids: dict[str, list[int]]):
+        block_size = self.block_size
+        input_ids, positions, slots, seq_lens, query_start_loc = [], [], [], [], [0]
+        num_decodes = sum(1 for _, num_new in batch if num_new == 1)
+        for request, num_new in batch:
+            start = request.num_computed_tokens
+            blocks = block_ids[request.request_id]
+            input_ids.extend(request.all_token_ids[start:start + num_new])
+            positions.extend(range(start, start + num_new))
+            slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, start + num_new))
+            seq_lens.append(start + num_new)
+            query_start_loc.append(query_start_loc[-1] + num_new)
+        max_blocks = max(len(block_ids[r.request_id]) for r, _ in batch)
+        block_tables = [block_ids[r.request_id] + [0] * (max_blocks - len(block_ids[r.request_id])) for r, _ in batch]
+        decode_max_blocks = -(-max(seq_lens[:num_decodes], default=0) // block_size)
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_tables=torch.tensor(block_tables, dtype=torch.long, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
+            num_decodes=num_decodes, decode_max_blocks=decode_max_blocks,
+            seq_lens_cpu=seq_lens, query_start_loc_cpu=query_start_loc)
+        return (meta, torch.tensor(input_ids, dtype=torch.long, device=device),
+                torch.tensor(positions, dtype=torch.long, device=device))
+
+    def _prompt_logprobs(self, request: Request, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
+        """Logprob of each next prompt token this chunk predicts (row p predicts token p + 1)."""
+        start = request.num_computed_tokens
+        count = min(hidden.shape[0], request.num_prompt_tokens - 1 - start)
+        if count <= 0:
+            return
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:count]).float(), dim=-1)
+        num = request.sampling_params.prompt_logprobs
+        targets = request.prompt_token_ids[start + 1:start + 1 + count]
+        entries = [top_logprobs(logprobs[i], targets[i], num) for i in range(count)]
+        output.prompt_logprobs[request.request_id] = (start + 1, entries)
