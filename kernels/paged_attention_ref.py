@@ -2,8 +2,8 @@
 
 Cache layout (vLLM's flash layout): `[num_blocks, block_size, num_kv_heads, head_dim]` for K and V.
 A sequence's KV lives in the blocks its block table lists, in order; slot = block_id * block_size
-+ offset. Grouped-query attention is done by viewing the query heads as `[num_kv_heads, group]`,
-so K and V are never repeated.
++ offset. Grouped-query attention lets each K/V head serve its group of query heads
+(`enable_gqa`), so K and V are never repeated.
 """
 
 from __future__ import annotations
@@ -20,11 +20,19 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """The listed blocks, in order, as `[len(block_ids), block_size, num_kv_heads, head_dim]`.
+
+    `index_select` on a 2-D view is an order of magnitude faster on CPU than advanced indexing.
+    """
+    rows = cache.view(cache.shape[0], -1).index_select(0, block_ids.flatten())
+    return rows.view(-1, *cache.shape[1:])
+
+
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """One sequence's first `seq_len` cached tokens as `[seq_len, num_kv_heads, head_dim]`."""
-    block_size = cache.shape[1]
-    num_blocks = -(-seq_len // block_size)
-    return cache[block_table[:num_blocks]].flatten(0, 1)[:seq_len]
+    num_blocks = -(-seq_len // cache.shape[1])
+    return gather_blocks(cache, block_table[:num_blocks]).flatten(0, 1)[:seq_len]
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -34,38 +42,30 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     `block_tables` is `[batch, max_blocks]`, padded with any valid block id; `seq_lens` counts the
     context including the query token, whose KV must already be in the cache.
     """
-    batch, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    keys = key_cache[block_tables].flatten(1, 2)  # [batch, max_len, kv_heads, head_dim]
-    values = value_cache[block_tables].flatten(1, 2)
-    max_len = keys.shape[1]
-    q = query.view(batch, num_kv_heads, group, head_dim).float()
-    scores = torch.matmul(q, keys.permute(0, 2, 3, 1).float()) * scale  # [batch, kv_heads, group, max_len]
-    positions = torch.arange(max_len, device=query.device)
-    padding = positions[None, :] >= seq_lens[:, None]
-    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, values.permute(0, 2, 1, 3).float())  # [batch, kv_heads, group, head_dim]
-    return out.reshape(batch, num_heads, head_dim).to(query.dtype)
+    batch, max_blocks = block_tables.shape
+    shape = (batch, max_blocks * key_cache.shape[1], *key_cache.shape[2:])
+    keys = gather_blocks(key_cache, block_tables).view(shape).transpose(1, 2)  # [batch, kv_heads, len, dim]
+    values = gather_blocks(value_cache, block_tables).view(shape).transpose(1, 2)
+    positions = torch.arange(keys.shape[2], device=query.device)
+    valid = (positions[None, :] < seq_lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(query.unsqueeze(2), keys, values, attn_mask=valid, scale=scale,
+                                         enable_gqa=True)
+    return out.squeeze(2)
 
 
 def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             block_table: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
     """A chunk of `query_len` tokens of one sequence (the last ones of its first `seq_len`), causal,
     attending to everything cached before it (a prefix-cache hit or earlier chunks)."""
-    query_len, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[2]
-    keys = gather_kv(key_cache, block_table, seq_len).transpose(0, 1)  # [kv_heads, seq_len, head_dim]
-    values = gather_kv(value_cache, block_table, seq_len).transpose(0, 1)
-    q = query.transpose(0, 1)
-    if num_heads != num_kv_heads:
-        keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=0)
-        values = values.repeat_interleave(num_heads // num_kv_heads, dim=0)
+    query_len = query.shape[0]
+    # 4-D inputs take torch's fused CPU kernel, several times faster than 3-D ones.
+    keys = gather_kv(key_cache, block_table, seq_len).transpose(0, 1)[None]  # [1, kv_heads, seq_len, head_dim]
+    values = gather_kv(value_cache, block_table, seq_len).transpose(0, 1)[None]
+    q = query.transpose(0, 1)[None]
     if query_len == seq_len:
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     else:
         query_pos = torch.arange(seq_len - query_len, seq_len, device=query.device)
         mask = torch.arange(seq_len, device=query.device)[None, :] <= query_pos[:, None]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)

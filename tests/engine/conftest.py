@@ -1,0 +1,166 @@
+"""Shared fixtures for the engine tests.
+
+Expensive objects (the bundled tokenizer, tiny Hugging Face checkpoints) are built once per
+session. Scheduler-level tests drive the real `Scheduler` and `KVCacheManager` with a "fake model":
+the test plays the model runner's part and feeds sampled token ids back into `Scheduler.update`.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from engine.config import BUNDLED_MODEL, SchedulerConfig
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.scheduler import Scheduler
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+
+TINY_VOCAB = 256
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer():
+    from engine.tokenization import load_tokenizer
+    from engine.weights import resolve_model
+
+    return load_tokenizer(resolve_model(BUNDLED_MODEL))
+
+
+# -- requests and the scheduler ------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_request():
+    """`make_request(request_id, prompt_token_ids, priority=0, arrival_time=None, cache_salt=None,
+    parent_id=None, index=0, **sampling_params)`; arrival times default to a strictly increasing
+    counter so tests never depend on the clock's resolution."""
+    clock = itertools.count()
+
+    def make(request_id, prompt_token_ids, *, priority=0, arrival_time=None, cache_salt=None,
+             parent_id=None, index=0, **params) -> Request:
+        params.setdefault("max_tokens", 16)
+        return Request(request_id, list(prompt_token_ids), SamplingParams(**params), priority=priority,
+                       arrival_time=float(next(clock)) if arrival_time is None else arrival_time,
+                       cache_salt=cache_salt, parent_id=parent_id, index=index)
+
+    return make
+
+
+@pytest.fixture
+def make_scheduler():
+    """`make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=64, max_num_seqs=16,
+    max_model_len=1024, long_prefill_token_threshold=None, enable_caching=True)`."""
+
+    def make(*, num_blocks=64, block_size=4, max_num_batched_tokens=64, max_num_seqs=16, max_model_len=1024,
+             long_prefill_token_threshold=None, enable_caching=True) -> Scheduler:
+        threshold = long_prefill_token_threshold or max_num_batched_tokens
+        config = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                 max_num_batched_tokens=max_num_batched_tokens,
+                                 long_prefill_token_threshold=threshold)
+        return Scheduler(config, KVCacheManager(num_blocks, block_size, enable_caching))
+
+    return make
+
+
+def _default_next_token(request: Request) -> int:
+    # Deterministic, varied, and never an EOS (the scheduler's requests have no stop ids).
+    return 10 + (request.num_tokens * 7) % 90
+
+
+@pytest.fixture
+def fake_step():
+    """`fake_step(scheduler, next_token=...) -> (scheduler_output, finished_requests)`.
+
+    Plays the model runner: a request gets a sampled token exactly when this step computes its
+    last known token (`num_computed_tokens + num_new == num_tokens`), as ModelRunner.execute does.
+    """
+
+    def step(scheduler: Scheduler, next_token=_default_next_token):
+        output = scheduler.schedule()
+        sampled = {}
+        for request, num_new in output.scheduled:
+            assert num_new >= 1
+            if request.num_computed_tokens + num_new == request.num_tokens:
+                sampled[request.request_id] = next_token(request)
+        finished = scheduler.update(output, sampled)
+        return output, finished
+
+    return step
+
+
+@pytest.fixture
+def run_to_completion(fake_step):
+    """Step until the scheduler is idle; returns the list of SchedulerOutputs (fails if stuck)."""
+
+    def run(scheduler: Scheduler, max_steps: int = 2000, next_token=_default_next_token):
+        outputs = []
+        for _ in range(max_steps):
+            if not scheduler.has_unfinished_requests():
+                return outputs
+            output, _ = fake_step(scheduler, next_token)
+            assert not output.is_empty(), "scheduler has unfinished requests but scheduled nothing"
+            outputs.append(output)
+        raise AssertionError(f"scheduler did not finish within {max_steps} steps")
+
+    return run
+
+
+# -- tiny Hugging Face checkpoints ---------------------------------------------------------------
+
+_ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+# name -> (config class name, extra config kwargs, save_pretrained kwargs)
+TINY_VARIANTS = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False), {}),
+    "llama3-rope-tied-sharded": ("LlamaConfig", dict(tie_word_embeddings=True, rope_parameters=_ROPE_LLAMA3),
+                                 dict(max_shard_size="60KB")),
+    "mistral": ("MistralConfig", dict(tie_word_embeddings=False, num_key_value_heads=1, head_dim=32), {}),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True), {}),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=32), {}),
+}
+
+
+def build_tiny_hf_model(variant: str, seed: int = 0):
+    """A tiny random transformers model (float32, eval mode) of one of TINY_VARIANTS."""
+    import torch
+    import transformers
+
+    config_name, extra, _ = TINY_VARIANTS[variant]
+    kwargs = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  bos_token_id=1, eos_token_id=2, initializer_range=0.1)
+    kwargs.update(extra)
+    config = getattr(transformers, config_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # norms and biases start at constants; randomise them so they matter
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(tmp_path_factory, bundled_tokenizer):
+    """`tiny_hf_checkpoint(variant) -> (folder, hf_model)`: a complete Hugging Face folder
+    (config.json, *.safetensors, the bundled model's tokenizer files), built once per variant."""
+    cache = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{variant}")
+            model = build_tiny_hf_model(variant)
+            model.save_pretrained(str(folder), **TINY_VARIANTS[variant][2])
+            bundled_tokenizer.save_pretrained(str(folder))
+            cache[variant] = (folder, model)
+        return cache[variant]
+
+    return get

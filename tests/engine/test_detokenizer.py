@@ -1,0 +1,77 @@
+"""IncrementalDetokenizer on the bundled tokenizer: token-by-token text equals a full decode,
+and no delta ever carries half a character (U+FFFD)."""
+
+import pytest
+
+from engine.tokenization import IncrementalDetokenizer
+
+TEXTS = [
+    "Plain ASCII text, with punctuation: (a) [b] {c}; done.",
+    "Accents: café, naïve, façade, Ångström, jalapeño, Dvořák, Łódź, ĳ.",
+    "CJK: 日本語のテキストです。中文也可以。한국어 문장도 있습니다.",
+    "Emoji: 😀🎉👍🏽 family 👨‍👩‍👧‍👦 flag 🇫🇷 robot 🤖 done",
+    "Mixed 🤖 and 漢字 and émigré ✓ → ∑ ≠ ∞ — “quotes” «guillemets» 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "   leading spaces\n\nnew lines\tand tabs  ",
+]
+PROMPTS = ["", "Hello", "Translate to Japanese: 猫", "🎉🎉"]
+
+
+def stream(detokenizer, token_ids):
+    deltas = []
+    for i, token_id in enumerate(token_ids):
+        deltas.append(detokenizer.step([token_id], final=i == len(token_ids) - 1))
+    return deltas
+
+
+def test_some_text_really_splits_characters_across_tokens(bundled_tokenizer):
+    """Guard on the test data: at least one character spans several tokens, so decoding a
+    single token yields U+FFFD and the detokenizer has something to hold back."""
+    split = [t for text in TEXTS for t in bundled_tokenizer.encode(text, add_special_tokens=False)
+             if "\ufffd" in bundled_tokenizer.decode([t])]
+    assert split
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
+def test_token_by_token_equals_full_decode(bundled_tokenizer, text, prompt):
+    prompt_ids = bundled_tokenizer.encode(prompt, add_special_tokens=False)
+    token_ids = bundled_tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(bundled_tokenizer, prompt_ids)
+    deltas = stream(detokenizer, token_ids)
+    assert "".join(deltas) == bundled_tokenizer.decode(token_ids)
+    assert "".join(deltas) == text
+    for delta in deltas:
+        assert "\ufffd" not in delta
+
+
+def test_deltas_are_complete_characters_as_soon_as_possible(bundled_tokenizer):
+    """Each delta is released once its characters are complete: never later than the token
+    that completes them."""
+    text = "a😀b"
+    token_ids = bundled_tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(bundled_tokenizer, [])
+    so_far = ""
+    for i, token_id in enumerate(token_ids):
+        so_far += detokenizer.step([token_id])
+        complete_characters = bundled_tokenizer.decode(token_ids[:i + 1]).rstrip("\ufffd")
+        assert so_far == complete_characters
+    assert so_far == text
+
+
+def test_special_tokens_are_skipped_or_kept(bundled_tokenizer):
+    text_ids = bundled_tokenizer.encode("Hi there", add_special_tokens=False)
+    eos = bundled_tokenizer.eos_token_id
+    ids = text_ids + [eos]
+    skipped = "".join(stream(IncrementalDetokenizer(bundled_tokenizer, [], skip_special_tokens=True), ids))
+    kept = "".join(stream(IncrementalDetokenizer(bundled_tokenizer, [], skip_special_tokens=False), ids))
+    assert skipped == "Hi there"
+    assert kept == "Hi there" + bundled_tokenizer.eos_token
+
+
+def test_a_long_generation_matches_with_a_long_prompt(bundled_tokenizer):
+    prompt_ids = bundled_tokenizer.encode("Context. " * 50, add_special_tokens=False)
+    text = " ".join(TEXTS) * 3
+    token_ids = bundled_tokenizer.encode(text, add_special_tokens=False)
+    deltas = stream(IncrementalDetokenizer(bundled_tokenizer, prompt_ids), token_ids)
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)

@@ -1,0 +1,200 @@
+"""KVCacheManager: allocation that fails cleanly, prefix-cache hits, salts and freeing."""
+
+import pytest
+
+from engine.core.kv_cache_manager import KVCacheManager
+
+BLOCK = 4
+
+
+def compute(manager, request, num_tokens, computed_blocks=(), num_cached=0):
+    """Admit/extend a request as the scheduler does and pretend the model ran this step."""
+    new_blocks = manager.allocate_slots(request, num_tokens, list(computed_blocks))
+    assert new_blocks is not None
+    request.num_computed_tokens += num_cached + num_tokens
+    return new_blocks
+
+
+def admit(manager, request):
+    """Look up the prefix cache, then compute the rest of the prompt; returns tokens served by the cache."""
+    blocks, num_cached = manager.get_computed_blocks(request)
+    compute(manager, request, request.num_tokens - num_cached, blocks, num_cached)
+    return num_cached
+
+
+def test_allocate_slots_grows_a_request_block_by_block(make_request):
+    manager = KVCacheManager(num_blocks=10, block_size=BLOCK)
+    request = make_request("r", range(6))
+    assert len(compute(manager, request, 6)) == 2
+    for _ in range(2):  # tokens 7 and 8 still fit in the second block
+        assert compute(manager, request, 1) == []
+    assert len(compute(manager, request, 1)) == 1  # token 9 needs a third block
+    assert len(manager.get_block_ids("r")) == 3
+    assert 0 not in manager.get_block_ids("r")
+    assert manager.num_free_blocks == 9 - 3
+
+
+def test_allocate_slots_returns_none_and_changes_nothing_when_full(make_request):
+    manager = KVCacheManager(num_blocks=5, block_size=BLOCK)  # 4 usable blocks
+    first = make_request("first", range(12))
+    compute(manager, first, 12)  # 3 blocks
+    before = (manager.num_free_blocks, manager.get_block_ids("first"),
+              [block.ref_cnt for block in manager.block_pool.blocks])
+
+    second = make_request("second", range(100, 108))  # needs 2 blocks, 1 is free
+    assert manager.allocate_slots(second, 8) is None
+    assert "second" not in manager.req_to_blocks
+    # A running request that cannot grow is left exactly as it was, too.
+    first.num_computed_tokens = 12
+    assert manager.allocate_slots(first, 5) is None
+    after = (manager.num_free_blocks, manager.get_block_ids("first"),
+             [block.ref_cnt for block in manager.block_pool.blocks])
+    assert after == before
+
+
+def test_allocation_may_not_count_its_own_evictable_cache_hits_as_free(make_request):
+    """Cache hits sitting in the free queue stop being free once taken: a request whose hits plus
+    new blocks exceed the pool is refused, and the hits stay cached and free."""
+    manager = KVCacheManager(num_blocks=4, block_size=BLOCK)  # 3 usable blocks
+    owner = make_request("owner", range(9))
+    admit(manager, owner)  # 3 blocks, 2 of them full and cached
+    manager.free(owner)
+    assert manager.num_free_blocks == 3
+
+    reader = make_request("reader", list(range(8)) + list(range(50, 58)))  # 2 hits + 2 new blocks > 3
+    hits, num_cached = manager.get_computed_blocks(reader)
+    assert num_cached == 8
+    assert manager.allocate_slots(reader, 8, hits) is None
+    assert all(block.ref_cnt == 0 for block in hits)
+    assert manager.num_free_blocks == 3
+    assert [manager.block_pool.get_cached_block(h) for h in reader.block_hashes[:2]] == hits
+
+
+def test_get_computed_blocks_returns_the_longest_cached_prefix(make_request):
+    manager = KVCacheManager(num_blocks=32, block_size=BLOCK)
+    prompt = list(range(1, 17))  # 4 full blocks
+    owner = make_request("owner", prompt)
+    assert admit(manager, owner) == 0
+    owner_blocks = manager.req_to_blocks["owner"]
+
+    partial = make_request("partial", prompt[:10] + [99, 98, 97, 96])  # shares 2 full blocks
+    blocks, num_cached = manager.get_computed_blocks(partial)
+    assert num_cached == 8
+    assert blocks == owner_blocks[:2]
+
+    diverges_in_first_block = make_request("other", [5] + prompt[1:])
+    assert manager.get_computed_blocks(diverges_in_first_block) == ([], 0)
+
+
+def test_a_full_hit_still_leaves_a_token_to_compute(make_request):
+    manager = KVCacheManager(num_blocks=32, block_size=BLOCK)
+    prompt = list(range(1, 17))
+    admit(manager, make_request("owner", prompt))
+
+    same = make_request("same", prompt)  # 16 tokens, all 4 blocks cached
+    blocks, num_cached = manager.get_computed_blocks(same)
+    assert num_cached == 12 and len(blocks) == 3
+    assert same.num_tokens - num_cached >= 1
+
+    block_aligned = make_request("aligned", prompt[:12])
+    assert manager.get_computed_blocks(block_aligned)[1] == 8
+
+    one_token = make_request("one", prompt[:1])
+    assert manager.get_computed_blocks(one_token) == ([], 0)
+
+
+def test_hits_share_blocks_and_count_in_the_statistics(make_request):
+    manager = KVCacheManager(num_blocks=32, block_size=BLOCK)
+    prompt = list(range(1, 14))
+    admit(manager, make_request("a", prompt))
+    queries, hits = manager.prefix_cache_queries, manager.prefix_cache_hits
+
+    second = make_request("b", prompt)
+    assert admit(manager, second) == 12
+    shared = manager.req_to_blocks["a"][:3]
+    assert manager.req_to_blocks["b"][:3] == shared
+    assert all(block.ref_cnt == 2 for block in shared)
+    assert manager.req_to_blocks["b"][3] is not manager.req_to_blocks["a"][3]
+    assert manager.prefix_cache_queries == queries + 13
+    assert manager.prefix_cache_hits == hits + 12
+
+
+def test_hits_after_the_owner_finished(make_request):
+    manager = KVCacheManager(num_blocks=32, block_size=BLOCK)
+    prompt = list(range(1, 14))
+    owner = make_request("owner", prompt)
+    admit(manager, owner)
+    cached = manager.req_to_blocks["owner"][:3]
+    manager.free(owner)
+    assert all(block.ref_cnt == 0 for block in cached)
+
+    later = make_request("later", prompt)
+    assert admit(manager, later) == 12
+    assert manager.req_to_blocks["later"][:3] == cached
+    assert all(block.ref_cnt == 1 for block in cached)
+
+
+def test_generated_tokens_are_cached_too(make_request):
+    manager = KVCacheManager(num_blocks=32, block_size=BLOCK)
+    request = make_request("r", range(1, 7))
+    admit(manager, request)
+    for token in (50, 51, 52):  # decode: the second block fills with two generated tokens
+        request.append_output_token(token)
+        compute(manager, request, 1)
+    follow_up = make_request("f", list(range(1, 7)) + [50, 51, 52, 60])
+    assert manager.get_computed_blocks(follow_up)[1] == 8
+
+
+def test_different_cache_salt_never_hits(make_request):
+    manager = KVCacheManager(num_blocks=32, block_size=BLOCK)
+    prompt = list(range(1, 14))
+    admit(manager, make_request("a", prompt, cache_salt="tenant-a"))
+    assert manager.get_computed_blocks(make_request("b", prompt, cache_salt="tenant-b")) == ([], 0)
+    assert manager.get_computed_blocks(make_request("none", prompt)) == ([], 0)
+    assert manager.get_computed_blocks(make_request("a2", prompt, cache_salt="tenant-a"))[1] == 12
+
+
+def test_prompt_logprobs_requests_skip_the_cache(make_request):
+    manager = KVCacheManager(num_blocks=32, block_size=BLOCK)
+    prompt = list(range(1, 14))
+    admit(manager, make_request("a", prompt))
+    assert manager.get_computed_blocks(make_request("b", prompt, prompt_logprobs=1)) == ([], 0)
+
+
+def test_caching_disabled_never_hits(make_request):
+    manager = KVCacheManager(num_blocks=32, block_size=BLOCK, enable_caching=False)
+    prompt = list(range(1, 14))
+    admit(manager, make_request("a", prompt))
+    assert manager.block_pool.cached_block_hash_to_block == {}
+    assert manager.get_computed_blocks(make_request("b", prompt)) == ([], 0)
+
+
+def test_free_returns_every_block_tail_first(make_request):
+    manager = KVCacheManager(num_blocks=16, block_size=BLOCK)
+    request = make_request("r", range(1, 15))  # 4 blocks
+    admit(manager, request)
+    blocks = list(manager.req_to_blocks["r"])
+    manager.free(request)
+    assert manager.num_free_blocks == 15
+    assert "r" not in manager.req_to_blocks
+    assert all(block.ref_cnt == 0 for block in blocks)
+    # Freed tail first: the prompt's later blocks are evicted before its first ones.
+    queue = [block.block_id for block in manager.block_pool.free_block_queue]
+    assert queue[-4:] == [block.block_id for block in reversed(blocks)]
+
+
+@pytest.mark.parametrize("enable_caching", [True, False])
+def test_everything_is_free_after_all_requests_finish(make_request, enable_caching):
+    manager = KVCacheManager(num_blocks=40, block_size=BLOCK, enable_caching=enable_caching)
+    shared = list(range(1, 11))
+    requests = [make_request(f"r{i}", shared + [100 + i] * (i + 1)) for i in range(6)]
+    for request in requests:
+        admit(manager, request)
+        for token in range(5):
+            request.append_output_token(200 + token)
+            compute(manager, request, 1)
+    for request in requests:
+        manager.free(request)
+    assert manager.num_free_blocks == 40 - 1
+    assert manager.req_to_blocks == {}
+    assert all(block.ref_cnt == 0 for block in manager.block_pool.blocks[1:])
