@@ -28,6 +28,7 @@ class EngineConfig:
     enforce_eager: bool = False
     trust_remote_code: bool = False  # accepted for vLLM compatibility; no remote code ever runs
     tokenizer_mode: str = "auto"
+    skip_tokenizer_init: bool = False  # prompts must be token ids; outputs carry no text
 
     def __post_init__(self) -> None:
         self.dtype = str(self.dtype).replace("torch.", "")

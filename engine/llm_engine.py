@@ -31,10 +31,10 @@ class LLMEngine:
 
         started = time.perf_counter()
         self.config = config
-        source = resolve_model(config.model)
+        self.source = source = resolve_model(config.model)
         self.model_config = load_model_config(source)
         self.scheduler_config = SchedulerConfig.resolve(config, model_context_length(self.model_config))
-        self.tokenizer = load_tokenizer(source, config.tokenizer)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(source, config.tokenizer)
         self.runner = ModelRunner(config, self.model_config, source, self.scheduler_config.max_model_len,
                                   self.scheduler_config.max_num_batched_tokens)
         self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
@@ -66,6 +66,8 @@ class LLMEngine:
         prompt_text, prompt_ids = self._tokenize(prompt)
         self._validate_prompt(prompt_ids)
         params = params.clone()
+        if self.tokenizer is None:
+            params.detokenize = False
         params.all_stop_token_ids = set(self.eos_token_ids)
         n = params.n
         sequences = []
@@ -113,7 +115,8 @@ class LLMEngine:
             if state is None:
                 continue
             if request.request_id in runner_output.prompt_logprobs:
-                state.add_prompt_logprobs(*runner_output.prompt_logprobs[request.request_id], self.tokenizer)
+                state.add_prompt_logprobs(*runner_output.prompt_logprobs[request.request_id],
+                                         self.tokenizer if state.params.detokenize else None)
             token_id = runner_output.sampled_token_ids.get(request.request_id)
             if token_id is None:
                 continue
@@ -161,6 +164,8 @@ class LLMEngine:
             else:
                 raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set): give token ids")
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, (list, tuple)):
             return None, list(prompt)

@@ -34,7 +34,7 @@ class SequenceState:
         """Add one sampled token; returns True if a stop string ended the sequence here."""
         self.token_ids.append(token_id)
         if logprobs is not None and self.logprobs is not None:
-            self.logprobs.append(to_logprob_dict(logprobs, self.tokenizer if self.detokenizer else None))
+            self.logprobs.append(to_logprob_dict(logprobs, self.tokenizer if self.params.detokenize else None))
             self.cumulative_logprob += logprobs[0][1]
         if self.detokenizer is None:
             return False

@@ -45,7 +45,7 @@ def _gguf_tokenizer(path: Path):
 
 def eos_token_ids(tokenizer, model_config) -> set[int]:
     ids = set()
-    for value in (getattr(model_config, "eos_token_id", None), tokenizer.eos_token_id):
+    for value in (getattr(model_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):

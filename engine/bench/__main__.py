@@ -1,0 +1,106 @@
+"""python -m engine.bench throughput|latency [--compare-hf] ...: vLLM-style benchmarks.
+
+Both engines run in this one process on the same requests, so the printed ratio is like for like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from engine.bench.workload import LengthRange, make_workload
+from engine.config import BUNDLED_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("throughput", "offline throughput of many requests"),
+                            ("latency", "end-to-end latency of one batch")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--model", default=BUNDLED_MODEL, help="folder, .gguf file or dummy:<preset>")
+        p.add_argument("--input-len", type=LengthRange.parse, default=LengthRange.parse("256" if name == "throughput" else "32"),
+                       help="prompt length: N or LOW-HIGH")
+        p.add_argument("--output-len", type=LengthRange.parse, default=LengthRange.parse("256" if name == "throughput" else "128"),
+                       help="max_tokens: N or LOW-HIGH")
+        p.add_argument("--num-prompts", type=int, default=1000 if name == "throughput" else 1)
+        p.add_argument("--batch-size", type=int, default=64 if name == "throughput" else 1,
+                       help="latency: requests per batch; throughput: batch size of the HF baseline")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dtype", default="auto")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--max-model-len", type=int)
+        p.add_argument("--max-num-seqs", type=int, default=256)
+        p.add_argument("--max-num-batched-tokens", type=int)
+        p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        p.add_argument("--enforce-eager", action="store_true")
+        p.add_argument("--no-enable-prefix-caching", action="store_true")
+        p.add_argument("--compare-hf", action="store_true", help="also run transformers on the same requests")
+        p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+        if name == "throughput":
+            p.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens")
+        else:
+            p.add_argument("--num-iters-warmup", type=int, default=1)
+            p.add_argument("--num-iters", type=int, default=3)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from engine.llm import LLM  # heavy imports after --help
+
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+              enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
+              skip_tokenizer_init=True)  # token-id workloads: no tokenizer needed (or shipped)
+    engine = llm.llm_engine
+    num_prompts = args.num_prompts if args.command == "throughput" else args.batch_size
+    requests = make_workload(num_prompts, args.input_len, args.output_len, engine.vocab_size, args.seed)
+    results = {"command": " ".join(sys.argv), "model": args.model, "device": str(engine.runner.device),
+               "dtype": str(engine.runner.dtype).replace("torch.", ""), "num_prompts": num_prompts,
+               "input_len": str(args.input_len), "output_len": str(args.output_len)}
+    device = engine.runner.device
+    results["engine"] = _run(args, llm, requests, device)
+    _print("engine", results["engine"])
+    if args.compare_hf:
+        from engine.bench.hf_baseline import load_hf_model
+
+        model = load_hf_model(engine.source, engine.runner.dtype, engine.runner.device)
+        results["hf"] = _run(args, model, requests, device, hf=True, eos_ids=engine.eos_token_ids)
+        _print("transformers", results["hf"])
+        ratio = results["engine"]["output_tokens_per_s"] / results["hf"]["output_tokens_per_s"]
+        results["speedup_vs_hf"] = ratio
+        print(f"speedup vs transformers: {ratio:.2f}x")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+def _run(args, runner, requests, device, hf: bool = False, eos_ids: set[int] | None = None) -> dict:
+    if args.command == "throughput":
+        if hf:
+            from engine.bench.hf_baseline import run_hf_throughput
+
+            return run_hf_throughput(runner, requests, args.batch_size, eos_ids, args.ignore_eos, device)
+        from engine.bench.throughput import run_engine_throughput
+
+        return run_engine_throughput(runner, requests, args.ignore_eos, use_tqdm=sys.stderr.isatty())
+    from engine.bench.latency import run_engine_latency, run_hf_latency
+
+    if hf:
+        return run_hf_latency(runner, requests, args.num_iters_warmup, args.num_iters, device)
+    return run_engine_latency(runner, requests, args.num_iters_warmup, args.num_iters)
+
+
+def _print(name: str, result: dict) -> None:
+    figures = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    print(f"{name}: {figures}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Offline throughput: all requests submitted at once, continuous batching does the rest."""
+
+from __future__ import annotations
+
+import time
+
+from engine.bench.workload import BenchRequest, useful_length
+from engine.sampling_params import SamplingParams
+
+
+def run_engine_throughput(llm, requests: list[BenchRequest], ignore_eos: bool, use_tqdm: bool = False) -> dict:
+    engine = llm.llm_engine
+    params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=ignore_eos, detokenize=False)
+              for r in requests]
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    elapsed = time.perf_counter() - started
+    stop_ids = set() if ignore_eos else engine.eos_token_ids
+    useful = sum(useful_length(o.outputs[0].token_ids, r.max_tokens, stop_ids) for o, r in zip(outputs, requests))
+    stats = engine.stats()
+    return {"elapsed_s": elapsed, "output_tokens": useful, "output_tokens_per_s": useful / elapsed,
+            "requests_per_s": len(requests) / elapsed,
+            "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
+            "peak_kv_token_utilization": stats["peak_kv_token_utilization"],
+            "num_preemptions": stats["num_preemptions"]}
