@@ -69,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_hf:
         from engine.bench.hf_baseline import load_hf_model
 
-        model = load_hf_model(engine.source, engine.runner.dtype, engine.runner.device)
-        results["hf"] = _run(args, model, requests, device, hf=True, eos_ids=engine.eos_token_ids)
+        source, dtype, eos_ids = engine.source, engine.runner.dtype, engine.eos_token_ids
+        del llm, engine  # free the KV cache and weights: the baseline needs the memory
+        _release_memory(device)
+        model = load_hf_model(source, dtype, device)
+        results["hf"] = _run(args, model, requests, device, hf=True, eos_ids=eos_ids)
         _print("transformers", results["hf"])
         ratio = results["engine"]["output_tokens_per_s"] / results["hf"]["output_tokens_per_s"]
         results["speedup_vs_hf"] = ratio
@@ -95,6 +98,16 @@ def _run(args, runner, requests, device, hf: bool = False, eos_ids: set[int] | N
     if hf:
         return run_hf_latency(runner, requests, args.num_iters_warmup, args.num_iters, device)
     return run_engine_latency(runner, requests, args.num_iters_warmup, args.num_iters)
+
+
+def _release_memory(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _print(name: str, result: dict) -> None:
