@@ -21,13 +21,12 @@ class EngineConfig:
     long_prefill_token_threshold: int | None = None  # chunk size of a long prefill while others wait
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
-    kv_cache_memory_bytes: int | None = None  # explicit KV budget; CPU default 2 GiB
+    kv_cache_memory_bytes: int | None = None  # explicit KV budget; CPU default 4 GiB
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # no CUDA graphs; the eager path is the only one until the GPU issue
     trust_remote_code: bool = False  # accepted for vLLM compatibility; no remote code ever runs
-    tokenizer_mode: str = "auto"
     skip_tokenizer_init: bool = False  # prompts must be token ids; outputs carry no text
 
     def __post_init__(self) -> None:

@@ -64,7 +64,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
         prompt_text, prompt_ids = self._tokenize(prompt)
-        self._validate_prompt(prompt_ids)
+        self._validate_prompt(prompt_ids, params)
         params = params.clone()
         if self.tokenizer is None:
             params.detokenize = False
@@ -105,6 +105,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty():
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("no waiting request fits the KV cache; this is a bug (add_request checks it)")
             return []
         runner_output = self.runner.execute(scheduler_output)
         finished = {r.request_id for r in self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)}
@@ -122,12 +124,12 @@ class LLMEngine:
                 continue
             touched[state.request_id] = state
             is_finished = request.request_id in finished
-            if sequence.append(token_id, runner_output.logprobs.get(request.request_id), is_finished) \
-                    and not is_finished:
+            stopped = sequence.append(token_id, runner_output.logprobs.get(request.request_id), is_finished)
+            if stopped and not is_finished:
                 self.scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_STOPPED)
                 is_finished = True
-            if is_finished:
-                sequence.finish(request.status)
+            if is_finished:  # a stop string wins over a length cap reached on the same token
+                sequence.finish(RequestStatus.FINISHED_STOPPED if stopped else request.status)
                 self._forget_sequence(request.request_id)
 
         outputs = []
@@ -171,7 +173,7 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"prompt must be text, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def _validate_prompt(self, prompt_ids: list[int]) -> None:
+    def _validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise ValueError("prompt must not be empty")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt_ids):
@@ -179,6 +181,12 @@ class LLMEngine:
         if len(prompt_ids) > self.max_model_len:
             raise ValueError(f"prompt is {len(prompt_ids)} tokens long, more than max_model_len="
                              f"{self.max_model_len}")
+        # A request that cannot fit the whole KV cache on its own could never finish.
+        longest = min(len(prompt_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        capacity = (self.runner.num_blocks - 1) * self.config.block_size
+        if longest > capacity:
+            raise ValueError(f"prompt plus max_tokens needs {longest} tokens of KV cache, but it holds only "
+                             f"{capacity}: lower max_tokens or max_model_len, or give the cache more memory")
 
 
 def model_context_length(model_config) -> int:

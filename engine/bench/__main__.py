@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = llm.llm_engine
     num_prompts = args.num_prompts if args.command == "throughput" else args.batch_size
     requests = make_workload(num_prompts, args.input_len, args.output_len, engine.vocab_size, args.seed)
-    results = {"command": " ".join(sys.argv), "model": args.model, "device": str(engine.runner.device),
+    command = "python -m engine.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = {"command": command, "model": args.model, "device": str(engine.runner.device),
                "dtype": str(engine.runner.dtype).replace("torch.", ""), "num_prompts": num_prompts,
                "input_len": str(args.input_len), "output_len": str(args.output_len)}
     device = engine.runner.device

@@ -112,7 +112,7 @@ class Scheduler:
                 continue
             computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request, sibling)
             remaining = request.num_tokens - request.num_computed_tokens - num_computed
-            num_new = min(remaining, budget, self._prefill_chunk_limit(len(self.waiting) - 1))
+            num_new = min(remaining, budget, self._prefill_chunk_limit(len(self.waiting) - 1 + len(self.running)))
             if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
                 break  # the pool is full; keep arrival order rather than skipping ahead
             self.waiting.pop(index)
@@ -149,12 +149,13 @@ class Scheduler:
     def _num_tokens_to_schedule(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens - request.num_computed_tokens
         if remaining > 1:
-            remaining = min(remaining, self._prefill_chunk_limit(len(self.waiting)))
+            others = len(self.waiting) + len(self.running) - 1
+            remaining = min(remaining, self._prefill_chunk_limit(others))
         return min(remaining, budget)
 
-    def _prefill_chunk_limit(self, num_others_waiting: int) -> int:
-        """A long prefill takes smaller chunks while others wait, so they never starve behind it."""
-        if num_others_waiting > 0:
+    def _prefill_chunk_limit(self, num_others: int) -> int:
+        """A long prefill takes smaller chunks while others wait or run, so they never starve behind it."""
+        if num_others > 0:
             return self.config.long_prefill_token_threshold
         return self.config.max_num_batched_tokens
 

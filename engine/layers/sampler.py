@@ -33,7 +33,7 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        logits = logits.float()
+        logits = logits.to(torch.float32, copy=True)  # penalties and masks write in place
         params = [r.sampling_params for r in requests]
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
@@ -121,7 +121,7 @@ def filter_logits(logits: torch.Tensor, top_k: list[int], top_p: list[float], mi
     mass_before = probs.cumsum(dim=-1) - probs  # the top token always stays
     remove |= mass_before >= p[:, None]
     m = torch.tensor(min_p, device=device, dtype=probs.dtype)
-    remove |= probs < (m * probs[:, :1])
+    remove |= probs < (m[:, None] * probs[:, :1])
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 

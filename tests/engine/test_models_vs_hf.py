@@ -61,8 +61,9 @@ def test_the_checkpoints_are_what_the_variants_claim(tiny_hf_checkpoint):
     files = {v: sorted(p.name for p in tiny_hf_checkpoint(v)[0].glob("*.safetensors")) for v in VARIANTS}
     assert len(files["llama3-rope-tied-sharded"]) > 1 and len(files["llama"]) == 1
     models = {v: tiny_hf_checkpoint(v)[1] for v in VARIANTS}
-    assert models["llama3-rope-tied-sharded"].config.rope_parameters["rope_type"] == "llama3"
-    assert models["llama3-rope-tied-sharded"].lm_head.weight is models["llama3-rope-tied-sharded"].model.embed_tokens.weight
+    tied = models["llama3-rope-tied-sharded"]
+    assert tied.config.rope_parameters["rope_type"] == "llama3"
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
     assert models["llama"].lm_head.weight is not models["llama"].model.embed_tokens.weight
     assert models["qwen2"].model.layers[0].self_attn.q_proj.bias is not None
     assert models["qwen3"].model.layers[0].self_attn.q_norm is not None
