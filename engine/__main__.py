@@ -1,13 +1,16 @@
-"""python -m engine generate|bench: the engine from the command line.
+"""python -m engine serve|generate|bench: the engine from the command line.
 
-`generate` runs prompts through the offline API; `bench` is `python -m engine.bench`.
+`serve` runs an engine replica that takes requests from Redis; `generate` runs prompts through
+the offline API; `bench` is `python -m engine.bench`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from engine.cli_args import add_engine_args, engine_config_from_args
 from engine.config import BUNDLED_MODEL
 
 
@@ -20,6 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("bench", help="benchmarks (see python -m engine bench --help)", add_help=False)
+    serve = sub.add_parser("serve", help="serve a model to requests arriving over Redis")
+    serve.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    serve.add_argument("--served-model-name", help="the name clients ask for (default: --model)")
+    serve.add_argument("--key-prefix", default="llm", help="prefix of every Redis key")
+    serve.add_argument("--replica-id", help="default: host-pid-random")
+    serve.add_argument("--reclaim-idle", type=float, default=30.0,
+                       help="seconds after which a request read by a dead replica is taken over")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds to finish in-flight requests after SIGTERM")
+    add_engine_args(serve)
     gen = sub.add_parser("generate", help="generate text for prompts")
     gen.add_argument("prompts", nargs="+", help="prompt texts")
     gen.add_argument("--model", default=BUNDLED_MODEL)
@@ -31,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
 
     from engine import LLM, SamplingParams
 
@@ -43,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
         outputs = llm.generate(args.prompts, params)
     for prompt, output in zip(args.prompts, outputs):
         print(f"=== {prompt}\n{output.outputs[0].text.strip()}\n")
+    return 0
+
+
+def _serve(args) -> int:
+    import logging
+
+    from engine.llm_engine import LLMEngine
+    from engine.service.server import EngineServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = LLMEngine(engine_config_from_args(args))
+    EngineServer(engine, args.redis_url, args.served_model_name or args.model, key_prefix=args.key_prefix,
+                 replica_id=args.replica_id, reclaim_idle_s=args.reclaim_idle,
+                 shutdown_timeout_s=args.shutdown_timeout).serve_forever()
     return 0
 
 

@@ -147,6 +147,13 @@ class ModelRunner:
         for i, layer in enumerate(self.attention_layers):
             layer.key_cache, layer.value_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
+    def memory_in_use(self) -> int:
+        """Bytes of device memory held: the allocator's count on CUDA, weights plus KV cache on CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        tensors = [*self.model.parameters(), self.kv_cache]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     # -- one step -----------------------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -1,0 +1,156 @@
+"""The wire protocol between the web side and engine replicas: compact msgpack, versioned,
+validated on receipt. Imports no torch: Django and Celery import this module.
+
+Messages are plain dataclasses; `encode()` / `decode_*()` turn them into bytes and back, and
+`ProtocolError` says what is wrong with a message that does not validate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import msgpack
+
+from engine.sampling_params import SamplingParams
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded or does not validate."""
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    model: str
+    tenant: str = ""
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    params: dict = field(default_factory=dict)  # SamplingParams fields by name
+    priority: int = 0
+    deadline: float | None = None  # unix time after which the request is dropped
+    stream: bool = True
+    submitted_at: float = field(default_factory=time.time)
+
+    def sampling_params(self) -> SamplingParams:
+        """Validated parameters; a bad field raises ProtocolError naming it."""
+        unknown = sorted(set(self.params) - _SAMPLING_FIELDS)
+        if unknown:
+            raise ProtocolError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        try:
+            return SamplingParams(**self.params)
+        except (TypeError, ValueError) as error:
+            raise ProtocolError(str(error)) from error
+
+
+@dataclass
+class CompletionDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict] | None = None  # [{token_id: [logprob, rank, decoded]}] per token
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class OutputDelta:
+    """One step's news for one request; the last one has `finished` (or `error`) set."""
+
+    request_id: str
+    seq: int
+    outputs: list[CompletionDelta] = field(default_factory=list)
+    finished: bool = False
+    usage: Usage = field(default_factory=Usage)
+    error: dict | None = None  # {"code": ..., "message": ...}
+    replica_id: str = ""
+
+
+@dataclass
+class Heartbeat:
+    replica_id: str
+    model: str
+    queue_depth: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    device_memory_bytes: int = 0
+    tokens_per_s: float = 0.0  # generated tokens per second over the last minute
+    max_model_len: int = 0
+    sent_at: float = field(default_factory=time.time)
+
+
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} - {"all_stop_token_ids", "output_kind"}
+
+
+def encode(message) -> bytes:
+    payload = asdict(message)
+    payload["v"] = PROTOCOL_VERSION
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> dict:
+    try:
+        payload = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as error:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"not a msgpack message: {error}") from error
+    if not isinstance(payload, dict):
+        raise ProtocolError("message is not a map")
+    version = payload.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    return payload
+
+
+def _build(cls, payload: dict, types: dict):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(payload) - names)
+    if unknown:
+        raise ProtocolError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    for name, expected in types.items():
+        if name in payload and payload[name] is not None and not isinstance(payload[name], expected):
+            raise ProtocolError(f"{cls.__name__}.{name} has the wrong type ({type(payload[name]).__name__})")
+    try:
+        return cls(**payload)
+    except TypeError as error:
+        raise ProtocolError(f"{cls.__name__}: {error}") from error
+
+
+def decode_request(data: bytes) -> EngineRequest:
+    request = _build(EngineRequest, _unpack(data), {
+        "request_id": str, "model": str, "tenant": str, "prompt": str, "prompt_token_ids": list, "params": dict,
+        "priority": int, "deadline": (int, float), "stream": bool, "submitted_at": (int, float)})
+    if not request.request_id:
+        raise ProtocolError("EngineRequest.request_id must not be empty")
+    if (request.prompt is None) == (request.prompt_token_ids is None):
+        raise ProtocolError("EngineRequest needs exactly one of prompt and prompt_token_ids")
+    if request.prompt_token_ids is not None and not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in request.prompt_token_ids):
+        raise ProtocolError("EngineRequest.prompt_token_ids must be integers")
+    request.sampling_params()  # validate now, so a bad request never reaches the engine
+    return request
+
+
+def decode_delta(data: bytes) -> OutputDelta:
+    payload = _unpack(data)
+    payload["outputs"] = [_build(CompletionDelta, o, {}) for o in payload.get("outputs", [])]
+    payload["usage"] = _build(Usage, payload.get("usage") or {}, {})
+    return _build(OutputDelta, payload, {"request_id": str, "seq": int, "finished": bool})
+
+
+def decode_heartbeat(data: bytes) -> Heartbeat:
+    return _build(Heartbeat, _unpack(data), {"replica_id": str, "model": str})
+
+
+def error_delta(request_id: str, seq: int, code: str, message: str, replica_id: str = "") -> OutputDelta:
+    return OutputDelta(request_id, seq, finished=True, error={"code": code, "message": message},
+                       replica_id=replica_id)

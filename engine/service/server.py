@@ -1,0 +1,326 @@
+"""An engine replica: serves one model's request stream from Redis with an LLMEngine.
+
+Three threads, so Redis never stalls the model: the main thread only steps the engine; a reader
+takes requests (as many as there is room for), aborts and orphaned requests of dead replicas; a
+writer publishes deltas, acknowledgements and heartbeats. A request is acknowledged when the
+engine accepts it, so one read by a replica that dies before that is reclaimed by another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+
+import redis
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import RequestOutputKind
+from engine.service.protocol import (
+    CompletionDelta, EngineRequest, Heartbeat, OutputDelta, ProtocolError, Usage, decode_request, encode,
+    error_delta,
+)
+from engine.service.transport import (
+    GROUP, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, OUTPUT_TTL_S, STREAM_MAXLEN, Backoff, Keys,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class EngineServer:
+    def __init__(self, engine: LLMEngine, redis_url: str, model_name: str, *, key_prefix: str = "llm",
+                 replica_id: str | None = None, reclaim_idle_s: float = 30.0, shutdown_timeout_s: float = 30.0,
+                 max_queued: int | None = None) -> None:
+        self.engine = engine
+        self.redis_url = redis_url
+        self.model_name = model_name
+        self.keys = Keys(key_prefix)
+        self.replica_id = replica_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.reclaim_idle_ms = int(reclaim_idle_s * 1000)
+        self.shutdown_timeout_s = shutdown_timeout_s
+        # Room: what the scheduler can run plus a short queue, so new work starts at once.
+        self.max_in_flight = max_queued or engine.scheduler_config.max_num_seqs * 3 // 2
+        self.incoming: queue.Queue[tuple[bytes, EngineRequest]] = queue.Queue()
+        self.aborts: queue.Queue[str] = queue.Queue()
+        self.outgoing: queue.Queue[tuple] = queue.Queue()
+        self.in_flight: dict[str, list[int]] = {}  # request id -> [next delta seq, tokens so far]
+        self.num_in_flight = 0  # read by the reader thread to size its reads
+        self.deadlines: dict[str, float] = {}
+        self.accepting = threading.Event()
+        self.accepting.set()
+        self.stopped = threading.Event()
+        self.wakeup = threading.Event()
+        self.generated = deque()  # (time, tokens) of the last minute, for the heartbeat
+
+    # -- main thread --------------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.request_shutdown())
+        signal.signal(signal.SIGINT, lambda *_: self.request_shutdown())
+        threads = [threading.Thread(target=self._reader, name="redis-reader", daemon=True),
+                   threading.Thread(target=self._writer, name="redis-writer", daemon=True)]
+        for thread in threads:
+            thread.start()
+        logger.info("replica %s serving %r from %s", self.replica_id, self.model_name, self.redis_url)
+        shutdown_started = None
+        while True:
+            self._accept_new_requests()
+            self._apply_aborts()
+            self._expire_deadlines()
+            if self.engine.has_unfinished_requests():
+                self._publish(self.engine.step())
+            else:
+                self.wakeup.wait(0.05)
+                self.wakeup.clear()
+            if not self.accepting.is_set():
+                shutdown_started = shutdown_started or time.monotonic()
+                if not self.in_flight and self.incoming.empty():
+                    break
+                if time.monotonic() - shutdown_started > self.shutdown_timeout_s:
+                    self._fail_all("shutdown", "the engine replica shut down before the request finished")
+                    break
+        self.stopped.set()
+        for thread in threads:
+            thread.join(timeout=5)
+        logger.info("replica %s stopped", self.replica_id)
+
+    def request_shutdown(self) -> None:
+        """Stop taking requests; finish those in flight (up to shutdown_timeout_s), then exit."""
+        logger.info("shutting down: finishing %d requests", self.num_in_flight)
+        self.accepting.clear()
+        self.wakeup.set()
+
+    def _accept_new_requests(self) -> None:
+        while True:
+            try:
+                entry_id, request = self.incoming.get_nowait()
+            except queue.Empty:
+                return
+            self.outgoing.put(("ack", entry_id))
+            if request.deadline is not None and request.deadline < time.time():
+                self._send(error_delta(request.request_id, 0, "deadline_exceeded",
+                                       "the deadline passed before an engine took the request", self.replica_id))
+                continue
+            params = request.sampling_params().clone(output_kind=RequestOutputKind.DELTA)
+            prompt = request.prompt if request.prompt is not None else {"prompt_token_ids": request.prompt_token_ids}
+            try:
+                self.engine.add_request(request.request_id, prompt, params, priority=request.priority,
+                                        cache_salt=request.tenant or None)
+            except ValueError as error:
+                self._send(error_delta(request.request_id, 0, "invalid_request", str(error), self.replica_id))
+                continue
+            self.in_flight[request.request_id] = [1, 0]
+            self.num_in_flight = len(self.in_flight)
+            if request.deadline is not None:
+                self.deadlines[request.request_id] = request.deadline
+            # Tells the client which replica holds its request, before any token exists.
+            self._send(OutputDelta(request.request_id, 0, replica_id=self.replica_id))
+
+    def _apply_aborts(self) -> None:
+        while True:
+            try:
+                request_id = self.aborts.get_nowait()
+            except queue.Empty:
+                return
+            if request_id in self.in_flight:
+                self.engine.abort_request(request_id)
+                self._finish(request_id)
+
+    def _expire_deadlines(self) -> None:
+        now = time.time()
+        for request_id, deadline in list(self.deadlines.items()):
+            if deadline < now:
+                self.engine.abort_request(request_id)
+                self._send(error_delta(request_id, self.in_flight[request_id][0], "deadline_exceeded",
+                                       "the request's deadline passed", self.replica_id))
+                self._finish(request_id)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        num_tokens = 0
+        for output in outputs:
+            progress = self.in_flight.get(output.request_id)
+            if progress is None:
+                continue
+            completions = [CompletionDelta(o.index, o.text, o.token_ids, _wire_logprobs(o.logprobs),
+                                           o.finish_reason, o.stop_reason) for o in output.outputs]
+            new_tokens = sum(len(o.token_ids) for o in output.outputs)
+            num_tokens += new_tokens
+            progress[1] += new_tokens
+            usage = Usage(len(output.prompt_token_ids), progress[1], output.num_cached_tokens)
+            self._send(OutputDelta(output.request_id, progress[0], completions, output.finished, usage,
+                                   replica_id=self.replica_id))
+            progress[0] += 1
+            if output.finished:
+                self._finish(output.request_id)
+        self.generated.append((time.monotonic(), num_tokens))
+
+    def _finish(self, request_id: str) -> None:
+        self.in_flight.pop(request_id, None)
+        self.deadlines.pop(request_id, None)
+        self.num_in_flight = len(self.in_flight)
+
+    def _fail_all(self, code: str, message: str) -> None:
+        for request_id, (seq, _) in list(self.in_flight.items()):
+            self.engine.abort_request(request_id)
+            self._send(error_delta(request_id, seq, code, message, self.replica_id))
+            self._finish(request_id)
+
+    def _send(self, delta: OutputDelta) -> None:
+        self.outgoing.put(("delta", delta))
+
+    def heartbeat(self) -> Heartbeat:
+        stats = self.engine.stats()
+        now = time.monotonic()
+        while self.generated and self.generated[0][0] < now - 60:
+            self.generated.popleft()
+        window = min(60.0, now - self.generated[0][0]) if self.generated else 0.0
+        tokens = sum(n for _, n in self.generated)
+        return Heartbeat(self.replica_id, self.model_name, queue_depth=self.incoming.qsize(),
+                         num_running=stats["num_running"], num_waiting=stats["num_waiting"],
+                         kv_cache_usage=stats["kv_cache_usage"], device_memory_bytes=self.engine.runner.memory_in_use(),
+                         tokens_per_s=tokens / window if window > 0 else 0.0,
+                         max_model_len=self.engine.max_model_len)
+
+    # -- reader thread ------------------------------------------------------------------------------
+
+    def _reader(self) -> None:
+        backoff = Backoff()
+        client = redis.Redis.from_url(self.redis_url)
+        stream = self.keys.requests(self.model_name)
+        last_abort_id = "$"
+        last_reclaim = 0.0
+        group_ready = False
+        while not self.stopped.is_set():
+            try:
+                if last_abort_id == "$":
+                    last_abort_id = _last_entry_id(client, self.keys.aborts)
+                if not group_ready:
+                    self._ensure_group(client, stream)
+                    group_ready = True
+                room = self.max_in_flight - self.num_in_flight - self.incoming.qsize()
+                if self.accepting.is_set() and room > 0:
+                    if time.monotonic() - last_reclaim > max(self.reclaim_idle_ms / 4000, 0.2):
+                        self._reclaim(client, stream, room)
+                        last_reclaim = time.monotonic()
+                    reply = client.xreadgroup(GROUP, self.replica_id, {stream: ">"}, count=room, block=20)
+                    for _, entries in reply or []:
+                        for entry_id, fields in entries:
+                            self._take(client, stream, entry_id, fields)
+                reply = client.xread({self.keys.aborts: last_abort_id}, count=1000,
+                                     block=None if self.accepting.is_set() and room > 0 else 20)
+                for _, entries in reply or []:
+                    for entry_id, fields in entries:
+                        last_abort_id = entry_id
+                        self.aborts.put(fields[b"request_id"].decode())
+                        self.wakeup.set()
+                backoff.reset()
+            except redis.ConnectionError as error:
+                delay = backoff.delay()
+                logger.warning("reader: Redis unreachable (%s); retrying in %.1fs", error, delay)
+                last_abort_id, group_ready = "$", False  # a restarted Redis may have lost both
+                time.sleep(delay)
+            except redis.ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+                group_ready = False
+
+    def _ensure_group(self, client: redis.Redis, stream: str) -> None:
+        try:
+            client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def _take(self, client: redis.Redis, stream: str, entry_id: bytes, fields: dict) -> None:
+        try:
+            request = decode_request(fields.get(b"data", b""))
+        except ProtocolError as error:
+            logger.warning("dead-lettering malformed request %s: %s", entry_id, error)
+            client.xadd(self.keys.dead_letter, {"stream": stream, "entry_id": entry_id,
+                                                "data": fields.get(b"data", b""), "reason": str(error)},
+                        maxlen=STREAM_MAXLEN, approximate=True)
+            client.xack(stream, GROUP, entry_id)
+            return
+        self.incoming.put((entry_id, request))
+        self.wakeup.set()
+
+    def _reclaim(self, client: redis.Redis, stream: str, room: int) -> None:
+        """Take over requests another replica read but never accepted (it died in between).
+
+        XPENDING + XCLAIM rather than XAUTOCLAIM, so Redis before 6.2 works too.
+        """
+        pending = client.xpending_range(stream, GROUP, min="-", max="+", count=room)
+        stale = [p["message_id"] for p in pending
+                 if p["time_since_delivered"] >= self.reclaim_idle_ms and p["consumer"].decode() != self.replica_id]
+        if not stale:
+            return
+        for entry_id, fields in client.xclaim(stream, GROUP, self.replica_id, self.reclaim_idle_ms, stale):
+            if fields:  # a deleted entry comes back empty
+                logger.info("reclaimed request entry %s from a dead replica", entry_id)
+                self._take(client, stream, entry_id, fields)
+
+    # -- writer thread ------------------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        backoff = Backoff()
+        client = redis.Redis.from_url(self.redis_url)
+        stream = self.keys.requests(self.model_name)
+        batch: list[tuple] = []
+        next_heartbeat = 0.0
+        while not (self.stopped.is_set() and self.outgoing.empty() and not batch):
+            if not batch:
+                try:
+                    batch.append(self.outgoing.get(timeout=0.1))
+                except queue.Empty:
+                    pass
+                while len(batch) < 512:
+                    try:
+                        batch.append(self.outgoing.get_nowait())
+                    except queue.Empty:
+                        break
+            try:
+                if batch:
+                    self._flush(client, stream, batch)
+                    batch = []
+                if time.monotonic() >= next_heartbeat:
+                    beat = self.heartbeat()
+                    client.set(self.keys.heartbeat(self.model_name, self.replica_id), encode(beat),
+                               ex=HEARTBEAT_TTL_S)
+                    next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+                backoff.reset()
+            except redis.ConnectionError as error:
+                delay = backoff.delay()
+                logger.warning("writer: Redis unreachable (%s); retrying in %.1fs", error, delay)
+                time.sleep(delay)
+        client.delete(self.keys.heartbeat(self.model_name, self.replica_id))
+
+    def _flush(self, client: redis.Redis, stream: str, batch: list[tuple]) -> None:
+        pipe = client.pipeline(transaction=False)
+        for kind, item in batch:
+            if kind == "ack":
+                pipe.xack(stream, GROUP, item)
+            else:
+                key = self.keys.output(item.request_id)
+                pipe.xadd(key, {"data": encode(item)}, maxlen=STREAM_MAXLEN, approximate=True)
+                pipe.expire(key, OUTPUT_TTL_S)
+        pipe.execute()
+
+
+def _last_entry_id(client: redis.Redis, stream: str) -> bytes | str:
+    """Read aborts from now on: the id of the newest entry, or 0 for an empty stream."""
+    entries = client.xrevrange(stream, count=1)
+    return entries[0][0] if entries else "0-0"
+
+
+def _wire_logprobs(logprobs) -> list[dict] | None:
+    if logprobs is None:
+        return None
+    return [{token_id: [lp.logprob, lp.rank, lp.decoded_token] for token_id, lp in position.items()}
+            for position in logprobs]
