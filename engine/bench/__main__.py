@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from engine.bench.workload import LengthRange, make_workload
@@ -18,14 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("throughput", "offline throughput of many requests"),
-                            ("latency", "end-to-end latency of one batch")):
+                            ("latency", "end-to-end latency of one batch"),
+                            ("service", "streamed requests through Redis to an engine process vs in-process")):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--model", default=BUNDLED_MODEL, help="folder, .gguf file or dummy:<preset>")
         p.add_argument("--input-len", type=LengthRange.parse, default=LengthRange.parse("256" if name == "throughput" else "32"),
                        help="prompt length: N or LOW-HIGH")
         p.add_argument("--output-len", type=LengthRange.parse, default=LengthRange.parse("256" if name == "throughput" else "128"),
                        help="max_tokens: N or LOW-HIGH")
-        p.add_argument("--num-prompts", type=int, default=1000 if name == "throughput" else 1)
+        p.add_argument("--num-prompts", type=int, default={"throughput": 1000, "service": 64}.get(name, 1))
         p.add_argument("--batch-size", type=int, default=64 if name == "throughput" else 1,
                        help="latency: requests per batch; throughput: batch size of the HF baseline")
         p.add_argument("--seed", type=int, default=0)
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
         if name == "throughput":
             p.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens")
+        elif name == "service":
+            p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
         else:
             p.add_argument("--num-iters-warmup", type=int, default=1)
             p.add_argument("--num-iters", type=int, default=3)
@@ -50,17 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                   gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                   enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
+                   skip_tokenizer_init=True)  # token-id workloads: no tokenizer needed (or shipped)
+    command = "python -m engine.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.command == "service":
+        return _service(args, options, command)
     from engine.llm import LLM  # heavy imports after --help
 
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-              enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
-              skip_tokenizer_init=True)  # token-id workloads: no tokenizer needed (or shipped)
+    llm = LLM(**options)
     engine = llm.llm_engine
     num_prompts = args.num_prompts if args.command == "throughput" else args.batch_size
     requests = make_workload(num_prompts, args.input_len, args.output_len, engine.vocab_size, args.seed)
-    command = "python -m engine.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {"command": command, "model": args.model, "device": str(engine.runner.device),
                "dtype": str(engine.runner.dtype).replace("torch.", ""), "num_prompts": num_prompts,
                "input_len": str(args.input_len), "output_len": str(args.output_len)}
@@ -99,6 +106,22 @@ def _run(args, runner, requests, device, hf: bool = False, eos_ids: set[int] | N
     if hf:
         return run_hf_latency(runner, requests, args.num_iters_warmup, args.num_iters, device)
     return run_engine_latency(runner, requests, args.num_iters_warmup, args.num_iters)
+
+
+def _service(args, options: dict, command: str) -> int:
+    from engine.bench.service import run_service_comparison
+    from engine.weights import load_model_config, resolve_model
+
+    vocab_size = load_model_config(resolve_model(args.model)).vocab_size
+    requests = make_workload(args.num_prompts, args.input_len, args.output_len, vocab_size, args.seed)
+    results = {"command": command, **run_service_comparison(options, requests, args.redis_url)}
+    _print("in-process LLM", results["in_process"])
+    _print("through Redis", results["through_redis"])
+    print(f"through Redis / in-process: {results['ratio']:.3f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
 
 
 def _release_memory(device) -> None:
