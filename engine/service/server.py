@@ -53,6 +53,7 @@ class EngineServer:
         self.in_flight: dict[str, list[int]] = {}  # request id -> [next delta seq, tokens so far]
         self.num_in_flight = 0  # read by the reader thread to size its reads
         self.deadlines: dict[str, float] = {}
+        self.early_aborts: dict[str, float] = {}  # aborted before accepted: id -> when (main thread)
         self.accepting = threading.Event()
         self.accepting.set()
         self.stopped = threading.Event()
@@ -75,7 +76,7 @@ class EngineServer:
             self._apply_aborts()
             self._expire_deadlines()
             if self.engine.has_unfinished_requests():
-                self._publish(self.engine.step())
+                self._step()
             else:
                 self.wakeup.wait(0.05)
                 self.wakeup.clear()
@@ -91,6 +92,15 @@ class EngineServer:
             thread.join(timeout=5)
         logger.info("replica %s stopped", self.replica_id)
 
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:  # fail what is in flight, loudly, and keep serving new requests
+            logger.exception("engine step failed; failing %d in-flight requests", len(self.in_flight))
+            self._fail_all("engine_error", "the engine failed while running the request")
+            return
+        self._publish(outputs)
+
     def request_shutdown(self) -> None:
         """Stop taking requests; finish those in flight (up to shutdown_timeout_s), then exit."""
         logger.info("shutting down: finishing %d requests", self.num_in_flight)
@@ -104,6 +114,8 @@ class EngineServer:
             except queue.Empty:
                 return
             self.outgoing.put(("ack", entry_id))
+            if self.early_aborts.pop(request.request_id, None) is not None:
+                continue
             if request.deadline is not None and request.deadline < time.time():
                 self._send(error_delta(request.request_id, 0, "deadline_exceeded",
                                        "the deadline passed before an engine took the request", self.replica_id))
@@ -132,6 +144,12 @@ class EngineServer:
             if request_id in self.in_flight:
                 self.engine.abort_request(request_id)
                 self._finish(request_id)
+            else:  # not accepted yet (maybe still queued here): drop it when it arrives
+                now = time.monotonic()
+                self.early_aborts[request_id] = now
+                for old_id, when in list(self.early_aborts.items()):
+                    if when < now - 60:
+                        del self.early_aborts[old_id]
 
     def _expire_deadlines(self) -> None:
         now = time.time()
@@ -180,8 +198,9 @@ class EngineServer:
         now = time.monotonic()
         while self.generated and self.generated[0][0] < now - 60:
             self.generated.popleft()
-        window = min(60.0, now - self.generated[0][0]) if self.generated else 0.0
-        tokens = sum(n for _, n in self.generated)
+        recent = list(self.generated)  # one atomic copy: the main thread appends meanwhile
+        window = min(60.0, now - recent[0][0]) if recent else 0.0
+        tokens = sum(n for _, n in recent)
         return Heartbeat(self.replica_id, self.model_name, queue_depth=self.incoming.qsize(),
                          num_running=stats["num_running"], num_waiting=stats["num_waiting"],
                          kv_cache_usage=stats["kv_cache_usage"], device_memory_bytes=self.engine.runner.memory_in_use(),
