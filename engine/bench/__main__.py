@@ -48,18 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--num-iters-warmup", type=int, default=1)
             p.add_argument("--num-iters", type=int, default=3)
+    attention = sub.add_parser("attention", help="paged decode attention kernel: bandwidth vs copy bandwidth")
+    attention.add_argument("--batch-size", type=int, default=64)
+    attention.add_argument("--context-len", type=int, default=4096)
+    attention.add_argument("--num-heads", type=int, default=32)
+    attention.add_argument("--num-kv-heads", type=int, default=8)
+    attention.add_argument("--head-dim", type=int, default=128)
+    attention.add_argument("--block-size", type=int, default=16)
+    attention.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    attention.add_argument("--iters", type=int, default=50)
+    attention.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command = "python -m engine.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.command == "attention":
+        return _attention(args, command)
     options = dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                    gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
                    enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
                    skip_tokenizer_init=True)  # token-id workloads: no tokenizer needed (or shipped)
-    command = "python -m engine.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.command == "service":
         return _service(args, options, command)
     from engine.llm import LLM  # heavy imports after --help
@@ -86,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = results["engine"]["output_tokens_per_s"] / results["hf"]["output_tokens_per_s"]
         results["speedup_vs_hf"] = ratio
         print(f"speedup vs transformers: {ratio:.2f}x")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    _write_json(args.json, results)
     return 0
 
 
@@ -108,6 +118,19 @@ def _run(args, runner, requests, device, hf: bool = False, eos_ids: set[int] | N
     return run_engine_latency(runner, requests, args.num_iters_warmup, args.num_iters)
 
 
+def _attention(args, command: str) -> int:
+    import torch
+
+    from engine.bench.attention import run_attention_bench
+
+    results = {"command": command, **run_attention_bench(
+        args.batch_size, args.context_len, args.num_heads, args.num_kv_heads, args.head_dim, args.block_size,
+        getattr(torch, args.dtype), args.iters)}
+    _print("paged decode attention", results)
+    _write_json(args.json, results)
+    return 0
+
+
 def _service(args, options: dict, command: str) -> int:
     from engine.bench.service import run_service_comparison
     from engine.weights import load_model_config, resolve_model
@@ -118,10 +141,14 @@ def _service(args, options: dict, command: str) -> int:
     _print("in-process LLM", results["in_process"])
     _print("through Redis", results["through_redis"])
     print(f"through Redis / in-process: {results['ratio']:.3f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    _write_json(args.json, results)
     return 0
+
+
+def _write_json(path: str | None, results: dict) -> None:
+    if path:
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=2)
 
 
 def _release_memory(device) -> None:

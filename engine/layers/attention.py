@@ -15,6 +15,15 @@ from torch import nn
 from kernels.paged_attention_ref import paged_decode_attention, paged_prefill_attention, reshape_and_cache
 
 
+def _decode_kernel(device: torch.device):
+    """The Triton kernel on CUDA; the torch reference on the CPU (no Triton needed there)."""
+    if device.type == "cuda":
+        from kernels.paged_decode_attention import paged_decode_attention as triton_decode
+
+        return triton_decode
+    return paged_decode_attention
+
+
 @dataclass
 class AttentionMetadata:
     """The batch is ordered decodes first: `num_decodes` one-token queries, then prefill chunks."""
@@ -61,7 +70,7 @@ class Attention(nn.Module):
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes:
-            out[:num_decodes] = paged_decode_attention(
+            out[:num_decodes] = _decode_kernel(query.device)(
                 query[:num_decodes], self.key_cache, self.value_cache,
                 meta.block_tables[:num_decodes, :meta.decode_max_blocks], meta.seq_lens[:num_decodes], self.scale)
         starts = meta.query_start_loc_cpu

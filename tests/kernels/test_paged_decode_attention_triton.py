@@ -1,0 +1,56 @@
+"""The Triton paged decode kernel against the torch reference (interpreted on the CPU)."""
+
+import pytest
+import torch
+
+from kernels.paged_attention_ref import paged_decode_attention as reference
+from kernels.paged_decode_attention import paged_decode_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter is wrong for bfloat16; the GPU run covers it.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def make_case(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-n // block_size) for n in seq_lens)
+    num_blocks = len(seq_lens) * max_blocks + 3
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(shape, generator=generator).to(DEVICE, dtype)
+    value_cache = torch.randn(shape, generator=generator).to(DEVICE, dtype)
+    # Scrambled, non-contiguous block tables; padding points at block 0.
+    order = torch.randperm(num_blocks - 1, generator=generator) + 1
+    block_tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.long)
+    for row, n in enumerate(seq_lens):
+        used = -(-n // block_size)
+        block_tables[row, :used] = order[row * max_blocks: row * max_blocks + used]
+    query = torch.randn(len(seq_lens), num_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    seq_lens = torch.tensor(seq_lens, dtype=torch.long)
+    return query, key_cache, value_cache, block_tables.to(DEVICE), seq_lens.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seq_lens,num_heads,num_kv_heads,head_dim,block_size", [
+    ([1, 17, 40], 4, 4, 32, 16),         # one-token context, lengths off the block size, no GQA
+    ([5, 33, 64, 3], 8, 2, 64, 16),      # GQA group 4
+    ([9, 70], 7, 1, 16, 8),              # group 7 (not a power of two), small blocks
+    ([31, 2], 6, 3, 24, 4),              # head_dim not a power of two, block size 4
+    ([50], 2, 2, 16, 32),                # block larger than the tile minimum
+    ([12, 7], 3, 3, 16, 1),              # block size 1
+])
+def test_matches_reference(dtype, seq_lens, num_heads, num_kv_heads, head_dim, block_size):
+    query, key_cache, value_cache, block_tables, lens = make_case(seq_lens, num_heads, num_kv_heads, head_dim,
+                                                                   block_size, dtype)
+    scale = head_dim ** -0.5
+    out = torch.full_like(query, float("nan"))  # poisoned: every element must be written
+    paged_decode_attention(query, key_cache, value_cache, block_tables, lens, scale, out=out)
+    expected = reference(query.float(), key_cache.float(), value_cache.float(), block_tables, lens, scale)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_empty_batch_returns_empty():
+    query, key_cache, value_cache, block_tables, lens = make_case([4], 2, 2, 16, 16, torch.float32)
+    out = paged_decode_attention(query[:0], key_cache, value_cache, block_tables[:0], lens[:0], 0.25)
+    assert out.shape == (0, 2, 16)
