@@ -1,9 +1,11 @@
 """Paged decode attention in Triton: one query token per sequence over its paged K/V.
 
 Drop-in for `kernels.paged_attention_ref.paged_decode_attention` (same arguments, same result).
-One program per (sequence, KV head) serves the whole group of query heads that share the head, so
-each K/V byte is read once; tokens are visited in tiles that may span several blocks (any block
-size works), with an online softmax in float32. On the CPU it runs under `TRITON_INTERPRET=1`.
+Flash-decoding: the context of each (sequence, KV head) is split into chunks that run as separate
+programs (so a small batch still fills the GPU), each with an online softmax in float32 over tiles
+that may span several blocks (any block size works); a second kernel merges the chunks. All query
+heads sharing a KV head are served by one program, so each K/V byte is read once.
+On the CPU it runs under `TRITON_INTERPRET=1`.
 """
 
 from __future__ import annotations
@@ -14,58 +16,91 @@ import triton.language as tl
 
 
 @triton.jit
-def _paged_decode_kernel(
-    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, scale,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+def _partial_kernel(
+    partial_out_ptr, partial_max_ptr, partial_sum_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+    seq_lens_ptr, scale, chunk_len,
+    stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    chunk_start = split * chunk_len
+    chunk_end = tl.minimum(chunk_start + chunk_len, seq_len)
 
     heads = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
     head_mask = heads < GROUP
     dim_mask = dims < HEAD_DIM
     q_offsets = seq * stride_qb + (kv_head * GROUP + heads)[:, None] * stride_qh + dims[None, :]
-    q = tl.load(q_ptr + q_offsets, mask=head_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + q_offsets, mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     offsets = tl.arange(0, TILE)
-    start = 0
-    while start < seq_len:  # `while`, not `range`: the interpreter cannot range over a loaded bound
+    start = chunk_start
+    while start < chunk_end:  # `while`, not `range`: the interpreter cannot range over a loaded bound
         tokens = start + offsets
-        token_mask = tokens < seq_len
+        token_mask = tokens < chunk_end
         block_ids = tl.load(block_tables_ptr + seq * stride_bt + tokens // BLOCK_SIZE, mask=token_mask, other=0)
         kv_offsets = (block_ids.to(tl.int64) * stride_cb + (tokens % BLOCK_SIZE) * stride_ct
                       + kv_head * stride_ch)[:, None] + dims[None, :]
         kv_mask = token_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
 
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, TILE]
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale  # [GROUP_PAD, TILE]
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         correction = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * correction + tl.sum(p, axis=1)
-        acc = acc * correction[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
         m_i = m_new
         start += TILE
 
-    out = acc / l_i[:, None]
-    out_offsets = seq * stride_ob + (kv_head * GROUP + heads)[:, None] * stride_oh + dims[None, :]
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & dim_mask[None, :])
+    row = (seq * NUM_HEADS + kv_head * GROUP + heads) * NUM_SPLITS + split
+    tl.store(partial_max_ptr + row, m_i, mask=head_mask)
+    tl.store(partial_sum_ptr + row, l_i, mask=head_mask)
+    tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc,
+             mask=head_mask[:, None] & dim_mask[None, :])
+
+
+@triton.jit
+def _merge_kernel(out_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr, stride_ob, stride_oh,
+                  NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    split_mask = splits < NUM_SPLITS
+    rows = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
+    maxima = tl.load(partial_max_ptr + rows, mask=split_mask, other=float("-inf"))
+    sums = tl.load(partial_sum_ptr + rows, mask=split_mask, other=0.0)
+    overall = tl.max(maxima, axis=0)
+    weights = tl.where(maxima > float("-inf"), tl.exp(maxima - overall), 0.0)  # empty chunks weigh 0
+    partial = tl.load(partial_out_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
+                      mask=split_mask[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+def num_splits_for(batch: int, num_kv_heads: int, max_seq_len: int, tile: int) -> int:
+    """Enough chunks to give the GPU ~1024 programs, but never a chunk shorter than 4 tiles."""
+    wanted = max(1, 1024 // max(1, batch * num_kv_heads))
+    return max(1, min(wanted, -(-max_seq_len // (4 * tile)), 64))
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, max_seq_len: int | None = None) -> torch.Tensor:
     """query `[batch, num_heads, head_dim]`; caches `[num_blocks, block_size, num_kv_heads, head_dim]`;
-    every sequence must have at least one cached token."""
+    every sequence must have at least one cached token. Pass `max_seq_len` to avoid a device sync."""
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
@@ -75,12 +110,25 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         return out
     assert key_cache.stride() == value_cache.stride() and key_cache.stride(-1) == 1
     assert query.stride(-1) == 1 and out.stride(-1) == 1
-    tile = max(16, block_size) if query.device.type == "cpu" else max(64, block_size)
-    _paged_decode_kernel[(batch, num_kv_heads)](
-        out, query, key_cache, value_cache, block_tables, seq_lens, scale,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, TILE=tile,
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    tile = max(64, block_size)
+    num_splits = num_splits_for(batch, num_kv_heads, max_seq_len, tile)
+    chunk_len = -(-(-(-max_seq_len // num_splits)) // tile) * tile  # a whole number of tiles
+    rows = batch * num_heads * num_splits
+    partial_out = torch.empty(rows, head_dim, dtype=torch.float32, device=query.device)
+    partial_max = torch.empty(rows, dtype=torch.float32, device=query.device)
+    partial_sum = torch.empty(rows, dtype=torch.float32, device=query.device)
+    _partial_kernel[(batch, num_kv_heads, num_splits)](
+        partial_out, partial_max, partial_sum, query, key_cache, value_cache, block_tables, seq_lens, scale,
+        chunk_len, query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        block_tables.stride(0), NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, TILE=tile,
+    )
+    _merge_kernel[(batch, num_heads)](
+        out, partial_out, partial_max, partial_sum, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
+        NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
     )
     return out

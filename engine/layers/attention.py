@@ -15,13 +15,13 @@ from torch import nn
 from kernels.paged_attention_ref import paged_decode_attention, paged_prefill_attention, reshape_and_cache
 
 
-def _decode_kernel(device: torch.device):
+def _decode(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len: int):
     """The Triton kernel on CUDA; the torch reference on the CPU (no Triton needed there)."""
-    if device.type == "cuda":
+    if query.device.type == "cuda":
         from kernels.paged_decode_attention import paged_decode_attention as triton_decode
 
-        return triton_decode
-    return paged_decode_attention
+        return triton_decode(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len)
+    return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
 
 
 @dataclass
@@ -70,9 +70,10 @@ class Attention(nn.Module):
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes:
-            out[:num_decodes] = _decode_kernel(query.device)(
+            out[:num_decodes] = _decode(
                 query[:num_decodes], self.key_cache, self.value_cache,
-                meta.block_tables[:num_decodes, :meta.decode_max_blocks], meta.seq_lens[:num_decodes], self.scale)
+                meta.block_tables[:num_decodes, :meta.decode_max_blocks], meta.seq_lens[:num_decodes], self.scale,
+                max_seq_len=max(meta.seq_lens_cpu[:num_decodes]))
         starts = meta.query_start_loc_cpu
         for seq in range(num_decodes, len(meta.seq_lens_cpu)):
             start, end = starts[seq], starts[seq + 1]

@@ -37,6 +37,7 @@ def make_case(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, se
     ([31, 2], 6, 3, 24, 4),              # head_dim not a power of two, block size 4
     ([50], 2, 2, 16, 32),                # block larger than the tile minimum
     ([12, 7], 3, 3, 16, 1),              # block size 1
+    ([700, 3, 260], 4, 2, 32, 16),       # long contexts: split into chunks, some chunks empty
 ])
 def test_matches_reference(dtype, seq_lens, num_heads, num_kv_heads, head_dim, block_size):
     query, key_cache, value_cache, block_tables, lens = make_case(seq_lens, num_heads, num_kv_heads, head_dim,
@@ -48,6 +49,14 @@ def test_matches_reference(dtype, seq_lens, num_heads, num_kv_heads, head_dim, b
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_split_count_fills_the_gpu_without_tiny_chunks():
+    from kernels.paged_decode_attention import num_splits_for
+
+    assert num_splits_for(batch=1, num_kv_heads=8, max_seq_len=4096, tile=64) == 16  # 4096 / (4 * 64)
+    assert num_splits_for(batch=64, num_kv_heads=8, max_seq_len=4096, tile=64) == 2
+    assert num_splits_for(batch=256, num_kv_heads=8, max_seq_len=100, tile=64) == 1
 
 
 def test_empty_batch_returns_empty():
