@@ -174,6 +174,10 @@ class LLMEngine:
         raise ValueError(f"prompt must be text, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def _validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.vocab_size:
+                raise ValueError(f"{name} must be at most the vocabulary size {self.vocab_size}, got {value}")
         if not prompt_ids:
             raise ValueError("prompt must not be empty")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt_ids):

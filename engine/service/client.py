@@ -77,19 +77,28 @@ class EngineClient:
     async def _stream(self, request: EngineRequest, entry_id: bytes) -> AsyncIterator[OutputDelta]:
         key = self.keys.output(request.request_id)
         last_id, replica_id, finished, stalls = "0-0", None, False, 0
+        next_seq, streamed = 0, False  # the seq the replica sends next; whether any token was yielded
         backoff = Backoff()
         try:
             while True:
                 remaining = request.deadline - time.time()
                 if remaining <= 0:
-                    yield error_delta(request.request_id, -1, "timeout", "the request's deadline passed")
+                    yield error_delta(request.request_id, -1, "deadline_exceeded", "the request's deadline passed")
                     return
                 try:
                     reply = await self.redis.xread({key: last_id}, count=256,
                                                    block=max(1, int(min(remaining, self.stall_check_s) * 1000)))
                     if not reply:
                         stalls += 1
-                        problem, entry_id = await self._check_stalled(request, entry_id, replica_id, stalls)
+                        problem, entry_id = await self._check_stalled(request, entry_id, replica_id, stalls,
+                                                                      lost_output=last_id != "0-0"
+                                                                      and not await self.redis.exists(key))
+                        if problem and problem[0] == "replica_lost" and not streamed:
+                            # Nothing reached the caller: run it again on another replica.
+                            logger.warning("replica %s lost request %s before it streamed; queueing it again",
+                                           replica_id, request.request_id)
+                            entry_id, replica_id, stalls = await self._enqueue(request), None, 0
+                            continue
                         if problem:
                             finished = replica_id is not None  # a lost replica holds nothing to abort
                             yield error_delta(request.request_id, -1, *problem)
@@ -105,7 +114,15 @@ class EngineClient:
                 for message_id, fields in reply[0][1]:
                     last_id = message_id
                     delta = decode_delta(fields[b"data"])
+                    if delta.replica_id != replica_id:  # a replica took the request: its seqs start at 0
+                        next_seq = 0
                     replica_id = delta.replica_id or replica_id
+                    if delta.seq != next_seq:
+                        yield error_delta(request.request_id, -1, "output_lost",
+                                          "part of the output was lost in Redis (restarted?)")
+                        return
+                    next_seq += 1
+                    streamed = streamed or bool(delta.outputs)
                     if delta.seq == 0 and not delta.outputs and not delta.finished:
                         continue  # the replica's note that it took the request
                     yield delta
@@ -118,9 +135,11 @@ class EngineClient:
                 await asyncio.shield(self._abort_quietly(request.request_id))
 
     async def _check_stalled(self, request: EngineRequest, entry_id: bytes, replica_id: str | None,
-                             stalls: int) -> tuple[tuple[str, str] | None, bytes]:
+                             stalls: int, lost_output: bool = False) -> tuple[tuple[str, str] | None, bytes]:
         """Why a quiet stream will never speak again, if it won't (checked twice, to ride out a
         Redis restart); a request that Redis lost before any replica took it is queued again."""
+        if lost_output:  # the output stream we were reading vanished (Redis restarted?)
+            return ("output_lost", "the request's output was lost in Redis (restarted?)"), entry_id
         if replica_id is not None:
             alive = await self.redis.exists(self.keys.heartbeat(request.model, replica_id))
             if not alive and stalls >= 2:

@@ -36,7 +36,7 @@ class EngineRequest:
 
     def sampling_params(self) -> SamplingParams:
         """Validated parameters; a bad field raises ProtocolError naming it."""
-        unknown = sorted(set(self.params) - _SAMPLING_FIELDS)
+        unknown = sorted(map(str, set(self.params) - _SAMPLING_FIELDS))
         if unknown:
             raise ProtocolError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         try:
@@ -112,8 +112,10 @@ def _unpack(data: bytes) -> dict:
 
 
 def _build(cls, payload: dict, types: dict):
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"{cls.__name__} is not a map")
     names = {f.name for f in fields(cls)}
-    unknown = sorted(set(payload) - names)
+    unknown = sorted(map(str, set(payload) - names))
     if unknown:
         raise ProtocolError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
     for name, expected in types.items():
@@ -142,7 +144,10 @@ def decode_request(data: bytes) -> EngineRequest:
 
 def decode_delta(data: bytes) -> OutputDelta:
     payload = _unpack(data)
-    payload["outputs"] = [_build(CompletionDelta, o, {}) for o in payload.get("outputs", [])]
+    outputs = payload.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise ProtocolError("OutputDelta.outputs is not a list")
+    payload["outputs"] = [_build(CompletionDelta, o, {}) for o in outputs]
     payload["usage"] = _build(Usage, payload.get("usage") or {}, {})
     return _build(OutputDelta, payload, {"request_id": str, "seq": int, "finished": bool})
 

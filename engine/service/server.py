@@ -143,6 +143,8 @@ class EngineServer:
                 return
             if request_id in self.in_flight:
                 self.engine.abort_request(request_id)
+                self._send(error_delta(request_id, self.in_flight[request_id][0], "aborted",
+                                       "the request was aborted", self.replica_id))
                 self._finish(request_id)
             else:  # not accepted yet (maybe still queued here): drop it when it arrives
                 now = time.monotonic()
@@ -237,7 +239,9 @@ class EngineServer:
                 for _, entries in reply or []:
                     for entry_id, fields in entries:
                         last_abort_id = entry_id
-                        self.aborts.put(fields[b"request_id"].decode())
+                        request_id = fields.get(b"request_id", b"").decode("utf-8", "replace")
+                        if request_id:
+                            self.aborts.put(request_id)
                         self.wakeup.set()
                 backoff.reset()
             except redis.ConnectionError as error:
@@ -247,8 +251,12 @@ class EngineServer:
                 time.sleep(delay)
             except redis.ResponseError as error:
                 if "NOGROUP" not in str(error):
-                    raise
+                    logger.exception("reader: unexpected Redis error")
+                    time.sleep(backoff.delay())
                 group_ready = False
+            except Exception:  # never let the reader die silently while heartbeats go on
+                logger.exception("reader: unexpected error")
+                time.sleep(backoff.delay())
 
     def _ensure_group(self, client: redis.Redis, stream: str) -> None:
         try:
@@ -318,6 +326,10 @@ class EngineServer:
                 delay = backoff.delay()
                 logger.warning("writer: Redis unreachable (%s); retrying in %.1fs", error, delay)
                 time.sleep(delay)
+            except Exception:  # drop what cannot be written (clients see the gap), never the thread
+                logger.exception("writer: unexpected error; dropping %d messages", len(batch))
+                batch = []
+                time.sleep(backoff.delay())
         client.delete(self.keys.heartbeat(self.model_name, self.replica_id))
 
     def _flush(self, client: redis.Redis, stream: str, batch: list[tuple]) -> None:

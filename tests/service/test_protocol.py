@@ -187,6 +187,13 @@ def test_delta_with_bad_fields_is_rejected():
         decode_delta(pack({**payload, "outputs": [{"index": 0, "text": "x", "token_ids": [], "colour": 1}]}))
 
 
+@pytest.mark.parametrize("changes", [{"outputs": [1]}, {"outputs": None}, {"usage": 5}, {"usage": [1, 2]}])
+def test_delta_with_parts_that_are_not_maps_is_a_protocol_error(changes):
+    payload = msgpack.unpackb(encode(OutputDelta("r", 1)), raw=False)
+    with pytest.raises(ProtocolError):
+        decode_delta(pack({**payload, **changes}))
+
+
 def test_heartbeat_with_unknown_field_is_rejected():
     payload = msgpack.unpackb(encode(Heartbeat("r", "m")), raw=False)
     with pytest.raises(ProtocolError, match="unknown field"):
