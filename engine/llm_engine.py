@@ -48,10 +48,6 @@ class LLMEngine:
                     self.runner.device, self.runner.dtype, self.runner.num_blocks, config.block_size,
                     time.perf_counter() - started)
 
-    @classmethod
-    def from_kwargs(cls, **kwargs) -> "LLMEngine":
-        return cls(EngineConfig.from_kwargs(**kwargs))
-
     @property
     def max_model_len(self) -> int:
         return self.scheduler_config.max_model_len

@@ -242,6 +242,14 @@ def test_cached_prefix_gives_the_same_greedy_output(llm, tokenizer):
     assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
 
 
+def test_reset_prefix_cache_forgets_cached_prompts(llm):
+    prompt = "Inventory of the eastern warehouse, aisle nine.\n\n" + long_text(1, 2) + "\n\nTotal:"
+    generate_one(llm, prompt, greedy(max_tokens=2))
+    assert generate_one(llm, prompt, greedy(max_tokens=2)).num_cached_tokens > 0
+    llm.reset_prefix_cache()
+    assert generate_one(llm, prompt, greedy(max_tokens=2)).num_cached_tokens == 0
+
+
 # -- sampling ---------------------------------------------------------------------------------------
 
 
