@@ -100,7 +100,7 @@ class EngineClient:
                             entry_id, replica_id, stalls = await self._enqueue(request), None, 0
                             continue
                         if problem:
-                            finished = replica_id is not None  # a lost replica holds nothing to abort
+                            finished = problem[0] == "replica_lost"  # a lost replica holds nothing to abort
                             yield error_delta(request.request_id, -1, *problem)
                             return
                         continue
