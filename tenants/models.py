@@ -1,1 +1,85 @@
-"""Tenant, API key, limit, quota and usage models (none yet)."""
+"""Tenant and API key models: who may call the service, and with which limits."""
+from django.db import models
+from django.utils import timezone
+
+
+class BudgetPeriod(models.TextChoices):
+    DAY = "day", "Day"
+    MONTH = "month", "Month"
+
+
+class Tenant(models.Model):
+    """A customer or internal team; owns keys and the default limits those keys run under."""
+
+    name = models.CharField(max_length=100, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    is_active = models.BooleanField(default=True)
+
+    requests_per_minute = models.PositiveIntegerField(default=60)
+    tokens_per_minute = models.PositiveIntegerField(default=100_000)
+    max_concurrent_requests = models.PositiveIntegerField(default=8)
+    # Tokens (prompt + completion) per budget period; null means unlimited.
+    token_budget = models.PositiveBigIntegerField(null=True, blank=True)
+    budget_period = models.CharField(
+        max_length=5, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTH
+    )
+    max_tokens_cap = models.PositiveIntegerField(default=4096)
+    max_prompt_tokens = models.PositiveIntegerField(default=8192)
+    # Same sense as the engine's request priority: lower runs first.
+    priority_tier = models.IntegerField(default=0)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ApiKey(models.Model):
+    """A bearer key of one tenant, stored only as a hash behind a visible, indexed prefix.
+
+    The full key is `<prefix>.<secret>`; `prefix` finds the row, `hashed_key`
+    (sha256 hex of the full key) proves it. Plain sha256 suffices because the
+    secret is 256 random bits (no brute force to slow down), and unlike an
+    HMAC with SECRET_KEY it keeps every key valid across secret rotation.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=16, unique=True, db_index=True)
+    hashed_key = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    # Model names this key may call; empty means every model.
+    allowed_models = models.JSONField(default=list, blank=True)
+
+    # Per-key overrides of the tenant's limits; null means "use the tenant's".
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.tenant})"
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def is_expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= timezone.now()
+
+    @property
+    def status(self) -> str:
+        """One word for lists and the admin: revoked wins over expired."""
+        if self.is_revoked:
+            return "revoked"
+        if self.is_expired:
+            return "expired"
+        return "active"

@@ -32,3 +32,20 @@ def django_test_database():
 @pytest.fixture
 def client() -> Client:
     return Client()
+
+
+class _Rollback(Exception):
+    """Raised to undo everything a test wrote."""
+
+
+@pytest.fixture
+def db():
+    """Run the test inside a transaction that is rolled back, so tests never see each other's rows."""
+    from django.db import transaction
+
+    try:
+        with transaction.atomic():
+            yield
+            raise _Rollback
+    except _Rollback:
+        pass

@@ -1,0 +1,14 @@
+"""EffectiveLimits: the limits a request actually runs under (key overrides over tenant)."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EffectiveLimits:
+    requests_per_minute: int
+    tokens_per_minute: int
+    max_concurrent_requests: int
+    token_budget: int | None  # per budget_period; None = unlimited
+    budget_period: str
+    max_tokens_cap: int
+    max_prompt_tokens: int
+    priority_tier: int

@@ -1,0 +1,68 @@
+"""Reads of the tenants app (HackSoft style: selectors read, services write)."""
+import hmac
+
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from tenants.errors import InvalidApiKey
+from tenants.keys import hash_key, split_key
+from tenants.limits import EffectiveLimits
+from tenants.models import ApiKey, Tenant
+
+
+def authenticate_api_key(*, raw_key: str) -> ApiKey:
+    """The live key behind `raw_key`, or InvalidApiKey saying why not.
+
+    The prefix finds the row; the hash is compared in constant time so the
+    response time leaks nothing about how much of the secret was right. This
+    does not record use: callers call services.touch_api_key if they want to.
+    """
+    parts = split_key(raw_key) if isinstance(raw_key, str) else None
+    if parts is None:
+        raise InvalidApiKey(InvalidApiKey.MALFORMED)
+    api_key = ApiKey.objects.select_related("tenant").filter(prefix=parts[0]).first()
+    if api_key is None:
+        raise InvalidApiKey(InvalidApiKey.UNKNOWN)
+    if not hmac.compare_digest(api_key.hashed_key, hash_key(raw_key)):
+        raise InvalidApiKey(InvalidApiKey.UNKNOWN)
+    if api_key.revoked_at is not None:
+        raise InvalidApiKey(InvalidApiKey.REVOKED)
+    if api_key.expires_at is not None and api_key.expires_at <= timezone.now():
+        raise InvalidApiKey(InvalidApiKey.EXPIRED)
+    if not api_key.tenant.is_active:
+        raise InvalidApiKey(InvalidApiKey.TENANT_INACTIVE)
+    return api_key
+
+
+def effective_limits(*, api_key: ApiKey) -> EffectiveLimits:
+    """The tenant's limits with the key's non-null overrides on top."""
+    tenant = api_key.tenant
+
+    def pick(field: str) -> int:
+        override = getattr(api_key, field)
+        return getattr(tenant, field) if override is None else override
+
+    return EffectiveLimits(
+        requests_per_minute=pick("requests_per_minute"),
+        tokens_per_minute=pick("tokens_per_minute"),
+        max_concurrent_requests=pick("max_concurrent_requests"),
+        token_budget=tenant.token_budget,
+        budget_period=tenant.budget_period,
+        max_tokens_cap=tenant.max_tokens_cap,
+        max_prompt_tokens=tenant.max_prompt_tokens,
+        priority_tier=tenant.priority_tier,
+    )
+
+
+def model_allowed(*, api_key: ApiKey, model: str) -> bool:
+    """Whether the key may call `model`; an empty allowlist allows every model."""
+    return not api_key.allowed_models or model in api_key.allowed_models
+
+
+def get_tenant_keys(*, tenant: Tenant) -> QuerySet[ApiKey]:
+    """Keys of `tenant` only: the one query views should use so no tenant sees another's keys."""
+    return ApiKey.objects.filter(tenant=tenant).order_by("-created_at")
+
+
+def get_tenant_by_name(*, name: str) -> Tenant | None:
+    return Tenant.objects.filter(name=name).first()
