@@ -10,9 +10,10 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 
 from engine.bench.workload import LengthRange, make_workload
-from engine.config import BUNDLED_MODEL
+from engine.cli_args import add_engine_args, engine_config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
                             ("latency", "end-to-end latency of one batch"),
                             ("service", "streamed requests through Redis to an engine process vs in-process")):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--model", default=BUNDLED_MODEL, help="folder, .gguf file or dummy:<preset>")
         p.add_argument("--input-len", type=LengthRange.parse, default=LengthRange.parse("256" if name == "throughput" else "32"),
                        help="prompt length: N or LOW-HIGH")
         p.add_argument("--output-len", type=LengthRange.parse, default=LengthRange.parse("256" if name == "throughput" else "128"),
@@ -30,17 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-prompts", type=int, default={"throughput": 1000, "service": 64}.get(name, 1))
         p.add_argument("--batch-size", type=int, default=64 if name == "throughput" else 1,
                        help="latency: requests per batch; throughput: batch size of the HF baseline")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--dtype", default="auto")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--max-model-len", type=int)
-        p.add_argument("--max-num-seqs", type=int, default=256)
-        p.add_argument("--max-num-batched-tokens", type=int)
-        p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-        p.add_argument("--enforce-eager", action="store_true")
-        p.add_argument("--no-enable-prefix-caching", action="store_true")
-        p.add_argument("--compare-hf", action="store_true", help="also run transformers on the same requests")
         p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+        add_engine_args(p)  # --model, --seed (also the workload's), --dtype, ... as EngineConfig has them
+        if name != "service":
+            p.add_argument("--compare-hf", action="store_true", help="also run transformers on the same requests")
         if name == "throughput":
             p.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens")
         elif name == "service":
@@ -67,11 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m engine.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.command == "attention":
         return _attention(args, command)
-    options = dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                   enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
-                   skip_tokenizer_init=True)  # token-id workloads: no tokenizer needed (or shipped)
+    options = asdict(engine_config_from_args(args))
+    options["skip_tokenizer_init"] = True  # token-id workloads: no tokenizer needed (or shipped)
     if args.command == "service":
         return _service(args, options, command)
     from engine.llm import LLM  # heavy imports after --help
