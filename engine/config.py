@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from engine.sampling_params import check_field
+
 BUNDLED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
 _DEVICES = ("auto", "cpu", "cuda")
@@ -31,21 +33,21 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.dtype = str(self.dtype).replace("torch.", "")
-        _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
-        _check(self.device in _DEVICES, "device", f"must be one of {_DEVICES}, got {self.device!r}")
-        _check(isinstance(self.model, str) and self.model, "model", "must be a path, a name or dummy:<preset>")
-        _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
+        check_field(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        check_field(self.device in _DEVICES, "device", f"must be one of {_DEVICES}, got {self.device!r}")
+        check_field(isinstance(self.model, str) and self.model, "model", "must be a path, a name or dummy:<preset>")
+        check_field(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
                f"must be a power of two up to 128, got {self.block_size}")
-        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+        check_field(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
                f"must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "max_num_batched_tokens", "long_prefill_token_threshold",
                      "kv_cache_memory_bytes", "num_gpu_blocks_override"):
             value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and value > 0), name,
+            check_field(value is None or (isinstance(value, int) and value > 0), name,
                    f"must be a positive integer, got {value!r}")
-        _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs > 0, "max_num_seqs",
+        check_field(isinstance(self.max_num_seqs, int) and self.max_num_seqs > 0, "max_num_seqs",
                f"must be a positive integer, got {self.max_num_seqs!r}")
-        _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
+        check_field(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
                "num_gpu_blocks_override", "must be at least 2")
 
     @classmethod
@@ -75,7 +77,3 @@ class SchedulerConfig:
         threshold = config.long_prefill_token_threshold or max(config.block_size, batched // 4)
         return cls(max_model_len, config.max_num_seqs, batched, min(threshold, batched))
 
-
-def _check(ok: bool, field_name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{field_name} {message}")

@@ -55,33 +55,33 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        _check(isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature",
+        check_field(isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
+        check_field(_is_number(self.temperature) and self.temperature >= 0, "temperature",
                f"must be >= 0, got {self.temperature!r}")
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
+        check_field(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        check_field(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
                f"must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
-        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        check_field(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_is_number(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+            check_field(_is_number(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
+        check_field(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
                f"must be > 0, got {self.repetition_penalty!r}")
-        _check(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        check_field(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        check_field(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        check_field(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "must be non-negative integers")
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "max_tokens",
+        check_field(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "max_tokens",
                f"must be at least 1, got {self.max_tokens!r}")
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
+        check_field(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
                f"must be >= 0, got {self.min_tokens!r}")
-        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+        check_field(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                f"must be <= max_tokens={self.max_tokens}, got {self.min_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and value >= 0), name,
+            check_field(value is None or (isinstance(value, int) and value >= 0), name,
                    f"must be a non-negative integer, got {value!r}")
-        _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", "must be a RequestOutputKind")
+        check_field(isinstance(self.output_kind, RequestOutputKind), "output_kind", "must be a RequestOutputKind")
 
     @property
     def is_greedy(self) -> bool:
@@ -99,6 +99,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check(ok: bool, field_name: str, message: str) -> None:
+def check_field(ok: bool, field_name: str, message: str) -> None:
+    """Raise ValueError naming the field: the one error shape of every option and parameter."""
     if not ok:
         raise ValueError(f"{field_name} {message}")
