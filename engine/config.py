@@ -27,7 +27,7 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
-    enforce_eager: bool = False  # no CUDA graphs; the eager path is the only one until the GPU issue
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (always so on the CPU)
     trust_remote_code: bool = False  # accepted for vLLM compatibility; no remote code ever runs
     skip_tokenizer_init: bool = False  # prompts must be token ids; outputs carry no text
 

@@ -1,16 +1,129 @@
-"""HTTP endpoints of the inference app: thin views that call selectors and services."""
-from django.http import HttpRequest, JsonResponse
-from django.views import View
+"""HTTP endpoints of the inference app: thin async views over services and selectors.
 
-from inference.selectors import redis_is_reachable
+The OpenAI-compatible views are adrf (async DRF) APIViews so DRF parses, authenticates and
+documents them (drf-spectacular) while streaming runs on the event loop.
+"""
+import json
+
+from adrf.views import APIView
+from django.conf import settings
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+
+from inference import metrics, services
+from inference.authentication import ApiKeyAuthentication
+from inference.engine_client import get_engine_client
+from inference.errors import OpenAIError
+from inference.selectors import live_replicas, redis_is_reachable, served_models
+from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer
+
+OPENAI_RESPONSE = OpenApiResponse(description="OpenAI's response object, or an SSE stream of chunks with stream=true")
 
 
-class HealthApi(View):
-    """`GET /health`: the web process is up (`status`), and whether it reaches Redis.
+class HealthApi(APIView):
+    """`GET /health`: web up, Redis reachable, and at least one live engine for every known model.
 
-    Always 200 while Django answers, so a load balancer does not drop the web
-    tier for a Redis outage; monitoring reads the `redis` flag.
+    200 when all hold, 503 otherwise (`status: degraded`), with the details either way.
     """
 
-    def get(self, request: HttpRequest) -> JsonResponse:
-        return JsonResponse({"status": "ok", "redis": redis_is_reachable()})
+    @extend_schema(exclude=True)
+    async def get(self, request):
+        engines = await live_replicas(client=get_engine_client())
+        redis_ok = redis_is_reachable()
+        healthy = redis_ok and all(engines.values())
+        body = {"status": "ok" if healthy else "degraded", "redis": redis_ok,
+                "engines": {model: len(beats) for model, beats in sorted(engines.items())}}
+        return JsonResponse(body, status=200 if healthy else 503)
+
+
+class MetricsApi(APIView):
+    """`GET /metrics`: Prometheus text format (API counters and histograms, engine gauges)."""
+
+    @extend_schema(exclude=True)
+    async def get(self, request):
+        token = settings.METRICS_TOKEN
+        if token and request.META.get("HTTP_AUTHORIZATION", "") != f"Bearer {token}":
+            raise OpenAIError("A valid metrics token is required.", status=401, code="invalid_metrics_token")
+        replicas = await live_replicas(client=get_engine_client())
+        return HttpResponse(metrics.exposition(replicas), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class ModelListApi(APIView):
+    authentication_classes = [ApiKeyAuthentication]
+
+    @extend_schema(summary="Models with a live engine that this key may use", responses=OPENAI_RESPONSE,
+                   operation_id="list_models")
+    async def get(self, request):
+        models = await served_models(client=get_engine_client(), api_key=request.auth)
+        return JsonResponse({"object": "list", "data": [_model_object(m, b) for m, b in sorted(models.items())]})
+
+
+class ModelDetailApi(APIView):
+    authentication_classes = [ApiKeyAuthentication]
+
+    @extend_schema(summary="One model", responses=OPENAI_RESPONSE, operation_id="retrieve_model")
+    async def get(self, request, model: str):
+        models = await served_models(client=get_engine_client(), api_key=request.auth)
+        if model not in models:
+            raise OpenAIError(f"The model `{model}` does not exist or you do not have access to it.", status=404,
+                              param="model", code="model_not_found")
+        return JsonResponse(_model_object(model, models[model]))
+
+
+def _model_object(model: str, beats) -> dict:
+    return {"id": model, "object": "model", "created": int(min(b.sent_at for b in beats)), "owned_by": "llm-serve",
+            "max_model_len": max(b.max_model_len for b in beats)}
+
+
+class CompletionsApi(APIView):
+    authentication_classes = [ApiKeyAuthentication]
+
+    @extend_schema(summary="Create a completion", request=CompletionRequestSerializer, responses=OPENAI_RESPONSE)
+    async def post(self, request):
+        data = _validated(CompletionRequestSerializer, request.data)
+        return await _respond(await services.start_completion(api_key=request.auth, data=data), data["stream"])
+
+
+class ChatCompletionsApi(APIView):
+    authentication_classes = [ApiKeyAuthentication]
+
+    @extend_schema(summary="Create a chat completion", request=ChatCompletionRequestSerializer,
+                   responses=OPENAI_RESPONSE)
+    async def post(self, request):
+        data = _validated(ChatCompletionRequestSerializer, request.data)
+        return await _respond(await services.start_chat(api_key=request.auth, data=data), data["stream"])
+
+
+def _validated(serializer_class, data) -> dict:
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+async def _respond(call: services.Call, stream: bool):
+    if stream:
+        response = StreamingHttpResponse(_sse(call), content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    else:
+        try:
+            response = JsonResponse(await call.collect())
+        finally:
+            await call.close()
+    for name, value in call.headers.items():
+        response[name] = value
+    return response
+
+
+async def _sse(call: services.Call):
+    """`data: {chunk}` events, then `data: [DONE]`; an engine failure mid-stream is an error event.
+    A client that disconnects cancels this generator, which aborts the engine requests."""
+    try:
+        async for chunk in call.chunks():
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except OpenAIError as error:
+        metrics.observe_error(status=error.status)
+        yield f"data: {json.dumps(error.body())}\n\n"
+    finally:
+        await call.close()
+    yield "data: [DONE]\n\n"

@@ -1,6 +1,12 @@
 """Reads about the world around the web process (HackSoft style: selectors read, services write)."""
 import redis
 from django.conf import settings
+from redis.exceptions import RedisError
+
+from engine.service.client import EngineClient
+from engine.service.protocol import Heartbeat
+from tenants.models import ApiKey
+from tenants.selectors import model_allowed
 
 
 def redis_is_reachable(*, url: str | None = None, timeout_s: float = 0.5) -> bool:
@@ -18,3 +24,20 @@ def redis_is_reachable(*, url: str | None = None, timeout_s: float = 0.5) -> boo
         return False
     finally:
         client.close()
+
+
+async def live_replicas(*, client: EngineClient) -> dict[str, list[Heartbeat]]:
+    """Every model that has a card or a live replica, with its live replicas (maybe none)."""
+    try:
+        replicas = await client.models()
+        for model in await client.known_models():
+            replicas.setdefault(model, [])
+    except (RedisError, OSError):
+        return {}
+    return replicas
+
+
+async def served_models(*, client: EngineClient, api_key: ApiKey) -> dict[str, list[Heartbeat]]:
+    """Models with at least one live replica that `api_key` may call."""
+    return {model: beats for model, beats in (await client.models()).items()
+            if model_allowed(api_key=api_key, model=model)}

@@ -1,8 +1,19 @@
-"""URL routes of the inference app."""
-from django.urls import path
+"""URL routes of the inference app (the OpenAI-compatible API lives under /v1/)."""
+from django.urls import path, re_path
+from drf_spectacular.views import SpectacularAPIView
 
-from inference.apis import HealthApi
+from inference.errors import not_found
+from inference.apis import (
+    ChatCompletionsApi, CompletionsApi, HealthApi, MetricsApi, ModelDetailApi, ModelListApi,
+)
 
 urlpatterns = [
     path("health", HealthApi.as_view(), name="health"),
+    path("metrics", MetricsApi.as_view(), name="metrics"),
+    path("v1/models", ModelListApi.as_view(), name="models"),
+    path("v1/models/<path:model>", ModelDetailApi.as_view(), name="model-detail"),
+    path("v1/completions", CompletionsApi.as_view(), name="completions"),
+    path("v1/chat/completions", ChatCompletionsApi.as_view(), name="chat-completions"),
+    path("v1/openapi.json", SpectacularAPIView.as_view(), name="openapi"),
+    re_path(r"^v1/", not_found),
 ]

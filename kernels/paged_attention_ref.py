@@ -69,3 +69,20 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
         mask = torch.arange(seq_len, device=query.device)[None, :] <= query_pos[:, None]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
+
+
+def varlen_paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                                   block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                                   query_start_loc: torch.Tensor, scale: float, max_query_len: int,
+                                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Several sequences' prefill chunks, laid out as the Triton kernel takes them: sequence i's
+    queries are rows `query_start_loc[i]:query_start_loc[i + 1]` of `query`, and only those rows of
+    `out` are written. `max_query_len` sizes the kernel's grid; a loop needs no such bound."""
+    if out is None:
+        out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    for seq, seq_len in enumerate(seq_lens.tolist()):
+        start, end = starts[seq], starts[seq + 1]
+        out[start:end] = paged_prefill_attention(query[start:end], key_cache, value_cache, block_tables[seq],
+                                                 seq_len, scale)
+    return out

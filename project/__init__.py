@@ -1,1 +1,4 @@
-"""The Django project: settings, URL routing and the WSGI/ASGI entry points."""
+"""The Django project; importing it loads the Celery app so `shared_task`s bind to it."""
+from project.celery import app as celery_app
+
+__all__ = ["celery_app"]

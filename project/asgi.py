@@ -1,8 +1,16 @@
-"""ASGI entry point: the one that streaming (SSE now, websockets via Channels later) needs."""
+"""ASGI entry point (daphne): HTTP through Django, websockets through Channels."""
 import os
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+django_http = get_asgi_application()  # sets Django up before the routing imports models
 
-application = get_asgi_application()
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+
+from inference.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter({
+    "http": django_http,
+    "websocket": URLRouter(websocket_urlpatterns),
+})

@@ -22,6 +22,16 @@ def env_bool(name: str, *, default: bool = False) -> bool:
     return value.strip().lower() in TRUE_WORDS
 
 
+def env_int(name: str, *, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from None
+
+
 def env_list(name: str, *, default: str = "") -> list[str]:
     """A comma-separated variable as a list, blanks dropped."""
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
@@ -41,7 +51,8 @@ def parse_database_url(url: str, *, base_dir: Path) -> dict:
             name = ":memory:"
         else:
             name = str(base_dir / path)  # an absolute path wins over base_dir
-        return {"ENGINE": "django.db.backends.sqlite3", "NAME": name}
+        # Web, Celery and engine-side writers share the file: wait for a lock rather than fail.
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": name, "OPTIONS": {"timeout": 20}}
     if parts.scheme in POSTGRES_SCHEMES:
         name = unquote(parts.path.lstrip("/"))
         if not name:

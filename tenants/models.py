@@ -1,4 +1,6 @@
-"""Tenant and API key models: who may call the service, and with which limits."""
+"""Tenants, their API keys and limits; usage events and roll-ups; the audit log of admin changes."""
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.utils import timezone
 
@@ -83,3 +85,88 @@ class ApiKey(models.Model):
         if self.is_expired:
             return "expired"
         return "active"
+
+
+class UsageStatus(models.TextChoices):
+    OK = "ok", "OK"
+    ERROR = "error", "Error"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class UsageEvent(models.Model):
+    """One finished request and what it cost: the source of truth for quotas and roll-ups."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_events")
+    # Kept when the key is deleted, so the tenant's usage history stays whole.
+    api_key = models.ForeignKey(
+        ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_events"
+    )
+    request_id = models.CharField(max_length=100, unique=True)
+    model = models.CharField(max_length=200)
+    endpoint = models.CharField(max_length=50)  # e.g. "chat.completions"
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    status = models.CharField(max_length=10, choices=UsageStatus.choices, default=UsageStatus.OK)
+    error_code = models.CharField(max_length=100, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        # Tenant-scoped reads and the quota seed filter by tenant and time.
+        indexes = [models.Index(fields=["tenant", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} ({self.tenant_id})"
+
+
+class DailyUsage(models.Model):
+    """Usage of one tenant and model on one UTC day, recomputed from UsageEvent by roll_up_usage."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="daily_usage")
+    day = models.DateField()
+    model = models.CharField(max_length=200)
+    requests = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-day", "model"]
+        verbose_name_plural = "daily usage"
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "day", "model"], name="daily_usage_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.day} {self.model}"
+
+
+class AuditLog(models.Model):
+    """Who changed which tenant or key, and how; never holds key material (see tenants.audit)."""
+
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
+        related_name="+",
+    )
+    # The user name, or "system"/"command" for changes made outside the admin.
+    actor_label = models.CharField(max_length=150)
+    action = models.CharField(max_length=50, db_index=True)  # e.g. "tenant.update"
+    # Null once the tenant is deleted; `target` still names it.
+    tenant = models.ForeignKey(
+        Tenant, on_delete=models.SET_NULL, null=True, blank=True, related_name="audit_entries"
+    )
+    target = models.CharField(max_length=200)
+    # field -> [old, new]
+    changes = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "audit log entry"
+        verbose_name_plural = "audit log"
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.target} by {self.actor_label}"

@@ -1,13 +1,14 @@
 """Reads of the tenants app (HackSoft style: selectors read, services write)."""
 import hmac
+from datetime import date, datetime
 
-from django.db.models import QuerySet
+from django.db.models import F, QuerySet, Sum
 from django.utils import timezone
 
 from tenants.errors import InvalidApiKey
 from tenants.keys import hash_key, split_key
 from tenants.limits import EffectiveLimits
-from tenants.models import ApiKey, Tenant
+from tenants.models import ApiKey, DailyUsage, Tenant, UsageEvent
 
 
 def authenticate_api_key(*, raw_key: str) -> ApiKey:
@@ -66,3 +67,29 @@ def get_tenant_keys(*, tenant: Tenant) -> QuerySet[ApiKey]:
 
 def get_tenant_by_name(*, name: str) -> Tenant | None:
     return Tenant.objects.filter(name=name).first()
+
+
+def get_tenant_usage_events(
+    *, tenant: Tenant, since: datetime | None = None
+) -> QuerySet[UsageEvent]:
+    """Usage events of `tenant` only, newest first."""
+    events = UsageEvent.objects.filter(tenant=tenant)
+    if since is not None:
+        events = events.filter(created_at__gte=since)
+    return events.order_by("-created_at")
+
+
+def get_tenant_daily_usage(*, tenant: Tenant, since: date | None = None) -> QuerySet[DailyUsage]:
+    """Daily roll-ups of `tenant` only, newest day first."""
+    rows = DailyUsage.objects.filter(tenant=tenant)
+    if since is not None:
+        rows = rows.filter(day__gte=since)
+    return rows.order_by("-day", "model")
+
+
+def tokens_used_in_period(*, tenant: Tenant, period_start: datetime) -> int:
+    """Prompt + completion tokens `tenant` used since `period_start`: the quota's database truth."""
+    total = get_tenant_usage_events(tenant=tenant, since=period_start).aggregate(
+        tokens=Sum(F("prompt_tokens") + F("completion_tokens"))
+    )["tokens"]
+    return total or 0

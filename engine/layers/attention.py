@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.paged_attention_ref import paged_decode_attention, paged_prefill_attention, reshape_and_cache
+from kernels import triton_or_reference
+from kernels.paged_attention_ref import paged_decode_attention, reshape_and_cache, varlen_paged_prefill_attention
 
 
 def _decode(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len: int):
@@ -33,6 +34,9 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs] context length including this step's tokens
     num_decodes: int
     decode_max_blocks: int  # block-table columns the decodes need (the rest is prefill padding)
+    # Upper bound of the decodes' seq_lens that sizes the decode kernel's launch: this step's
+    # maximum when eager, max_model_len in a CUDA graph (one launch must fit every replay).
+    decode_max_seq_len: int
     seq_lens_cpu: list[int]
     query_start_loc_cpu: list[int]  # [num_seqs + 1]
 
@@ -66,18 +70,25 @@ class Attention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """query: `[num_tokens, num_heads, head_dim]`; key/value: `[num_tokens, num_kv_heads, head_dim]`."""
         meta = get_forward_context()
-        reshape_and_cache(key, value, self.key_cache, self.value_cache, meta.slot_mapping)
+        write_kv = triton_or_reference(key, "reshape_and_cache", reshape_and_cache)
+        write_kv(key, value, self.key_cache, self.value_cache, meta.slot_mapping)
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes:
             out[:num_decodes] = _decode(
                 query[:num_decodes], self.key_cache, self.value_cache,
                 meta.block_tables[:num_decodes, :meta.decode_max_blocks], meta.seq_lens[:num_decodes], self.scale,
-                max_seq_len=max(meta.seq_lens_cpu[:num_decodes]))
-        starts = meta.query_start_loc_cpu
-        for seq in range(num_decodes, len(meta.seq_lens_cpu)):
-            start, end = starts[seq], starts[seq + 1]
-            out[start:end] = paged_prefill_attention(
-                query[start:end], self.key_cache, self.value_cache,
-                meta.block_tables[seq], meta.seq_lens_cpu[seq], self.scale)
+                max_seq_len=meta.decode_max_seq_len)
+        if num_decodes < len(meta.seq_lens_cpu):
+            self._prefill(query, meta, out)
         return out
+
+    def _prefill(self, query: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor) -> None:
+        """Every prefill chunk (the rows after the decodes) in one call: one Triton launch on CUDA."""
+        num_decodes = meta.num_decodes
+        starts = meta.query_start_loc_cpu[num_decodes:]
+        # A few bytes from the host list; non_blocking, so no wait for the device.
+        query_start_loc = torch.tensor(starts, dtype=torch.int32).to(query.device, non_blocking=True)
+        prefill = triton_or_reference(query, "paged_prefill_attention", varlen_paged_prefill_attention)
+        prefill(query, self.key_cache, self.value_cache, meta.block_tables[num_decodes:], meta.seq_lens[num_decodes:],
+                query_start_loc, self.scale, max(end - start for start, end in zip(starts, starts[1:])), out=out)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import triton_or_reference
+
 
 def rope_parameters(config) -> dict:
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
@@ -45,10 +47,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", freqs.sin() * attention_factor, persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
-        """query/key: `[num_tokens, heads, head_dim]`."""
-        cos = self.cos_cache[positions].unsqueeze(1)
-        sin = self.sin_cache[positions].unsqueeze(1)
-        return _rotate(query, cos, sin), _rotate(key, cos, sin)
+        """query/key: `[num_tokens, heads, head_dim]`. On CUDA they are rotated in place."""
+        kernel = triton_or_reference(query, "rotary_embedding", rotary_embedding)
+        return kernel(positions, query, key, self.cos_cache, self.sin_cache)
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_cache: torch.Tensor,
+                     sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference (and CPU path): rotates each head's halves, in float32; returns new tensors."""
+    cos = cos_cache[positions].unsqueeze(1)
+    sin = sin_cache[positions].unsqueeze(1)
+    return _rotate(query, cos, sin), _rotate(key, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from engine.service.protocol import EngineRequest, Heartbeat, OutputDelta, decode_delta, decode_heartbeat, encode, \
-    error_delta
+from engine.service.protocol import EngineRequest, Heartbeat, ModelCard, OutputDelta, decode_delta, decode_heartbeat, \
+    decode_model_card, encode, error_delta
 from engine.service.transport import STREAM_MAXLEN, Backoff, Keys
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,11 @@ class EngineUnavailable(RuntimeError):
 
 class EngineClient:
     def __init__(self, redis_url: str, *, key_prefix: str = "llm", timeout_s: float = 600.0,
-                 stall_check_s: float = 2.0) -> None:
-        self.redis = aioredis.Redis.from_url(redis_url)
+                 stall_check_s: float = 2.0, max_connections: int = 4096) -> None:
+        # Every open stream holds a connection in XREAD BLOCK: a pool that waits for a free one
+        # (rather than failing at a small default cap) keeps a burst of calls from erroring.
+        pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=max_connections, timeout=30)
+        self.redis = aioredis.Redis(connection_pool=pool)
         self.keys = Keys(key_prefix)
         self.timeout_s = timeout_s
         self.stall_check_s = stall_check_s
@@ -47,6 +50,16 @@ class EngineClient:
 
     async def replicas(self, model: str) -> list[Heartbeat]:
         return [b for b in await self._heartbeats(self.keys.heartbeat_pattern(model)) if b.model == model]
+
+    async def known_models(self) -> set[str]:
+        """Models any replica ever published a card for (served now or not)."""
+        prefix = self.keys.model_card("")
+        return {key.decode()[len(prefix):] async for key in self.redis.scan_iter(match=prefix + "*", count=200)}
+
+    async def model_card(self, model: str) -> ModelCard | None:
+        """The tokenizer and chat template the model's replicas published, if any replica ever ran."""
+        data = await self.redis.get(self.keys.model_card(model))
+        return decode_model_card(data) if data is not None else None
 
     async def submit(self, request: EngineRequest, *, timeout_s: float | None = None) -> AsyncIterator[OutputDelta]:
         """Queue `request`; raises EngineUnavailable when no replica serves its model."""

@@ -73,6 +73,9 @@ class OutputDelta:
     usage: Usage = field(default_factory=Usage)
     error: dict | None = None  # {"code": ..., "message": ...}
     replica_id: str = ""
+    # Sent once, with the first tokens, when the request asked for prompt_logprobs:
+    # [None, {token_id: [logprob, rank, decoded]}, ...], one entry per prompt token.
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclass
@@ -87,6 +90,19 @@ class Heartbeat:
     tokens_per_s: float = 0.0  # generated tokens per second over the last minute
     max_model_len: int = 0
     sent_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class ModelCard:
+    """What the web side needs to tokenize for a model the way its engines do (so it can count and
+    cap prompt tokens and reserve quota before a request is queued). Published by each replica."""
+
+    model: str
+    max_model_len: int = 0
+    tokenizer_json: str = ""  # a `tokenizers` JSON; empty when the engine runs without a tokenizer
+    chat_template: str | None = None
+    special_tokens: dict = field(default_factory=dict)  # bos_token, eos_token, ... for templates
+    created_at: float = field(default_factory=time.time)
 
 
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} - {"all_stop_token_ids", "output_kind"}
@@ -154,6 +170,11 @@ def decode_delta(data: bytes) -> OutputDelta:
 
 def decode_heartbeat(data: bytes) -> Heartbeat:
     return _build(Heartbeat, _unpack(data), {"replica_id": str, "model": str})
+
+
+def decode_model_card(data: bytes) -> ModelCard:
+    return _build(ModelCard, _unpack(data), {"model": str, "max_model_len": int, "tokenizer_json": str,
+                                             "chat_template": str, "special_tokens": dict})
 
 
 def error_delta(request_id: str, seq: int, code: str, message: str, replica_id: str = "") -> OutputDelta:

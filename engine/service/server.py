@@ -24,14 +24,15 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind
 from engine.service.protocol import (
-    CompletionDelta, EngineRequest, Heartbeat, OutputDelta, ProtocolError, Usage, decode_request, encode,
-    error_delta,
+    CompletionDelta, EngineRequest, Heartbeat, ModelCard, OutputDelta, ProtocolError, Usage, decode_request,
+    encode, error_delta,
 )
 from engine.service.transport import (
     GROUP, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, OUTPUT_TTL_S, STREAM_MAXLEN, Backoff, Keys,
 )
 
 logger = logging.getLogger(__name__)
+MODEL_CARD_CHECK_S = 10.0  # how often the writer makes sure the model card is still in Redis
 
 
 class EngineServer:
@@ -50,7 +51,8 @@ class EngineServer:
         self.incoming: queue.Queue[tuple[bytes, EngineRequest]] = queue.Queue()
         self.aborts: queue.Queue[str] = queue.Queue()
         self.outgoing: queue.Queue[tuple] = queue.Queue()
-        self.in_flight: dict[str, list[int]] = {}  # request id -> [next delta seq, tokens so far]
+        # request id -> [next delta seq, tokens so far, prompt logprobs still to send]
+        self.in_flight: dict[str, list] = {}
         self.num_in_flight = 0  # read by the reader thread to size its reads
         self.deadlines: dict[str, float] = {}
         self.early_aborts: dict[str, float] = {}  # aborted before accepted: id -> when (main thread)
@@ -128,7 +130,7 @@ class EngineServer:
             except ValueError as error:
                 self._send(error_delta(request.request_id, 0, "invalid_request", str(error), self.replica_id))
                 continue
-            self.in_flight[request.request_id] = [1, 0]
+            self.in_flight[request.request_id] = [1, 0, params.prompt_logprobs is not None]
             self.num_in_flight = len(self.in_flight)
             if request.deadline is not None:
                 self.deadlines[request.request_id] = request.deadline
@@ -174,8 +176,13 @@ class EngineServer:
             num_tokens += new_tokens
             progress[1] += new_tokens
             usage = Usage(len(output.prompt_token_ids), progress[1], output.num_cached_tokens)
-            self._send(OutputDelta(output.request_id, progress[0], completions, output.finished, usage,
-                                   replica_id=self.replica_id))
+            delta = OutputDelta(output.request_id, progress[0], completions, output.finished, usage,
+                                replica_id=self.replica_id)
+            prompt_logprobs = output.prompt_logprobs
+            if progress[2] and prompt_logprobs and len(prompt_logprobs) == len(output.prompt_token_ids):
+                delta.prompt_logprobs = [None, *_wire_logprobs(prompt_logprobs[1:])]
+                progress[2] = False
+            self._send(delta)
             progress[0] += 1
             if output.finished:
                 self._finish(output.request_id)
@@ -187,7 +194,7 @@ class EngineServer:
         self.num_in_flight = len(self.in_flight)
 
     def _fail_all(self, code: str, message: str) -> None:
-        for request_id, (seq, _) in list(self.in_flight.items()):
+        for request_id, (seq, *_) in list(self.in_flight.items()):
             self.engine.abort_request(request_id)
             self._send(error_delta(request_id, seq, code, message, self.replica_id))
             self._finish(request_id)
@@ -208,6 +215,14 @@ class EngineServer:
                          kv_cache_usage=stats["kv_cache_usage"], device_memory_bytes=self.engine.runner.memory_in_use(),
                          tokens_per_s=tokens / window if window > 0 else 0.0,
                          max_model_len=self.engine.max_model_len)
+
+    def model_card(self) -> ModelCard:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            return ModelCard(self.model_name, self.engine.max_model_len)
+        special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        return ModelCard(self.model_name, self.engine.max_model_len, tokenizer.backend_tokenizer.to_str(),
+                         tokenizer.chat_template, {k: v for k, v in special.items() if isinstance(v, str)})
 
     # -- reader thread ------------------------------------------------------------------------------
 
@@ -300,7 +315,8 @@ class EngineServer:
         client = redis.Redis.from_url(self.redis_url)
         stream = self.keys.requests(self.model_name)
         batch: list[tuple] = []
-        next_heartbeat = 0.0
+        next_heartbeat = next_card_check = 0.0
+        card, card_key = encode(self.model_card()), self.keys.model_card(self.model_name)
         while not (self.stopped.is_set() and self.outgoing.empty() and not batch):
             if not batch:
                 try:
@@ -321,6 +337,10 @@ class EngineServer:
                     client.set(self.keys.heartbeat(self.model_name, self.replica_id), encode(beat),
                                ex=HEARTBEAT_TTL_S)
                     next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+                if time.monotonic() >= next_card_check:  # again after a Redis restart lost it
+                    if next_card_check == 0 or not client.exists(card_key):
+                        client.set(card_key, card)
+                    next_card_check = time.monotonic() + MODEL_CARD_CHECK_S
                 backoff.reset()
             except redis.ConnectionError as error:
                 delay = backoff.delay()

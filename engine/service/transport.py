@@ -5,6 +5,7 @@
 - `{prefix}:out:{request_id}`: one stream of OutputDeltas per request, expiring after OUTPUT_TTL_S.
 - `{prefix}:aborts`: request ids to abort; every replica reads all of it.
 - `{prefix}:hb:{model}:{replica}`: a replica's latest Heartbeat, expiring after HEARTBEAT_TTL_S.
+- `{prefix}:model:{model}`: the model's ModelCard (tokenizer and chat template for the web side).
 - `{prefix}:deadletter`: messages that did not validate, with the reason.
 """
 
@@ -37,6 +38,9 @@ class Keys:
     @property
     def dead_letter(self) -> str:
         return f"{self.prefix}:deadletter"
+
+    def model_card(self, model: str) -> str:
+        return f"{self.prefix}:model:{model}"
 
     def heartbeat(self, model: str, replica_id: str) -> str:
         return f"{self.prefix}:hb:{model}:{replica_id}"

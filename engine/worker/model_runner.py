@@ -1,8 +1,10 @@
 """Owns the model and the KV cache on one device; turns a SchedulerOutput into sampled tokens.
 
 Each step: flatten the scheduled tokens of all requests (decodes first) into `input_ids`,
-`positions` and `slot_mapping`, publish the attention metadata, run the model, compute logits only
-where a token is sampled (or prompt logprobs are wanted), and sample.
+`positions` and `slot_mapping` (see input_buffers.py), run the model (replaying a CUDA graph when
+every request decodes one token, see cuda_graphs.py), compute logits only where a token is sampled
+(or prompt logprobs are wanted), and sample. Reading the sampled tokens is the step's one wait
+for the device.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from engine.layers.sampler import Sampler, top_logprobs
 from engine.models.registry import get_model_class
 from engine.request import Request
 from engine.weights import ModelSource, load_weights_into
+from engine.worker.cuda_graphs import CudaGraphRunner
+from engine.worker.input_buffers import InputBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +74,13 @@ class ModelRunner:
         self.num_blocks = self._decide_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.sampler = Sampler(config.seed, self.device)
+        self.inputs = InputBuffers(max_num_batched_tokens, config.max_num_seqs, max_model_len, self.block_size,
+                                   self.device)
+        self.cuda_graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            max_batch = min(config.max_num_seqs, max_num_batched_tokens)
+            self.cuda_graphs = CudaGraphRunner(self.model, self.inputs, max_batch)
+            self.cuda_graphs.capture()
 
     # -- set-up -------------------------------------------------------------------------------------
 
@@ -127,7 +138,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.arange(num_tokens, device=self.device) + self.block_size,
             block_tables=block_table, seq_lens=torch.tensor([num_tokens], device=self.device), num_decodes=0,
-            decode_max_blocks=0, seq_lens_cpu=[num_tokens], query_start_loc_cpu=[0, num_tokens])
+            decode_max_blocks=0, decode_max_seq_len=0, seq_lens_cpu=[num_tokens], query_start_loc_cpu=[0, num_tokens])
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         with set_forward_context(meta):
             hidden = self.model(input_ids, torch.arange(num_tokens, device=self.device))
@@ -159,52 +170,36 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         batch = sorted(scheduler_output.scheduled, key=lambda item: item[1] != 1)  # decodes first
-        meta, input_ids, positions = self._prepare_inputs(batch, scheduler_output.block_ids)
-        with set_forward_context(meta):
-            hidden = self.model(input_ids, positions)
+        sample_rows, sample_requests, row = [], [], -1
+        for request, num_new in batch:
+            row += num_new
+            if request.num_computed_tokens + num_new == request.num_tokens:
+                sample_rows.append(row)
+                sample_requests.append(request)
+        num_tokens = row + 1
+        graph_size = None
+        if self.cuda_graphs is not None and num_tokens == len(batch):
+            graph_size = self.cuda_graphs.padded_size(num_tokens)
+        inputs = self.inputs.prepare(batch, scheduler_output.block_ids, sample_rows, graph_size)
+        if graph_size is not None:
+            hidden = self.cuda_graphs.replay(graph_size)
+        else:
+            with set_forward_context(inputs.metadata):
+                hidden = self.model(inputs.input_ids, inputs.positions)
 
         output = ModelRunnerOutput()
-        sample_rows, sample_requests = [], []
-        for seq, (request, num_new) in enumerate(batch):
-            start, end = meta.query_start_loc_cpu[seq], meta.query_start_loc_cpu[seq + 1]
-            if request.num_computed_tokens + num_new == request.num_tokens:
-                sample_rows.append(end - 1)
-                sample_requests.append(request)
+        starts = inputs.metadata.query_start_loc_cpu
+        for seq, (request, _) in enumerate(batch):
             if request.sampling_params.prompt_logprobs is not None:
-                self._prompt_logprobs(request, hidden[start:end], output)
+                self._prompt_logprobs(request, hidden[starts[seq]:starts[seq + 1]], output)
         if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows])
+            logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
             sampled = self.sampler(logits, sample_requests)
             for request, token_id, logprobs in zip(sample_requests, sampled.token_ids, sampled.logprobs):
                 output.sampled_token_ids[request.request_id] = token_id
                 if logprobs is not None:
                     output.logprobs[request.request_id] = logprobs
         return output
-
-    def _prepare_inputs(self, batch: list[tuple[Request, int]], block_ids: dict[str, list[int]]):
-        block_size = self.block_size
-        input_ids, positions, slots, seq_lens, query_start_loc = [], [], [], [], [0]
-        num_decodes = sum(1 for _, num_new in batch if num_new == 1)
-        for request, num_new in batch:
-            start = request.num_computed_tokens
-            blocks = block_ids[request.request_id]
-            input_ids.extend(request.all_token_ids[start:start + num_new])
-            positions.extend(range(start, start + num_new))
-            slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, start + num_new))
-            seq_lens.append(start + num_new)
-            query_start_loc.append(query_start_loc[-1] + num_new)
-        max_blocks = max(len(block_ids[r.request_id]) for r, _ in batch)
-        block_tables = [block_ids[r.request_id] + [0] * (max_blocks - len(block_ids[r.request_id])) for r, _ in batch]
-        decode_max_blocks = -(-max(seq_lens[:num_decodes], default=0) // block_size)
-        device = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_tables=torch.tensor(block_tables, dtype=torch.long, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
-            num_decodes=num_decodes, decode_max_blocks=decode_max_blocks,
-            seq_lens_cpu=seq_lens, query_start_loc_cpu=query_start_loc)
-        return (meta, torch.tensor(input_ids, dtype=torch.long, device=device),
-                torch.tensor(positions, dtype=torch.long, device=device))
 
     def _prompt_logprobs(self, request: Request, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
         """Logprob of each next prompt token this chunk predicts (row p predicts token p + 1)."""

@@ -11,7 +11,7 @@ BASE = Path("/srv/app")
 
 def test_sqlite_relative_path_is_under_base_dir():
     db = parse_database_url("sqlite:///db.sqlite3", base_dir=BASE)
-    assert db == {"ENGINE": "django.db.backends.sqlite3", "NAME": "/srv/app/db.sqlite3"}
+    assert db == {"ENGINE": "django.db.backends.sqlite3", "NAME": "/srv/app/db.sqlite3", "OPTIONS": {"timeout": 20}}
 
 
 def test_sqlite_absolute_path():

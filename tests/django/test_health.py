@@ -6,7 +6,7 @@ def test_health_reports_ok_and_redis(client):
     response = client.get("/health")
     assert response.status_code == 200
     assert response["Content-Type"] == "application/json"
-    assert response.json() == {"status": "ok", "redis": True}
+    assert response.json() == {"status": "ok", "redis": True, "engines": {}}
 
 
 def test_health_is_get_only(client):

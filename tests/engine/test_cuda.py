@@ -1,4 +1,4 @@
-"""The engine on a GPU: the same model code and torch reference kernels, sized by memory."""
+"""The engine on a GPU: Triton kernels and CUDA graphs against transformers, sized by memory."""
 
 import pytest
 import torch
@@ -22,18 +22,24 @@ def tiny_llama_dir(tmp_path_factory):
     return path, model.eval()
 
 
-def test_greedy_matches_transformers_on_cuda(tiny_llama_dir):
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda-graphs", "eager"])
+def test_greedy_matches_transformers_on_cuda(tiny_llama_dir, enforce_eager):
+    """Requests finish at different steps, so decode batches shrink from 4 to 1 (3 replays the graph
+    of 4, padded); the 700-token prompt spreads its decode attention over several splits."""
     path, hf = tiny_llama_dir
     torch.backends.cuda.matmul.allow_tf32 = False
     hf = hf.to("cuda")
     llm = LLM(model=str(path), dtype="float32", device="cuda", skip_tokenizer_init=True, block_size=16,
-              num_gpu_blocks_override=64)
-    prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(length)] for i, length in enumerate((5, 40, 130))]
+              num_gpu_blocks_override=128, enforce_eager=enforce_eager)
+    assert (llm.llm_engine.runner.cuda_graphs is None) == enforce_eager
+    lengths, max_tokens = (5, 40, 130, 700, 1), (12, 3, 9, 6, 1)
+    prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(length)] for i, length in enumerate(lengths)]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
+                           [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_tokens],
+                           use_tqdm=False)
+    for prompt, n, output in zip(prompts, max_tokens, outputs):
         ids = torch.tensor([prompt], device="cuda")
-        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert output.outputs[0].token_ids == expected
 

@@ -51,6 +51,16 @@ def test_matches_reference(dtype, seq_lens, num_heads, num_kv_heads, head_dim, b
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("max_seq_len", [2048, 700])
+def test_launch_sized_for_a_larger_bound_gives_the_same_result(max_seq_len):
+    """A CUDA graph launches the kernel sized for max_model_len: short sequences leave splits empty."""
+    query, key_cache, value_cache, block_tables, lens = make_case([1, 17, 700, 64], 8, 2, 32, 16, torch.float32)
+    out = torch.full_like(query, float("nan"))
+    paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.2, out=out, max_seq_len=max_seq_len)
+    expected = reference(query, key_cache, value_cache, block_tables, lens, 0.2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_split_count_fills_the_gpu_without_tiny_chunks():
     from kernels.paged_decode_attention import num_splits_for
 

@@ -387,3 +387,52 @@ def test_malformed_messages_go_to_the_dead_letter_stream(svc, replica):
     svc.assert_completed(asyncio.run(main()))
     assert replica.alive()
     svc.wait_until(lambda: svc.pending_count() == 0, 10, "no pending entries")
+
+
+# -- what the web side needs: the model card and prompt logprobs ---------------------------------
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a planet, ünïcode 😀"}],
+]
+
+
+def test_model_card_lets_the_web_side_tokenize_exactly_like_the_engine(svc, replica, offline_llm):
+    from inference.prompt_tokenizer import PromptTokenizer
+
+    async def card():
+        async with svc.client() as client:
+            return await client.model_card(svc.MODEL), await client.known_models()
+
+    model_card, known = asyncio.run(card())
+    assert known == {svc.MODEL} and model_card.max_model_len == MAX_MODEL_LEN
+    web, engine = PromptTokenizer(model_card), offline_llm.get_tokenizer()
+    for text in ("The capital of France is", "  spaces\tand\nlines ünïcode 😀", "<|im_start|>user"):
+        assert web.encode(text) == engine.encode(text)
+    for conversation in CONVERSATIONS:
+        ids = engine.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert web.encode_chat(conversation) == list(ids)
+
+
+def test_prompt_logprobs_arrive_once_with_the_first_tokens(svc, offline_llm):
+    from engine import SamplingParams
+
+    prompt = "The capital of France is"
+    deltas = asyncio.run(_run(svc, svc.request(prompt, prompt_logprobs=1, max_tokens=3)))
+    carrying = [d for d in deltas if d.prompt_logprobs is not None]
+    assert len(carrying) == 1 and carrying[0].outputs
+    [expected] = offline_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1),
+                                      use_tqdm=False)
+    wire = carrying[0].prompt_logprobs
+    assert wire[0] is None and len(wire) == len(expected.prompt_token_ids)
+    for position, token_id in enumerate(expected.prompt_token_ids[1:], start=1):
+        assert wire[position][token_id][0] == pytest.approx(expected.prompt_logprobs[position][token_id].logprob,
+                                                            abs=1e-4)
+
+
+async def _run(svc, request):
+    async with svc.client() as client:
+        return await svc.run(client, request)

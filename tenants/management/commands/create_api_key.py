@@ -32,6 +32,7 @@ class Command(BaseCommand):
             name=options["name"],
             allowed_models=options["models"],
             expires_at=timezone.now() + timedelta(days=days) if days is not None else None,
+            actor="command",
         )
         self.stdout.write(
             f"Created API key {api_key.prefix} for tenant {tenant.name!r}. "

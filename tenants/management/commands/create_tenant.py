@@ -22,7 +22,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         limits = {f: options[f] for f in TENANT_LIMIT_FIELDS if options.get(f) is not None}
         try:
-            tenant = create_tenant(name=options["name"], **limits)
+            tenant = create_tenant(name=options["name"], actor="command", **limits)
         except TenantAlreadyExists as exc:
             raise CommandError(str(exc)) from exc
         except ValidationError as exc:

@@ -1,0 +1,118 @@
+"""The flat inputs of one step, built in persistent host buffers and copied to persistent device ones.
+
+On CUDA the host buffers are pinned, so `copy_(non_blocking=True)` queues each copy behind the
+previous step's work instead of waiting for it; the device buffers never move, so the CUDA graphs
+captured over them read every later step's inputs. On the CPU the two are the same tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.layers.attention import AttentionMetadata
+from engine.request import Request
+
+NULL_SLOT = 0  # slot 0 of the null block 0, which no request owns: padded rows write there
+
+
+class _Buffer:
+    """One host tensor (with a numpy view to fill it cheaply) and its device twin."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        on_cuda = device.type == "cuda"
+        self.host = torch.zeros(shape, dtype=dtype, pin_memory=on_cuda)
+        self.np = self.host.numpy()
+        self.device = torch.zeros(shape, dtype=dtype, device=device) if on_cuda else self.host
+
+    def copy(self, rows: int) -> torch.Tensor:
+        """The first `rows` rows on the device, copied without waiting for the device."""
+        if self.device is not self.host:
+            self.device[:rows].copy_(self.host[:rows], non_blocking=True)
+        return self.device[:rows]
+
+
+@dataclass
+class StepInputs:
+    metadata: AttentionMetadata
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    sample_rows: torch.Tensor  # rows of the hidden states whose next token is sampled
+
+
+class InputBuffers:
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_model_len: int, block_size: int,
+                 device: torch.device) -> None:
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.input_ids = _Buffer((max_num_tokens,), torch.long, device)
+        self.positions = _Buffer((max_num_tokens,), torch.long, device)
+        self.slot_mapping = _Buffer((max_num_tokens,), torch.long, device)
+        self.seq_lens = _Buffer((max_num_seqs,), torch.int32, device)
+        self.block_tables = _Buffer((max_num_seqs, -(-max_model_len // block_size)), torch.int32, device)
+        self.sample_rows = _Buffer((max_num_seqs,), torch.long, device)
+        # Per block-table row: (request, its preemption count, blocks written). A request only gains
+        # blocks until it is freed or preempted, so while it keeps its row a step writes the new ones.
+        self.row_owners: list[tuple[Request, int, int] | None] = [None] * max_num_seqs
+        # The pinned buffers must not be refilled while the last step's copies may still read them.
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+
+    def prepare(self, batch: list[tuple[Request, int]], block_ids: dict[str, list[int]], sample_rows: list[int],
+                padded_seqs: int | None = None) -> StepInputs:
+        """Fill and copy the inputs of `batch` (decodes first). `padded_seqs` pads an all-decode batch
+        with dummy decodes up to a CUDA graph's size and sizes the decode launch for any length."""
+        if self.copied is not None and not self.copied.query():
+            self.copied.synchronize()  # only after a step that sampled nothing (sampling waits for the device)
+        ids, positions, seq_lens, tables = self.input_ids.np, self.positions.np, self.seq_lens.np, self.block_tables.np
+        query_start_loc = [0]
+        num_decodes = 0
+        for row, (request, num_new) in enumerate(batch):
+            start, token = request.num_computed_tokens, query_start_loc[-1]
+            if num_new == 1:
+                ids[token] = request.all_token_ids[start]
+                positions[token] = start
+                num_decodes += 1
+            else:
+                ids[token:token + num_new] = request.all_token_ids[start:start + num_new]
+                positions[token:token + num_new] = np.arange(start, start + num_new)
+            blocks, owner = block_ids[request.request_id], self.row_owners[row]
+            same = owner is not None and owner[0] is request and owner[1] == request.num_preemptions
+            written = owner[2] if same else 0
+            if written < len(blocks):
+                tables[row, written:len(blocks)] = blocks[written:]
+                self.row_owners[row] = (request, request.num_preemptions, len(blocks))
+            seq_lens[row] = start + num_new
+            query_start_loc.append(token + num_new)
+        num_seqs, num_tokens = len(batch), query_start_loc[-1]
+        rows = np.repeat(np.arange(num_seqs), np.diff(query_start_loc))
+        pos = positions[:num_tokens]
+        block_size = self.block_size
+        self.slot_mapping.np[:num_tokens] = tables[rows, pos // block_size] * block_size + pos % block_size
+        decode_max_seq_len = int(seq_lens[:num_decodes].max(initial=0))
+        if padded_seqs is not None:
+            self._pad_decodes(num_seqs, padded_seqs)
+            query_start_loc.extend(range(num_seqs + 1, padded_seqs + 1))
+            num_seqs = num_tokens = num_decodes = padded_seqs
+            decode_max_seq_len = self.max_model_len
+        self.sample_rows.np[:len(sample_rows)] = sample_rows
+        metadata = AttentionMetadata(
+            slot_mapping=self.slot_mapping.copy(num_tokens), block_tables=self.block_tables.copy(num_seqs),
+            seq_lens=self.seq_lens.copy(num_seqs), num_decodes=num_decodes,
+            decode_max_blocks=-(-decode_max_seq_len // self.block_size), decode_max_seq_len=decode_max_seq_len,
+            seq_lens_cpu=seq_lens[:num_seqs].tolist(), query_start_loc_cpu=query_start_loc)
+        inputs = StepInputs(metadata, self.input_ids.copy(num_tokens), self.positions.copy(num_tokens),
+                            self.sample_rows.copy(len(sample_rows)))
+        if self.copied is not None:
+            self.copied.record()
+        return inputs
+
+    def _pad_decodes(self, first: int, end: int) -> None:
+        """Rows first..end-1 become one-token decodes of token 0 at position 0 over the null block."""
+        self.input_ids.np[first:end] = 0
+        self.positions.np[first:end] = 0
+        self.slot_mapping.np[first:end] = NULL_SLOT
+        self.seq_lens.np[first:end] = 1
+        self.block_tables.np[first:end, 0] = 0
+        self.row_owners[first:end] = [None] * (end - first)

@@ -1,0 +1,88 @@
+"""Every error the API returns, in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+
+Views raise `OpenAIError`; DRF's own exceptions (bad JSON, wrong method, ...) are translated by
+`openai_exception_handler`, so a client never sees another shape, and bad input never a 500.
+"""
+from __future__ import annotations
+
+from django.http import JsonResponse
+from redis.exceptions import RedisError
+from rest_framework import exceptions
+from rest_framework.response import Response
+
+from inference import metrics
+
+
+class OpenAIError(Exception):
+    def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JsonResponse:
+        response = JsonResponse(self.body(), status=self.status)
+        for name, value in self.headers.items():
+            response[name] = value
+        return response
+
+
+def invalid(param: str | None, message: str, code: str | None = None) -> OpenAIError:
+    """A 400 about one request field."""
+    return OpenAIError(message, param=param, code=code)
+
+
+def from_drf(exc: exceptions.APIException) -> OpenAIError:
+    if isinstance(exc, exceptions.ParseError):
+        return OpenAIError(
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+            "HTTP library correctly. The OpenAI API expects a JSON payload.)", code="invalid_json")
+    if isinstance(exc, exceptions.UnsupportedMediaType):
+        return OpenAIError(f"Unsupported content type: {exc.detail}. Send application/json.", status=415,
+                           code="unsupported_media_type")
+    if isinstance(exc, exceptions.MethodNotAllowed):
+        return OpenAIError(str(exc.detail), status=405, code="method_not_allowed")
+    if isinstance(exc, exceptions.NotFound):
+        return OpenAIError(str(exc.detail), status=404, code="not_found")
+    if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
+        return OpenAIError(str(exc.detail), status=401, code="invalid_api_key")
+    if isinstance(exc, exceptions.ValidationError):
+        param, message = _first_error(exc.detail)
+        return invalid(param, message)
+    return OpenAIError(str(exc.detail), status=exc.status_code)
+
+
+def _first_error(detail, path: str = "") -> tuple[str | None, str]:
+    """The first error of a (nested) DRF error detail: its dotted `param` path and a message."""
+    if isinstance(detail, dict):
+        name, value = next((k, v) for k, v in detail.items() if v)
+        if name == "non_field_errors":
+            return _first_error(value, path)
+        key = f"[{name}]" if isinstance(name, int) or str(name).isdigit() else (f".{name}" if path else str(name))
+        return _first_error(value, path + key)
+    if isinstance(detail, list):
+        index, value = next((i, v) for i, v in enumerate(detail) if v)
+        return _first_error(value, f"{path}[{index}]" if isinstance(value, dict) else path)
+    message = str(detail)
+    return (path or None), (f"Invalid value for '{path}': {message}" if path else message)
+
+
+def not_found(request, exception=None) -> JsonResponse:
+    """Unknown /v1/ URLs answer in OpenAI's shape too (whatever DEBUG says)."""
+    return OpenAIError(f"Invalid URL ({request.method} {request.path})", status=404, code="unknown_url").response()
+
+
+def openai_exception_handler(exc, context) -> Response | None:
+    """DRF's EXCEPTION_HANDLER: the OpenAI shape for everything the API raises on purpose."""
+    if isinstance(exc, exceptions.APIException):
+        exc = from_drf(exc)
+    elif isinstance(exc, RedisError):
+        exc = OpenAIError(f"The service cannot reach Redis ({exc}); retry shortly.", status=503,
+                          type="server_error", code="service_unavailable")
+    if not isinstance(exc, OpenAIError):
+        return None  # a real bug: Django's 500 (and its log)
+    metrics.observe_error(status=exc.status)
+    return Response(exc.body(), status=exc.status, headers=exc.headers)

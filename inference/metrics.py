@@ -1,0 +1,72 @@
+"""Prometheus metrics of the API (this process) and of the engines (their heartbeats, at scrape).
+
+With several web processes, point Prometheus at each (or set PROMETHEUS_MULTIPROC_DIR as
+prometheus_client documents); engine gauges are the same from any of them.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from engine.service.protocol import Heartbeat, Usage
+
+REQUESTS = Counter("llm_api_requests_total", "API calls that reached an engine, by outcome",
+                   ["endpoint", "status"])
+REFUSALS = Counter("llm_api_refusals_total", "API calls refused by rate limits or quotas", ["endpoint", "code"])
+ERRORS = Counter("llm_api_errors_total", "API error responses, by HTTP status", ["status"])
+TOKENS = Counter("llm_tenant_tokens_total", "Tokens in and out, per tenant", ["tenant", "direction"])
+TTFT = Histogram("llm_time_to_first_token_seconds", "Time to first token", ["endpoint"],
+                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+TPOT = Histogram("llm_time_per_output_token_seconds", "Time per output token after the first", ["endpoint"],
+                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+
+
+def observe_call(*, endpoint: str, tenant: str, status: str, usage: Usage, ttft_s: float | None,
+                 duration_s: float) -> None:
+    REQUESTS.labels(endpoint, status).inc()
+    TOKENS.labels(tenant, "in").inc(usage.prompt_tokens)
+    TOKENS.labels(tenant, "out").inc(usage.completion_tokens)
+    if ttft_s is not None:
+        TTFT.labels(endpoint).observe(ttft_s)
+        if usage.completion_tokens > 1:
+            TPOT.labels(endpoint).observe((duration_s - ttft_s) / (usage.completion_tokens - 1))
+
+
+def observe_refusal(*, endpoint: str, tenant: str, code: str) -> None:
+    REFUSALS.labels(endpoint, code).inc()
+
+
+def observe_error(*, status: int) -> None:
+    ERRORS.labels(str(status)).inc()
+
+
+def exposition(replicas: dict[str, list[Heartbeat]]) -> bytes:
+    """This process's metrics plus one gauge family per engine figure, labelled by model and replica."""
+    families = {
+        "queue_depth": GaugeMetricFamily("llm_engine_queue_depth", "Requests queued in a replica",
+                                         labels=["model", "replica"]),
+        "num_running": GaugeMetricFamily("llm_engine_running_requests", "Requests running in a replica",
+                                         labels=["model", "replica"]),
+        "num_waiting": GaugeMetricFamily("llm_engine_waiting_requests", "Requests waiting in a replica",
+                                         labels=["model", "replica"]),
+        "kv_cache_usage": GaugeMetricFamily("llm_engine_kv_cache_usage_ratio", "KV cache blocks in use",
+                                            labels=["model", "replica"]),
+        "tokens_per_s": GaugeMetricFamily("llm_engine_generation_tokens_per_second",
+                                          "Tokens generated per second over the last minute",
+                                          labels=["model", "replica"]),
+    }
+    for model, beats in replicas.items():
+        for beat in beats:
+            for field, family in families.items():
+                family.add_metric([model, beat.replica_id], float(getattr(beat, field)))
+    engines = CollectorRegistry()
+    engines.register(_Families(list(families.values())))
+    return generate_latest() + generate_latest(engines)
+
+
+class _Families:
+    def __init__(self, families) -> None:
+        self.families = families
+
+    def collect(self):
+        return self.families

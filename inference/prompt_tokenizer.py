@@ -1,0 +1,93 @@
+"""Tokenizing on the web side exactly as the engine does, from the ModelCard its replicas publish.
+
+The web process must know a prompt's token count before anything is queued (prompt caps, quota
+reservations, usage), without torch or transformers: the `tokenizers` library reads the engine's
+tokenizer JSON, and the chat template renders in a Jinja sandbox, as transformers renders it.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import lru_cache
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from engine.service.protocol import ModelCard
+
+CARD_TTL_S = 30.0  # how long a fetched card is trusted before it is read from Redis again
+
+
+class PromptError(ValueError):
+    """The prompt cannot be built (no tokenizer for text, a chat template that refused the messages)."""
+
+
+class PromptTokenizer:
+    def __init__(self, card: ModelCard) -> None:
+        self.card = card
+        self.tokenizer = Tokenizer.from_str(card.tokenizer_json) if card.tokenizer_json else None
+        self.template = _compile(card.chat_template) if card.chat_template else None
+
+    def encode(self, text: str) -> list[int]:
+        """A completion prompt: special tokens added as the engine adds them."""
+        return self._require_tokenizer().encode(text, add_special_tokens=True).ids
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if self.template is None:
+            raise PromptError(f"model {self.card.model!r} has no chat template; use /v1/completions")
+        try:
+            text = self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        **self.card.special_tokens)
+        except TemplateError as error:
+            raise PromptError(f"the chat template refused the messages: {error}") from error
+        return self._require_tokenizer().encode(text, add_special_tokens=False).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._require_tokenizer().decode(token_ids, skip_special_tokens=False)
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise PromptError(f"model {self.card.model!r} runs without a tokenizer: send token ids")
+        return self.tokenizer
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    return env.from_string(source)
+
+
+class PromptTokenizerCache:
+    """One PromptTokenizer per model, refreshed from Redis every CARD_TTL_S (a model may be redeployed)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[float, PromptTokenizer]] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, client, model: str) -> PromptTokenizer | None:
+        cached = self.entries.get(model)
+        if cached and time.monotonic() - cached[0] < CARD_TTL_S:
+            return cached[1]
+        async with self.locks.setdefault(model, asyncio.Lock()):  # one fetch for a burst of calls
+            cached = self.entries.get(model)
+            if cached and time.monotonic() - cached[0] < CARD_TTL_S:
+                return cached[1]
+            return await self._refresh(client, model, cached)
+
+    async def _refresh(self, client, model: str, cached) -> PromptTokenizer | None:
+        card = await client.model_card(model)
+        if card is None:
+            return None
+        if cached and cached[1].card.created_at == card.created_at:
+            tokenizer = cached[1]
+        else:
+            tokenizer = PromptTokenizer(card)
+        self.entries[model] = (time.monotonic(), tokenizer)
+        return tokenizer

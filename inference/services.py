@@ -1,0 +1,202 @@
+"""One API call from validated input to settled usage: the business logic behind the views.
+
+`start_completion` / `start_chat` check the model and the key's caps, tokenize, admit the call
+(rate limits and quota, atomically in Redis) and return a `Call`; the view then streams or
+collects it and always `close()`s it, which settles the quota to the real token count and
+records usage, whether the call finished, failed, or the client went away.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import contextmanager
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from engine.service.client import EngineUnavailable
+from engine.service.protocol import Usage
+from inference import metrics
+from inference.engine_client import get_engine_client, prompt_tokenizers
+from inference.errors import OpenAIError
+from inference.formats import ChatFormat, CompletionFormat, _Format
+from inference.generation import EngineFailed, GenerationPlan, generate, total_usage
+from inference.prompt_tokenizer import PromptError, PromptTokenizer
+from inference.sampling import sampling_fields
+from tenants.admission import AdmissionRefused, admit
+from tenants.models import ApiKey
+from tenants.selectors import effective_limits, model_allowed
+from tenants.services import record_usage
+
+ENGINE_ERRORS = {  # engine error code -> (HTTP status, OpenAI error type)
+    "invalid_request": (400, "invalid_request_error"),
+    "engine_unavailable": (503, "server_error"),
+    "deadline_exceeded": (504, "server_error"),
+}
+
+
+class Call:
+    def __init__(self, *, api_key: ApiKey, endpoint: str, plan: GenerationPlan, fmt: _Format, admission) -> None:
+        self.api_key, self.endpoint, self.plan, self.format, self.admission = api_key, endpoint, plan, fmt, admission
+        self.usages: dict[int, Usage] = {}
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.status, self.error_code = "cancelled", ""  # until the engine says it finished
+        self.closed = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.admission.headers
+
+    async def chunks(self) -> AsyncIterator[dict]:
+        """Stream chunks, then the usage chunk if asked; an engine failure raises OpenAIError."""
+        async for prompt_index, delta in self._deltas():
+            for chunk in self.format.on_delta(prompt_index, delta):
+                yield chunk
+        if self.format.include_usage:
+            yield self.format.chunk([], self.usage, final_usage=True)
+
+    async def collect(self) -> dict:
+        async for prompt_index, delta in self._deltas():
+            self.format.on_delta(prompt_index, delta)
+        return self.format.body(self.usage)
+
+    @property
+    def usage(self) -> Usage:
+        return total_usage(self.usages)
+
+    async def _deltas(self):
+        try:
+            async for prompt_index, delta in generate(get_engine_client(), self.plan):
+                if delta.outputs and self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                self.usages[prompt_index] = delta.usage
+                yield prompt_index, delta
+        except EngineUnavailable as error:
+            self.status, self.error_code = "error", "engine_unavailable"
+            raise OpenAIError(str(error), status=503, type="server_error", code="engine_unavailable") from None
+        except EngineFailed as error:
+            self.status, self.error_code = "error", error.code
+            status, kind = ENGINE_ERRORS.get(error.code, (503, "server_error"))
+            raise OpenAIError(str(error), status=status, type=kind, code=error.code) from None
+        self.status = "ok"
+
+    async def close(self) -> None:
+        """Settle the quota and record usage exactly once, even while being cancelled."""
+        if self.closed:
+            return
+        self.closed = True
+        await asyncio.shield(self._settle())
+
+    async def _settle(self) -> None:
+        usage, now = self.usage, time.monotonic()
+        await self.admission.settle(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+        ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        metrics.observe_call(endpoint=self.endpoint, tenant=self.api_key.tenant.name, status=self.status,
+                             usage=usage, ttft_s=ttft, duration_s=now - self.started)
+        await sync_to_async(record_usage)(
+            api_key=self.api_key, request_id=self.plan.request_id, model=self.plan.model, endpoint=self.endpoint,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens, status=self.status, error_code=self.error_code,
+            latency_ms=int((now - self.started) * 1000), ttft_ms=None if ttft is None else int(ttft * 1000))
+
+
+async def start_completion(*, api_key: ApiKey, data: dict) -> Call:
+    tokenizer = await _tokenizer_for(api_key, data["model"])
+    with _prompt_errors("prompt"):
+        prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in data["prompt"]]
+        texts = [p if isinstance(p, str) else _decode(tokenizer, p) for p in data["prompt"]] if data["echo"] else []
+        token_texts = [[_decode(tokenizer, [t]) for t in p] for p in prompts] if data["echo"] else []
+    max_tokens = _max_tokens(api_key, tokenizer, prompts, data.get("max_tokens"), default=16)
+    logprobs = data.get("logprobs")
+    fields = sampling_fields(data, max_tokens=max_tokens, logprobs=logprobs,
+                             prompt_logprobs=logprobs if data["echo"] else None)
+    plan = _plan(api_key, data, "cmpl", prompts, fields, texts)
+    fmt = CompletionFormat(plan, echo=data["echo"], logprobs=logprobs, prompt_token_texts=token_texts,
+                           include_usage=_include_usage(data))
+    return await _admit(api_key, "completions", plan, fmt)
+
+
+async def start_chat(*, api_key: ApiKey, data: dict) -> Call:
+    tokenizer = await _tokenizer_for(api_key, data["model"])
+    messages = [dict(m) for m in data["messages"]]
+    with _prompt_errors("messages"):
+        prompts = [tokenizer.encode_chat(messages)]
+    requested = data.get("max_completion_tokens") or data.get("max_tokens")
+    max_tokens = _max_tokens(api_key, tokenizer, prompts, requested, default=None)
+    top = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
+    plan = _plan(api_key, data, "chatcmpl", prompts, sampling_fields(data, max_tokens=max_tokens, logprobs=top), [])
+    return await _admit(api_key, "chat.completions", plan,
+                        ChatFormat(plan, top_logprobs=top, include_usage=_include_usage(data)))
+
+
+async def _tokenizer_for(api_key: ApiKey, model: str) -> PromptTokenizer:
+    if not model_allowed(api_key=api_key, model=model):
+        raise OpenAIError(f"This API key may not use the model `{model}`.", status=403, param="model",
+                          code="model_not_allowed")
+    tokenizer = await prompt_tokenizers.get(get_engine_client(), model)
+    if tokenizer is None:
+        raise OpenAIError(f"The model `{model}` does not exist or you do not have access to it.", status=404,
+                          param="model", code="model_not_found")
+    return tokenizer
+
+
+@contextmanager
+def _prompt_errors(param: str):
+    try:
+        yield
+    except PromptError as error:
+        raise OpenAIError(str(error), param=param) from None
+
+
+def _decode(tokenizer: PromptTokenizer, token_ids: list[int]) -> str:
+    return tokenizer.decode(token_ids) if tokenizer.tokenizer is not None else ""
+
+
+def _max_tokens(api_key: ApiKey, tokenizer: PromptTokenizer, prompts: list[list[int]], requested: int | None,
+                default: int | None) -> int:
+    """The request's max_tokens within the key's caps and the model's context (OpenAI's messages)."""
+    limits = effective_limits(api_key=api_key)
+    context = tokenizer.card.max_model_len
+    longest = max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise OpenAIError("The prompt is empty.", param="prompt", code="empty_prompt")
+    if longest > limits.max_prompt_tokens:
+        raise OpenAIError(f"The prompt has {longest} tokens; this API key allows at most {limits.max_prompt_tokens}.",
+                          param="prompt", code="prompt_too_long")
+    if requested is not None and requested > limits.max_tokens_cap:
+        raise OpenAIError(f"max_tokens is {requested}; this API key allows at most {limits.max_tokens_cap}.",
+                          param="max_tokens", code="max_tokens_exceeded")
+    max_tokens = requested or min(default or limits.max_tokens_cap, limits.max_tokens_cap,
+                                  max(context - longest, 1))
+    if context and longest + max_tokens > context:
+        raise OpenAIError(f"This model's maximum context length is {context} tokens. However, you requested "
+                          f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the completion). "
+                          "Please reduce the prompt or the completion length.", param="max_tokens",
+                          code="context_length_exceeded")
+    return max_tokens
+
+
+def _plan(api_key: ApiKey, data: dict, kind: str, prompts, fields: dict, texts: list[str]) -> GenerationPlan:
+    limits = effective_limits(api_key=api_key)
+    return GenerationPlan(request_id=f"{kind}-{uuid.uuid4().hex}", model=data["model"], tenant=str(api_key.tenant_id),
+                          prompts=prompts, params=fields, priority=limits.priority_tier, prompt_texts=texts)
+
+
+def _include_usage(data: dict) -> bool:
+    return bool(data.get("stream") and (data.get("stream_options") or {}).get("include_usage"))
+
+
+async def _admit(api_key: ApiKey, endpoint: str, plan: GenerationPlan, fmt: _Format) -> Call:
+    prompt_tokens = sum(len(p) for p in plan.prompts)
+    try:
+        admission = await admit(redis=get_engine_client().redis, api_key=api_key, request_id=plan.request_id,
+                                prompt_tokens=prompt_tokens, key_prefix=settings.ENGINE_KEY_PREFIX,
+                                max_tokens=plan.params["max_tokens"] * plan.n * len(plan.prompts))
+    except AdmissionRefused as refused:
+        metrics.observe_refusal(endpoint=endpoint, tenant=api_key.tenant.name, code=refused.code)
+        raise OpenAIError(refused.message, status=refused.status, type=refused.type, code=refused.code,
+                          headers=refused.headers) from None
+    return Call(api_key=api_key, endpoint=endpoint, plan=plan, fmt=fmt, admission=admission)

@@ -1,0 +1,75 @@
+-- Admit one request under three sliding-log limits at once: requests per window, tokens per
+-- window, concurrent requests. Nothing is written unless all three admit it.
+-- KEYS: 1 request log (zset id -> admitted ms)    2 token log (zset id -> admitted ms)
+--       3 token counts (hash id -> tokens)         4 token total (sum of 3)
+--       5 leases (zset id -> lease expiry ms)
+-- ARGV: request id, tokens, request limit, token limit, concurrency limit, window ms, lease ms
+-- Returns {admitted, refused limit or '', wait ms, requests used, requests reset ms,
+--          tokens used, tokens reset ms, running}; "used" counts this request when admitted.
+local id, tokens = ARGV[1], tonumber(ARGV[2])
+local max_requests, max_tokens = tonumber(ARGV[3]), tonumber(ARGV[4])
+local max_running = tonumber(ARGV[5])
+local window, lease = tonumber(ARGV[6]), tonumber(ARGV[7])
+local clock = redis.call('TIME')  -- one clock for every web worker
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+local horizon = now - window
+
+-- Forget what left the window, and leases whose holder died without settling.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', horizon)
+local total = tonumber(redis.call('GET', KEYS[4]) or '0')
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', horizon)
+for _, old in ipairs(gone) do
+  total = total - tonumber(redis.call('HGET', KEYS[3], old) or '0')
+  redis.call('HDEL', KEYS[3], old)
+end
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', horizon)
+  redis.call('SET', KEYS[4], total, 'KEEPTTL')
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+local requests = redis.call('ZCARD', KEYS[1])
+local running = redis.call('ZCARD', KEYS[5])
+
+-- ms until the newest entry of a log leaves the window (the limit is whole again)
+local function reset_in(log)
+  local newest = redis.call('ZRANGE', log, -1, -1, 'WITHSCORES')
+  if #newest == 0 then return 0 end
+  return tonumber(newest[2]) + window - now
+end
+
+-- ms until enough of the oldest token entries leave the window to free `need` tokens
+local function tokens_free_in(need)
+  local freed, entries = 0, redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #entries, 2 do
+    freed = freed + tonumber(redis.call('HGET', KEYS[3], entries[i]) or '0')
+    if freed >= need then return tonumber(entries[i + 1]) + window - now end
+  end
+  return window  -- larger than the limit itself: never fits
+end
+
+local refused, wait = '', -1
+local function refuse(limit, ms)
+  if ms > wait then refused, wait = limit, ms end
+end
+if requests + 1 > max_requests then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  refuse('requests', #oldest == 0 and window or tonumber(oldest[2]) + window - now)
+end
+if total + tokens > max_tokens then
+  refuse('tokens', tokens_free_in(total + tokens - max_tokens))
+end
+if running + 1 > max_running then
+  refuse('concurrency', 0)  -- a slot frees when a request ends, which no clock predicts
+end
+if refused ~= '' then
+  return {0, refused, wait, requests, reset_in(KEYS[1]), total, reset_in(KEYS[2]), running}
+end
+
+redis.call('ZADD', KEYS[1], now, id)
+redis.call('ZADD', KEYS[2], now, id)
+redis.call('HSET', KEYS[3], id, tokens)
+redis.call('SET', KEYS[4], total + tokens)
+redis.call('ZADD', KEYS[5], now + lease, id)
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], window) end
+redis.call('PEXPIRE', KEYS[5], lease)
+return {1, '', 0, requests + 1, window, total + tokens, window, running + 1}

@@ -1,0 +1,94 @@
+"""SSE disconnects abort the engine request; websockets multiplex and cancel calls by id."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from websockets.sync.client import connect
+
+from tenants.models import UsageEvent
+from tests.service.conftest import wait_until
+
+from .conftest import MODEL
+
+pytestmark = pytest.mark.timeout(300)
+LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True}
+
+
+def test_sse_disconnect_aborts_the_engine_request(live):
+    key = live.new_key()
+    with live.http() as http:
+        with http.stream("POST", "/v1/completions", json={**LONG, "stream": True},
+                         headers={"Authorization": f"Bearer {key}"}) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            events = []
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                if len(events) == 3:
+                    break  # leaving the block closes the connection mid-stream
+    assert all(e["object"] == "text_completion" for e in events)
+    tenant = live.tenant_of(key)
+    event = wait_until(lambda: UsageEvent.objects.filter(tenant=tenant).first(), 30, "the usage event")
+    assert event.status == "cancelled" and 3 <= event.completion_tokens < 2000
+    wait_until(lambda: (beat := live.replica.heartbeat()) and beat.num_running == 0, 30,
+               "the engine to drop the aborted request")
+
+
+def ws_connect(live, key: str | None):
+    url = live.base_url.replace("http://", "ws://") + "/v1/ws"
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    return connect(url, additional_headers=headers, open_timeout=30)
+
+
+def frames_until(socket, done: set[str], timeout: float = 120) -> list[dict]:
+    """Frames until every id in `done` has ended (done, cancelled or error)."""
+    frames, open_ids = [], set(done)
+    while open_ids:
+        frame = json.loads(socket.recv(timeout=timeout))
+        frames.append(frame)
+        if frame["type"] in ("done", "cancelled", "error"):
+            open_ids.discard(frame["id"])
+    return frames
+
+
+def test_websocket_multiplexes_and_cancels(live):
+    key = live.new_key()
+    with ws_connect(live, key) as socket:
+        assert json.loads(socket.recv(timeout=30)) == {"type": "authenticated"}
+        socket.send(json.dumps({"type": "request", "id": "long", "endpoint": "completions", "body": LONG}))
+        socket.send(json.dumps({"type": "request", "id": "chat", "endpoint": "chat.completions", "body": {
+            "model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8, "temperature": 0}}))
+        frames = frames_until(socket, {"chat"})
+        socket.send(json.dumps({"type": "cancel", "id": "long"}))
+        frames += frames_until(socket, {"long"})
+    chat = [f["data"] for f in frames if f["id"] == "chat" and f["type"] == "chunk"]
+    assert chat[0]["object"] == "chat.completion.chunk" and chat[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chat)
+    assert {"type": "done", "id": "chat"} in frames and {"type": "cancelled", "id": "long"} in frames
+    long_chunks = [f for f in frames if f["id"] == "long" and f["type"] == "chunk"]
+    assert long_chunks and len(long_chunks) < 2000
+    tenant = live.tenant_of(key)
+    wait_until(lambda: UsageEvent.objects.filter(tenant=tenant).count() == 2, 30, "both usage events")
+    assert sorted(UsageEvent.objects.filter(tenant=tenant).values_list("status", flat=True)) == ["cancelled", "ok"]
+
+
+def test_websocket_auth_by_first_message_and_errors_as_frames(live):
+    key = live.new_key()
+    with ws_connect(live, None) as socket:
+        socket.send(json.dumps({"type": "request", "id": "a", "endpoint": "completions", "body": {}}))
+        assert json.loads(socket.recv(timeout=30))["error"]["code"] == "missing_api_key"
+        socket.send(json.dumps({"type": "auth", "api_key": key}))
+        assert json.loads(socket.recv(timeout=30)) == {"type": "authenticated"}
+        socket.send(json.dumps({"type": "request", "id": "b", "endpoint": "completions",
+                                "body": {"model": MODEL, "prompt": "Hi", "temperature": 7}}))
+        error = json.loads(socket.recv(timeout=30))
+        assert error["type"] == "error" and error["id"] == "b" and error["error"]["param"] == "temperature"
+        socket.send("not json")
+        assert json.loads(socket.recv(timeout=30))["type"] == "error"
+
+
+def test_websocket_wrong_key_is_refused(live):
+    with ws_connect(live, "sk-nope.nothing") as socket:
+        frame = json.loads(socket.recv(timeout=30))
+        assert frame["type"] == "error" and frame["error"]["code"] == "invalid_api_key"
