@@ -116,11 +116,12 @@ class LLMEngine:
                 state.add_prompt_logprobs(*runner_output.prompt_logprobs[request.request_id],
                                          self.tokenizer if state.params.detokenize else None)
             token_id = runner_output.sampled_token_ids.get(request.request_id)
-            if token_id is None:
-                continue
-            touched[state.request_id] = state
             is_finished = request.request_id in finished
-            stopped = sequence.append(token_id, runner_output.logprobs.get(request.request_id), is_finished)
+            if token_id is None and not is_finished:
+                continue  # a prefill chunk
+            touched[state.request_id] = state
+            stopped = token_id is not None and sequence.append(
+                token_id, runner_output.logprobs.get(request.request_id), is_finished)
             if stopped and not is_finished:
                 self.scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_STOPPED)
                 is_finished = True
@@ -182,7 +183,8 @@ class LLMEngine:
             raise ValueError(f"prompt is {len(prompt_ids)} tokens long, more than max_model_len="
                              f"{self.max_model_len}")
         # A request that cannot fit the whole KV cache on its own could never finish.
-        longest = min(len(prompt_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        max_tokens = self.max_model_len if params.max_tokens is None else params.max_tokens
+        longest = min(len(prompt_ids) + max_tokens, self.max_model_len)
         capacity = (self.runner.num_blocks - 1) * self.config.block_size
         if longest > capacity:
             raise ValueError(f"prompt plus max_tokens needs {longest} tokens of KV cache, but it holds only "

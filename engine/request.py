@@ -85,6 +85,11 @@ class Request:
         return len(self.output_token_ids)
 
     @property
+    def is_prefill_only(self) -> bool:
+        """A scoring request (max_tokens=0): done once its prompt is computed; nothing is sampled."""
+        return self.sampling_params.max_tokens == 0
+
+    @property
     def sort_key(self) -> tuple[int, float]:
         """Lower runs first; the highest key is preempted first."""
         return (self.priority, self.arrival_time)

@@ -71,8 +71,11 @@ class SamplingParams:
         check_field(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         check_field(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "must be non-negative integers")
-        check_field(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "max_tokens",
-               f"must be at least 1, got {self.max_tokens!r}")
+        check_field(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 0), "max_tokens",
+               f"must be at least 0, got {self.max_tokens!r}")
+        # max_tokens=0 scores the prompt (prefill only); without prompt_logprobs it would return nothing.
+        check_field(self.max_tokens != 0 or self.prompt_logprobs is not None, "max_tokens",
+               "may be 0 only with prompt_logprobs (to score the prompt)")
         check_field(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
                f"must be >= 0, got {self.min_tokens!r}")
         check_field(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",

@@ -75,7 +75,7 @@ class SamplingRequestSerializer(StrictSerializer):
 
 class CompletionRequestSerializer(SamplingRequestSerializer):
     prompt = PromptField()
-    max_tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
+    max_tokens = StrictIntegerField(required=False, allow_null=True, min_value=0)  # 0: score the prompt
     logprobs = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=MAX_LOGPROBS)
     echo = StrictBooleanField(required=False, default=False)
     best_of = StrictIntegerField(required=False, allow_null=True, min_value=1, max_value=MAX_N)
@@ -90,6 +90,9 @@ class CompletionRequestSerializer(SamplingRequestSerializer):
         data = super().validate(data)
         if data.get("best_of") not in (None, data.get("n", 1)):
             raise serializers.ValidationError({"best_of": "best_of other than n is not supported by this server."})
+        if data.get("max_tokens") == 0 and not data["echo"]:
+            raise serializers.ValidationError({"max_tokens": "max_tokens 0 returns nothing without echo; set echo "
+                                                             "(and logprobs) to score the prompt."})
         return data
 
 

@@ -103,7 +103,7 @@ class Call:
             latency_ms=int((now - self.started) * 1000), ttft_ms=None if ttft is None else int(ttft * 1000))
 
 
-async def start_completion(*, api_key: ApiKey, data: dict) -> Call:
+async def start_completion(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -> Call:
     tokenizer = await _tokenizer_for(api_key, data["model"])
     with _prompt_errors("prompt"):
         prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in data["prompt"]]
@@ -111,15 +111,18 @@ async def start_completion(*, api_key: ApiKey, data: dict) -> Call:
         token_texts = [[_decode(tokenizer, [t]) for t in p] for p in prompts] if data["echo"] else []
     max_tokens = _max_tokens(api_key, tokenizer, prompts, data.get("max_tokens"), default=16)
     logprobs = data.get("logprobs")
-    fields = sampling_fields(data, max_tokens=max_tokens, logprobs=logprobs,
-                             prompt_logprobs=logprobs if data["echo"] else None)
+    prompt_logprobs = logprobs if data["echo"] else None
+    if max_tokens == 0:  # echo only (the serializer checks): the engine scores the prompt, samples nothing
+        prompt_logprobs = logprobs or 0
+    fields = sampling_fields(data, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     plan = _plan(api_key, data, "cmpl", prompts, fields, texts)
+    plan.priority += priority_offset  # batch jobs run behind interactive calls
     fmt = CompletionFormat(plan, echo=data["echo"], logprobs=logprobs, prompt_token_texts=token_texts,
                            include_usage=_include_usage(data))
     return await _admit(api_key, "completions", plan, fmt)
 
 
-async def start_chat(*, api_key: ApiKey, data: dict) -> Call:
+async def start_chat(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -> Call:
     tokenizer = await _tokenizer_for(api_key, data["model"])
     messages = [dict(m) for m in data["messages"]]
     with _prompt_errors("messages"):
@@ -128,6 +131,7 @@ async def start_chat(*, api_key: ApiKey, data: dict) -> Call:
     max_tokens = _max_tokens(api_key, tokenizer, prompts, requested, default=None)
     top = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
     plan = _plan(api_key, data, "chatcmpl", prompts, sampling_fields(data, max_tokens=max_tokens, logprobs=top), [])
+    plan.priority += priority_offset
     return await _admit(api_key, "chat.completions", plan,
                         ChatFormat(plan, top_logprobs=top, include_usage=_include_usage(data)))
 
@@ -169,8 +173,8 @@ def _max_tokens(api_key: ApiKey, tokenizer: PromptTokenizer, prompts: list[list[
     if requested is not None and requested > limits.max_tokens_cap:
         raise OpenAIError(f"max_tokens is {requested}; this API key allows at most {limits.max_tokens_cap}.",
                           param="max_tokens", code="max_tokens_exceeded")
-    max_tokens = requested or min(default or limits.max_tokens_cap, limits.max_tokens_cap,
-                                  max(context - longest, 1))
+    max_tokens = requested if requested is not None else min(default or limits.max_tokens_cap,
+                                                             limits.max_tokens_cap, max(context - longest, 1))
     if context and longest + max_tokens > context:
         raise OpenAIError(f"This model's maximum context length is {context} tokens. However, you requested "
                           f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the completion). "

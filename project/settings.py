@@ -1,7 +1,8 @@
 """Django settings, every one of them from the environment.
 
 Variables: DJANGO_DEBUG, DJANGO_SECRET_KEY, DJANGO_ALLOWED_HOSTS, DATABASE_URL,
-REDIS_URL, ENGINE_KEY_PREFIX, ENGINE_TIMEOUT_S, METRICS_TOKEN, CELERY_BROKER_URL, LOG_LEVEL,
+REDIS_URL, ENGINE_KEY_PREFIX, ENGINE_TIMEOUT_S, METRICS_TOKEN, CELERY_BROKER_URL, CELERY_QUEUE,
+BATCH_FILE_MAX_BYTES, BATCH_CONCURRENCY, LOG_LEVEL,
 DJANGO_SECURE_SSL_REDIRECT, DJANGO_HSTS_SECONDS, DATABASE_POOL_SIZE (the README lists their defaults). Without DJANGO_SECRET_KEY, only a
 DEBUG process starts, with a key derived from the checkout's path, so no secret
 is ever committed and sessions survive restarts in development.
@@ -91,9 +92,17 @@ ENGINE_TIMEOUT_S = env_int("ENGINE_TIMEOUT_S", default=600)  # a request's deadl
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
 CELERY_TASK_ACKS_LATE = True  # a worker that dies mid-task leaves the task for another
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# One queue per Redis namespace, so workers only take jobs of the engines they can reach.
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE", f"{ENGINE_KEY_PREFIX}-tasks")
 CELERY_BEAT_SCHEDULE = {
     "roll-up-usage": {"task": "tenants.tasks.roll_up_recent_usage", "schedule": 300.0},
+    "resume-batches": {"task": "inference.tasks.resume_batches", "schedule": 60.0},
 }
+
+# Batch API: upload size cap, lines in flight per batch, and how far below interactive calls they run.
+BATCH_FILE_MAX_BYTES = env_int("BATCH_FILE_MAX_BYTES", default=100 * 1024 * 1024)
+BATCH_CONCURRENCY = env_int("BATCH_CONCURRENCY", default=16)
+BATCH_PRIORITY_OFFSET = 10  # engine priority: lower runs first
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],  # API views name theirs; the admin uses sessions

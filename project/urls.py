@@ -4,5 +4,6 @@ from django.urls import include, path
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("dashboard/", include("tenants.dashboard.urls")),
     path("", include("inference.urls")),
 ]

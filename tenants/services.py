@@ -62,6 +62,26 @@ def create_tenant(*, name: str, is_active: bool = True, actor: Actor = None, **l
 
 
 @transaction.atomic
+def update_tenant(*, tenant: Tenant, actor: Actor = None, **fields) -> Tenant:
+    """Change `tenant`'s limits or `is_active`; the audit entry lists only the fields that changed.
+
+    Unknown field names are a TypeError, as in create_tenant; changing nothing logs nothing.
+    """
+    unknown = set(fields) - {"is_active", *TENANT_LIMIT_FIELDS}
+    if unknown:
+        raise TypeError(f"unknown tenant fields: {', '.join(sorted(unknown))}")
+    changes = {f: [getattr(tenant, f), new] for f, new in fields.items() if getattr(tenant, f) != new}
+    if not changes:
+        return tenant
+    for field, (_, new) in changes.items():
+        setattr(tenant, field, new)
+    tenant.full_clean()
+    tenant.save(update_fields=list(changes))
+    record_audit(actor=actor, action="tenant.update", target=tenant, changes=changes)
+    return tenant
+
+
+@transaction.atomic
 def create_api_key(
     *,
     tenant: Tenant,

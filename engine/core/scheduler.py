@@ -130,10 +130,13 @@ class Scheduler:
                 continue
             request.num_computed_tokens += num_new
             token_id = sampled_token_ids.get(request.request_id)
-            if token_id is None:
+            if token_id is not None:
+                request.append_output_token(token_id)
+                status = self._check_stop(request, token_id)
+            elif request.is_prefill_only and request.num_computed_tokens == request.num_tokens:
+                status = RequestStatus.FINISHED_LENGTH_CAPPED  # max_tokens=0: the prompt is scored
+            else:
                 continue  # a partial prefill chunk: nothing to sample yet
-            request.append_output_token(token_id)
-            status = self._check_stop(request, token_id)
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)

@@ -173,7 +173,7 @@ class ModelRunner:
         sample_rows, sample_requests, row = [], [], -1
         for request, num_new in batch:
             row += num_new
-            if request.num_computed_tokens + num_new == request.num_tokens:
+            if request.num_computed_tokens + num_new == request.num_tokens and not request.is_prefill_only:
                 sample_rows.append(row)
                 sample_requests.append(request)
         num_tokens = row + 1

@@ -85,7 +85,7 @@ def fake_step():
         sampled = {}
         for request, num_new in output.scheduled:
             assert num_new >= 1
-            if request.num_computed_tokens + num_new == request.num_tokens:
+            if request.num_computed_tokens + num_new == request.num_tokens and not request.is_prefill_only:
                 sampled[request.request_id] = next_token(request)
         finished = scheduler.update(output, sampled)
         return output, finished
@@ -108,6 +108,30 @@ def run_to_completion(fake_step):
         raise AssertionError(f"scheduler did not finish within {max_steps} steps")
 
     return run
+
+
+# -- transformers references ---------------------------------------------------------------------
+
+
+def load_bundled_hf_model():
+    """The bundled model through transformers' own GGUF loader, float32: the reference our loader
+    must match. A plain function, not a fixture, so callers can free its 0.5 GB when done."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.weights.source import bundled_model_path
+
+    path = bundled_model_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def hf_log_softmax(hf_model, token_ids):
+    """[len(token_ids), vocab] float32 log-probabilities; row p is the distribution of token p + 1."""
+    import torch
+
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([token_ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
 
 
 # -- tiny Hugging Face checkpoints ---------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind
+from tests.engine.conftest import load_bundled_hf_model
 
 MAX_NEW_TOKENS = 24
 
@@ -135,12 +136,7 @@ def prompt_ids(tokenizer):
 @pytest.fixture(scope="module")
 def hf_reference(prompt_ids):
     """transformers' greedy tokens for every prompt, from its own GGUF loader."""
-    from transformers import AutoModelForCausalLM
-
-    from engine.weights.source import bundled_model_path
-
-    path = bundled_model_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    model = load_bundled_hf_model()
     references = []
     with torch.no_grad():
         for ids in prompt_ids:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from tests.engine.conftest import hf_log_softmax
 
 VARIANTS = ["llama", "llama3-rope-tied-sharded", "mistral", "qwen2", "qwen3"]
 VOCAB = 256
@@ -38,12 +39,6 @@ def engines(tiny_hf_checkpoint):
         return built[key]
 
     return get
-
-
-def hf_log_softmax(hf_model, token_ids):
-    with torch.no_grad():
-        logits = hf_model(torch.tensor([token_ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)
 
 
 def as_matrix(entries):

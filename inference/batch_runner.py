@@ -1,0 +1,216 @@
+"""Runs a batch in a Celery worker: validating -> in_progress -> finalizing -> completed.
+
+Every line goes through the API's own code path (its serializer, `start_chat`/`start_completion`,
+`Call.collect()` and `Call.close()`), so rate limits, quota reservation and usage recording are
+exactly those of interactive calls; only the engine priority is lower. Each result is saved as
+it finishes and a restarted run takes only lines without one. A Redis lease makes sure one worker
+at a time runs a batch, whatever the broker redelivers.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+from redis.asyncio import Redis
+from redis.exceptions import LockError
+from rest_framework.exceptions import ValidationError
+
+from engine.service.protocol import Usage
+from inference import services
+from inference.batch_input import output_line, parse_input
+from inference.batch_services import create_file
+from inference.engine_client import get_engine_client
+from inference.errors import OpenAIError, from_drf
+from inference.models import Batch, BatchLine, BatchStatus, File, FilePurpose
+from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer
+
+logger = logging.getLogger(__name__)
+
+LEASE_S = 15  # a dead worker's batch is free again this long after its last renewal
+WATCH_EVERY_S = 1.0  # how often a running batch looks for a cancel (and renews its lease)
+RETRYABLE_CODES = {"rate_limit_exceeded", "engine_unavailable"}  # wait and retry the line, don't fail it
+ENDPOINTS = {
+    "/v1/chat/completions": (ChatCompletionRequestSerializer, services.start_chat),
+    "/v1/completions": (CompletionRequestSerializer, services.start_completion),
+}
+
+
+def run_batch(*, batch_id: str) -> None:
+    """Run (or resume) one batch to its end; returns at once if another worker holds it."""
+    asyncio.run(_run(batch_id))
+
+
+async def _run(batch_id: str) -> None:
+    redis = Redis.from_url(settings.REDIS_URL)
+    lease = redis.lock(f"{settings.ENGINE_KEY_PREFIX}:batch-lease:{batch_id}", timeout=LEASE_S)
+    try:
+        if not await lease.acquire(blocking=False):
+            logger.info("batch %s: another worker runs it", batch_id)
+            return
+        batch = await sync_to_async(_load)(batch_id)
+        if batch is None or batch.is_finished:
+            return
+        if batch.status == BatchStatus.VALIDATING:
+            batch = await sync_to_async(prepare_lines)(batch=batch)
+        if batch.status == BatchStatus.IN_PROGRESS:
+            await _run_lines(batch, lease)
+        await sync_to_async(finalize)(batch_id=batch_id)
+    finally:
+        try:
+            await lease.release()
+        except LockError:
+            pass  # never acquired, or expired
+        await get_engine_client().close()
+        await redis.aclose()
+
+
+def _load(batch_id: str) -> Batch | None:
+    return Batch.objects.select_related("api_key__tenant").filter(pk=batch_id).first()
+
+
+@transaction.atomic
+def prepare_lines(*, batch: Batch) -> Batch:
+    """Validate the input file into one BatchLine per line (bad lines already answered with their error)."""
+    content = File.objects.filter(pk=batch.input_file_id).values_list("content", flat=True).first()
+    lines = parse_input(content=bytes(content), endpoint=batch.endpoint) if content is not None else []
+    if not lines or batch.api_key is None:
+        problem = ("The input file has no requests." if content is not None else "The input file was deleted.")
+        problem = problem if batch.api_key is not None else "The API key of this batch was deleted."
+        Batch.objects.filter(pk=batch.pk).update(status=BatchStatus.FAILED, failed_at=timezone.now(), errors=[
+            {"code": "invalid_input_file" if batch.api_key else "api_key_deleted", "message": problem,
+             "param": None, "line": None}])
+        return _load(batch.pk)
+    BatchLine.objects.bulk_create(
+        [BatchLine(batch=batch, index=line.index, custom_id=line.custom_id, body=line.body,
+                   result=None if line.error is None else output_line(custom_id=line.custom_id, error=line.error),
+                   succeeded=None if line.error is None else False) for line in lines],
+        batch_size=1000)
+    invalid = sum(line.error is not None for line in lines)
+    Batch.objects.filter(pk=batch.pk).update(total_requests=len(lines), failed_requests=invalid)
+    Batch.objects.filter(pk=batch.pk, status=BatchStatus.VALIDATING).update(
+        status=BatchStatus.IN_PROGRESS, in_progress_at=timezone.now())
+    logger.info("batch %s: %d lines, %d invalid", batch.pk, len(lines), invalid)
+    return _load(batch.pk)
+
+
+async def _run_lines(batch: Batch, lease) -> None:
+    """Run the lines without a result, `BATCH_CONCURRENCY` at a time, until done, cancelled or expired."""
+    pending = iter(await sync_to_async(lambda: list(
+        BatchLine.objects.filter(batch=batch, succeeded__isnull=True).values_list("pk", "custom_id", "body")))())
+
+    async def work() -> None:
+        for line_id, custom_id, body in pending:
+            result, succeeded, usage = await run_line(batch=batch, custom_id=custom_id, body=body)
+            await sync_to_async(save_line_result)(batch_id=batch.pk, line_id=line_id, result=result,
+                                                  succeeded=succeeded, usage=usage)
+
+    workers = [asyncio.create_task(work()) for _ in range(settings.BATCH_CONCURRENCY)]
+    watcher = asyncio.create_task(_watch(batch, lease, workers))
+    await asyncio.gather(*workers, return_exceptions=True)
+    watcher.cancel()
+    for outcome in [w.exception() for w in workers if not w.cancelled()]:
+        if outcome is not None:
+            raise outcome
+
+
+async def _watch(batch: Batch, lease, workers: list[asyncio.Task]) -> None:
+    """Renew the lease; on cancel or expiry stop the workers (their running calls are aborted)."""
+    while True:
+        await asyncio.sleep(WATCH_EVERY_S)
+        await lease.reacquire()
+        status = await sync_to_async(lambda: Batch.objects.values_list("status", flat=True).get(pk=batch.pk))()
+        if status == BatchStatus.CANCELLING or timezone.now() >= batch.expires_at:
+            logger.info("batch %s: %s, stopping its lines", batch.pk, status)
+            for worker in workers:
+                worker.cancel()
+            return
+
+
+async def run_line(*, batch: Batch, custom_id: str, body: dict) -> tuple[dict, bool, Usage]:
+    """One request as the API would run it: its output line, whether it succeeded, and its usage."""
+    serializer_class, start = ENDPOINTS[batch.endpoint]
+    while True:
+        try:
+            call = await start(api_key=batch.api_key, data=_validated(serializer_class, body),
+                               priority_offset=settings.BATCH_PRIORITY_OFFSET)
+            break
+        except OpenAIError as error:
+            if error.code not in RETRYABLE_CODES:
+                return _error_line(custom_id, error, request_id=None), False, Usage(0, 0, 0)
+            await asyncio.sleep(float(error.headers.get("Retry-After", 1)))
+    try:
+        response = {"status_code": 200, "request_id": call.plan.request_id, "body": await call.collect()}
+        return output_line(custom_id=custom_id, response=response), True, call.usage
+    except OpenAIError as error:
+        return _error_line(custom_id, error, request_id=call.plan.request_id), False, call.usage
+    finally:
+        await call.close()
+
+
+def _validated(serializer_class, body: dict) -> dict:
+    serializer = serializer_class(data=body)
+    if not serializer.is_valid():
+        raise from_drf(ValidationError(serializer.errors))
+    if serializer.validated_data["stream"]:
+        raise OpenAIError("stream is not supported in batch requests.", param="stream")
+    return serializer.validated_data
+
+
+def _error_line(custom_id: str, error: OpenAIError, *, request_id: str | None) -> dict:
+    return output_line(custom_id=custom_id, response={"status_code": error.status, "request_id": request_id,
+                                                      "body": error.body()})
+
+
+@transaction.atomic
+def save_line_result(*, batch_id: str, line_id: int, result: dict, succeeded: bool, usage: Usage) -> None:
+    """Store a line's output once; the batch's counters move only with the line that was stored."""
+    if not BatchLine.objects.filter(pk=line_id, succeeded__isnull=True).update(result=result, succeeded=succeeded):
+        return
+    Batch.objects.filter(pk=batch_id).update(
+        completed_requests=F("completed_requests") + int(succeeded),
+        failed_requests=F("failed_requests") + int(not succeeded),
+        prompt_tokens=F("prompt_tokens") + usage.prompt_tokens,
+        completion_tokens=F("completion_tokens") + usage.completion_tokens,
+        cached_tokens=F("cached_tokens") + usage.cached_tokens)
+
+
+def finalize(*, batch_id: str) -> None:
+    """Write the output and error files and end the batch: completed, cancelled or expired."""
+    now = timezone.now()
+    Batch.objects.filter(pk=batch_id, status=BatchStatus.IN_PROGRESS, expires_at__gt=now).update(
+        status=BatchStatus.FINALIZING, finalizing_at=now)
+    with transaction.atomic():
+        batch = Batch.objects.select_for_update().get(pk=batch_id)
+        if batch.is_finished:
+            return
+        ending = {BatchStatus.FINALIZING: BatchStatus.COMPLETED, BatchStatus.CANCELLING: BatchStatus.CANCELLED}.get(
+            batch.status, BatchStatus.EXPIRED)
+        outputs, errors = [], []
+        for custom_id, result, succeeded in BatchLine.objects.filter(batch=batch).order_by("index").values_list(
+                "custom_id", "result", "succeeded").iterator(chunk_size=2000):
+            if result is None:  # never ran: cancelled or expired first
+                reason = "batch_cancelled" if ending == BatchStatus.CANCELLED else "batch_expired"
+                result = output_line(custom_id=custom_id, error={
+                    "code": reason, "message": f"This line was not run: the batch was {ending}."})
+            (outputs if succeeded else errors).append(result)
+        batch.output_file = _result_file(batch, outputs, FilePurpose.BATCH_OUTPUT, "output")
+        batch.error_file = _result_file(batch, errors, FilePurpose.BATCH_ERROR, "error")
+        batch.status = ending
+        ended_at = {BatchStatus.COMPLETED: "completed_at", BatchStatus.CANCELLED: "cancelled_at"}.get(
+            ending, "expired_at")
+        setattr(batch, ended_at, timezone.now())
+        batch.save(update_fields=["output_file", "error_file", "status", ended_at])
+    logger.info("batch %s: %s, %d ok, %d failed", batch_id, ending, batch.completed_requests, batch.failed_requests)
+
+
+def _result_file(batch: Batch, lines: list[dict], purpose: str, kind: str) -> File | None:
+    if not lines:
+        return None
+    content = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+    return create_file(tenant=batch.tenant, purpose=purpose, filename=f"{batch.pk}_{kind}.jsonl", content=content)

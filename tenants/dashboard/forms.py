@@ -1,0 +1,33 @@
+"""Input forms of the dashboard's actions; they only validate, the views hand the data to services."""
+from django import forms
+
+from tenants.models import Tenant
+from tenants.services import TENANT_LIMIT_FIELDS
+
+
+class TenantCreateForm(forms.ModelForm):
+    class Meta:
+        model = Tenant
+        fields = ("name", *TENANT_LIMIT_FIELDS)
+
+
+class TenantLimitsForm(forms.ModelForm):
+    """Bound without an instance (so validating never mutates the tenant before the service runs)."""
+
+    class Meta:
+        model = Tenant
+        fields = ("is_active", *TENANT_LIMIT_FIELDS)
+
+
+class ApiKeyCreateForm(forms.Form):
+    name = forms.CharField(max_length=100, required=False)
+    allowed_models = forms.CharField(
+        required=False, help_text="Comma-separated model names; empty allows every model."
+    )
+    expires_at = forms.DateTimeField(
+        required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+        help_text="UTC; empty never expires.",
+    )
+
+    def clean_allowed_models(self) -> list[str]:
+        return [name.strip() for name in self.cleaned_data["allowed_models"].split(",") if name.strip()]

@@ -1,0 +1,23 @@
+"""Routes of the operator dashboard, mounted at /dashboard/ by project/urls.py.
+
+Login uses the admin's authentication form, which already refuses users who are not staff.
+"""
+from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth.views import LoginView, LogoutView
+from django.urls import path
+
+from tenants.dashboard import views
+
+app_name = "dashboard"
+
+urlpatterns = [
+    path("", views.overview, name="overview"),
+    path("login/", LoginView.as_view(template_name="dashboard/login.html",
+                                     authentication_form=AdminAuthenticationForm), name="login"),
+    path("logout/", LogoutView.as_view(next_page="dashboard:login"), name="logout"),
+    path("tenants/new/", views.tenant_create, name="tenant-create"),
+    path("tenants/<int:pk>/", views.tenant_detail, name="tenant"),
+    path("tenants/<int:pk>/limits/", views.tenant_limits, name="tenant-limits"),
+    path("tenants/<int:pk>/keys/", views.key_create, name="key-create"),
+    path("keys/<int:pk>/revoke/", views.key_revoke, name="key-revoke"),
+]
