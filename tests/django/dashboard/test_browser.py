@@ -7,17 +7,12 @@ Screenshots go to $TMPDIR/dashboard-screenshots, outside the repository, for a p
 """
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import httpx2 as httpx
 import pytest
-from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from tenants.dashboard.selectors import batch_model
@@ -25,8 +20,7 @@ from tenants.errors import InvalidApiKey
 from tenants.models import AuditLog
 from tenants.selectors import authenticate_api_key
 from tests.django.dashboard.conftest import PASSWORD, make_batch, make_busy_tenant, make_user
-from tests.django.inference.conftest import _live_database_url
-from tests.service.conftest import REPO_ROOT, _die_with_parent, free_port, wait_until
+from tests.django.live_server import daphne_server
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOTS = Path(tempfile.gettempdir()) / "dashboard-screenshots"
@@ -55,34 +49,12 @@ def browser():
 
 @pytest.fixture(scope="module")
 def live_server(django_test_database, tmp_path_factory):
-    """daphne serving the test database with DEBUG off, as in production (CSS is inline)."""
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": _live_database_url(), "REDIS_URL": settings.REDIS_URL,
-           "DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
-           "DJANGO_ALLOWED_HOSTS": "localhost", "DJANGO_SECURE_SSL_REDIRECT": "0", "PYTHONUNBUFFERED": "1"}
+    """daphne serving the test database with DEBUG off, as in production (CSS is inline).
+    "localhost", not 127.0.0.1: with DEBUG off the session cookie is Secure, which Chromium keeps
+    over plain http only for localhost."""
     log_path = tmp_path_factory.mktemp("dashboard") / "daphne.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                                   "project.asgi:application"], cwd=REPO_ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    # "localhost", not 127.0.0.1: with DEBUG off the session cookie is Secure, which Chromium
-    # keeps over plain http only for localhost.
-    base_url = f"http://localhost:{port}"
-
-    def answers():
-        assert server.poll() is None, f"daphne exited:\n{log_path.read_text()[-3000:]}"
-        try:
-            return httpx.get(f"{base_url}/dashboard/login/", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(answers, 60, "daphne to serve the dashboard", interval=0.3)
+    with daphne_server(log_path=log_path, ready_path="/dashboard/login/", host="localhost") as base_url:
         yield base_url
-    finally:
-        server.terminate()
-        server.wait(10)
-        print("--- daphne log ---\n" + log_path.read_text(errors="replace")[-4000:])
 
 
 @pytest.fixture

@@ -6,10 +6,6 @@ database), each test with its own tenant, so tests never share limits or usage.
 """
 from __future__ import annotations
 
-import os
-import secrets
-import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +14,12 @@ import httpx2 as httpx
 import openai
 import pytest
 from django.conf import settings
-from django.db import connection
 
 from engine.config import BUNDLED_MODEL
 from tenants.models import ApiKey
 from tenants.services import create_api_key, create_tenant
-from tests.service.conftest import REPO_ROOT, Replica, _die_with_parent, free_port, redis_answers, wait_until
+from tests.django.live_server import daphne_server
+from tests.service.conftest import Replica, redis_answers
 
 MODEL = BUNDLED_MODEL
 
@@ -58,14 +54,6 @@ class LiveStack:
         return httpx.Client(base_url=self.base_url, timeout=120)
 
 
-def _live_database_url() -> str:
-    db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{db['NAME']}"
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
 @pytest.fixture(scope="session")
 def live(django_test_database, tmp_path_factory):
     redis_url = settings.REDIS_URL
@@ -74,31 +62,13 @@ def live(django_test_database, tmp_path_factory):
     logs = tmp_path_factory.mktemp("live")
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     replica = Replica(redis_url, prefix, "api-replica", ["--max-num-seqs", "32"], logs / "engine.log")
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": _live_database_url(), "REDIS_URL": redis_url, "ENGINE_KEY_PREFIX": prefix,
-           "DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
-           "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost", "DJANGO_SECURE_SSL_REDIRECT": "0", "PYTHONUNBUFFERED": "1"}
-    server_log = logs / "daphne.log"
-    with open(server_log, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                                   "project.asgi:application"], cwd=REPO_ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    stack = LiveStack(f"http://127.0.0.1:{port}", redis_url, prefix, replica, server_log)
+    stack = LiveStack("", redis_url, prefix, replica, logs / "daphne.log")
     try:
         replica.wait_ready()
-
-        def healthy():
-            assert server.poll() is None, f"daphne exited:\n{server_log.read_text()[-3000:]}"
-            try:
-                return httpx.get(f"{stack.base_url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, 60, "daphne and the engine to be healthy", interval=0.3)
-        yield stack
+        with daphne_server(log_path=stack.server_log, ready_path="/health",
+                           env={"REDIS_URL": redis_url, "ENGINE_KEY_PREFIX": prefix}) as base_url:
+            stack.base_url = base_url
+            yield stack
     finally:
-        server.terminate()
-        server.wait(10)
         replica.kill()
-        print("--- daphne log ---\n" + server_log.read_text(errors="replace")[-4000:])
         print("--- engine log ---\n" + replica.log_tail())

@@ -17,7 +17,9 @@ from tenants.models import UsageEvent
 
 from tests.service.conftest import REPO_ROOT, _die_with_parent, wait_until
 
-from .conftest import MODEL, _live_database_url
+from tests.django.live_server import live_database_url
+
+from .conftest import MODEL
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -27,7 +29,7 @@ class Worker:
 
     def __init__(self, live, log_dir) -> None:
         self.queue = f"{live.prefix}-tasks"
-        self.env = {**os.environ, "DATABASE_URL": _live_database_url(), "REDIS_URL": live.redis_url,
+        self.env = {**os.environ, "DATABASE_URL": live_database_url(), "REDIS_URL": live.redis_url,
                     "ENGINE_KEY_PREFIX": live.prefix, "DJANGO_DEBUG": "1", "PYTHONUNBUFFERED": "1",
                     "BATCH_CONCURRENCY": "16"}
         self.log_dir, self.process, self.started = log_dir, None, 0
@@ -128,7 +130,7 @@ def test_cancel_stops_the_batch_with_partial_output(live, worker):
     wait_for(client, batch.id, lambda b: b.request_counts.completed >= 5, worker=worker)
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
-    done = wait_for(client, batch.id, lambda b: b.status == "cancelled", timeout=60, worker=worker)
+    done = wait_for(client, batch.id, lambda b: b.status == "cancelled", timeout=300, worker=worker)
     assert 5 <= done.request_counts.completed < 300 and done.cancelled_at
     output, errors = results(client, done.output_file_id), results(client, done.error_file_id)
     assert len(output) == done.request_counts.completed
@@ -146,7 +148,7 @@ def test_bad_lines_end_in_the_error_file(live, worker):
            json.dumps(chat_line("field", max_tokens="four")), json.dumps(chat_line("stream", stream=True)),
            json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": {}})]
     batch = submit(client, [*good, *bad])
-    done = wait_for(client, batch.id, lambda b: b.status == "completed", timeout=120, worker=worker)
+    done = wait_for(client, batch.id, lambda b: b.status == "completed", timeout=300, worker=worker)
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (10, 2, 8)
     assert sorted(line["custom_id"] for line in results(client, done.output_file_id)) == ["ok-1", "ok-2"]
     error_lines = results(client, done.error_file_id)
@@ -167,7 +169,7 @@ def test_completions_endpoint_and_listing(live, worker):
             "body": {"model": MODEL, "prompt": "Hello", "max_tokens": 3}}
     first = submit(client, [line], endpoint="/v1/completions")
     second = submit(client, [line], endpoint="/v1/completions")
-    done = wait_for(client, first.id, lambda b: b.status == "completed", timeout=120, worker=worker)
+    done = wait_for(client, first.id, lambda b: b.status == "completed", timeout=300, worker=worker)
     assert results(client, done.output_file_id)[0]["response"]["body"]["object"] == "text_completion"
     page = client.batches.list(limit=1)
     assert [b.id for b in page.data] == [second.id] and page.has_more
