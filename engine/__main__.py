@@ -43,13 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--tensor-parallel-size", type=int, default=1)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
 
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, tensor_parallel_size=args.tensor_parallel_size)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     if args.chat:

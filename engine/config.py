@@ -30,6 +30,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs for decode steps (always so on the CPU)
     trust_remote_code: bool = False  # accepted for vLLM compatibility; no remote code ever runs
     skip_tokenizer_init: bool = False  # prompts must be token ids; outputs carry no text
+    tensor_parallel_size: int = 1  # ranks (processes, one GPU each) that split every layer
 
     def __post_init__(self) -> None:
         self.dtype = str(self.dtype).replace("torch.", "")
@@ -45,6 +46,8 @@ class EngineConfig:
             value = getattr(self, name)
             check_field(value is None or (isinstance(value, int) and value > 0), name,
                    f"must be a positive integer, got {value!r}")
+        check_field(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size > 0,
+                    "tensor_parallel_size", f"must be a positive integer, got {self.tensor_parallel_size!r}")
         check_field(isinstance(self.max_num_seqs, int) and self.max_num_seqs > 0, "max_num_seqs",
                f"must be a positive integer, got {self.max_num_seqs!r}")
         check_field(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,

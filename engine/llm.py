@@ -19,6 +19,8 @@ class LLM:
 
     With no `model`, the bundled SmolLM2-135M-Instruct is used. Options carry vLLM's names
     (`dtype`, `max_model_len`, `max_num_seqs`, `enable_prefix_caching`, ...; see EngineConfig).
+    With `tensor_parallel_size=N` the model is split over N processes (started with multiprocessing's
+    "spawn", so a script that builds one needs the usual `if __name__ == "__main__":` guard).
     """
 
     def __init__(self, model: str = BUNDLED_MODEL, **kwargs) -> None:

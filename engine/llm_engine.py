@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Iterable
 
 from engine.config import EngineConfig, SchedulerConfig
@@ -35,8 +36,21 @@ class LLMEngine:
         self.model_config = load_model_config(source)
         self.scheduler_config = SchedulerConfig.resolve(config, model_context_length(self.model_config))
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(source, config.tokenizer)
-        self.runner = ModelRunner(config, self.model_config, source, self.scheduler_config.max_model_len,
-                                  self.scheduler_config.max_num_batched_tokens)
+        runner_args = (config, self.model_config, source, self.scheduler_config.max_model_len,
+                       self.scheduler_config.max_num_batched_tokens)
+        self.workers = None  # ranks 1..N-1 under tensor parallelism; this process is rank 0
+        if config.tensor_parallel_size > 1:
+            from engine.distributed.shard import check_tensor_parallel_size
+            from engine.distributed.worker import TensorParallelWorkers
+
+            check_tensor_parallel_size(self.model_config, config.tensor_parallel_size)
+            self.workers = TensorParallelWorkers(config.tensor_parallel_size, runner_args)
+            weakref.finalize(self, self.workers.shutdown)
+        try:
+            self.runner = ModelRunner(*runner_args)
+        except BaseException:
+            self.shutdown()
+            raise
         self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager)
@@ -104,7 +118,10 @@ class LLMEngine:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("no waiting request fits the KV cache; this is a bug (add_request checks it)")
             return []
-        runner_output = self.runner.execute(scheduler_output)
+        if self.workers is None:
+            runner_output = self.runner.execute(scheduler_output)
+        else:
+            runner_output = self.workers.execute(self.runner, scheduler_output)
         finished = {r.request_id for r in self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)}
 
         touched: dict[str, RequestState] = {}
@@ -137,6 +154,11 @@ class LLMEngine:
             if state.finished:
                 self.requests.pop(state.request_id, None)
         return outputs
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is garbage collected)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def stats(self) -> dict:
         kv = self.kv_cache_manager

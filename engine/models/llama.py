@@ -126,8 +126,10 @@ class LlamaForCausalLM(nn.Module):
             target, shard = self._resolve(name)
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            param = params[target].data
-            destination = param if shard is None else self._shard_of(param, target, shard)
+            param = params[target]
+            if hasattr(param, "tp_slice"):  # a tensor-parallel shard keeps only its part
+                tensor = param.tp_slice(tensor, shard)
+            destination = param.data if shard is None else self._shard_of(param.data, target, shard)
             if destination.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(destination.shape)}")
@@ -148,7 +150,7 @@ class LlamaForCausalLM(nn.Module):
                        "v": (attn.q_size + attn.kv_size, attn.kv_size)}
             start, size = offsets[shard]
         else:
-            size = self.config.intermediate_size
+            size = self.model.layers[0].mlp.intermediate_size
             start = shard * size
         return param.narrow(0, start, size)
 

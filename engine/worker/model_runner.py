@@ -5,6 +5,9 @@ Each step: flatten the scheduled tokens of all requests (decodes first) into `in
 every request decodes one token, see cuda_graphs.py), compute logits only where a token is sampled
 (or prompt logprobs are wanted), and sample. Reading the sampled tokens is the step's one wait
 for the device.
+
+Under tensor parallelism every rank runs the same step on its shard of the model (see
+engine/distributed/); the logits are gathered on every rank, and only rank 0 (the driver) samples.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.scheduler import SchedulerOutput
+from engine.distributed import parallel_state
 from engine.layers.attention import Attention, AttentionMetadata, set_forward_context
 from engine.layers.sampler import Sampler, top_logprobs
 from engine.models.registry import get_model_class
@@ -68,10 +72,11 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.is_driver = parallel_state.tp_rank() == 0  # the rank that samples; the others only compute
         torch.manual_seed(config.seed)
         self.model = self._load_model(source)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.num_blocks = self._decide_num_blocks()
+        self.num_blocks = self._agree(self._decide_num_blocks())
         self._allocate_kv_cache(self.num_blocks)
         self.sampler = Sampler(config.seed, self.device)
         self.inputs = InputBuffers(max_num_batched_tokens, config.max_num_seqs, max_model_len, self.block_size,
@@ -89,14 +94,29 @@ class ModelRunner:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with torch.device(self.device):
-                model = model_class(self.model_config)
+            if parallel_state.tp_world_size() > 1:
+                from engine.distributed.shard import build_sharded_model
+
+                model = build_sharded_model(model_class, self.model_config, self.device, self.dtype)
+            else:
+                with torch.device(self.device):
+                    model = model_class(self.model_config)
         finally:
             torch.set_default_dtype(previous)
         with torch.no_grad():
             load_weights_into(model, source, self.config.seed)
         # Rotary tables stay float32 for accuracy; everything else runs in the chosen dtype.
         return model.eval()
+
+    def _agree(self, num_blocks: int) -> int:
+        """Every rank's cache must have the same blocks: the smallest any rank can hold."""
+        count = torch.tensor([num_blocks], device=self.device)
+        return int(parallel_state.all_reduce(count, op=torch.distributed.ReduceOp.MIN).item())
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits; under tensor parallelism each rank's vocabulary slice is gathered."""
+        logits = parallel_state.all_gather_last_dim(self.model.compute_logits(hidden_states))
+        return logits[:, :self.model_config.vocab_size]
 
     def _kv_bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
@@ -142,7 +162,7 @@ class ModelRunner:
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         with set_forward_context(meta):
             hidden = self.model(input_ids, torch.arange(num_tokens, device=self.device))
-        self.model.compute_logits(hidden[: self.config.max_num_seqs])
+        self.compute_logits(hidden[: self.config.max_num_seqs])
         torch.cuda.synchronize()
         self._allocate_kv_cache(0)
 
@@ -193,7 +213,9 @@ class ModelRunner:
             if request.sampling_params.prompt_logprobs is not None:
                 self._prompt_logprobs(request, hidden[starts[seq]:starts[seq + 1]], output)
         if sample_rows:
-            logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
+            logits = self.compute_logits(hidden.index_select(0, inputs.sample_rows))
+            if not self.is_driver:
+                return output
             sampled = self.sampler(logits, sample_requests)
             for request, token_id, logprobs in zip(sample_requests, sampled.token_ids, sampled.logprobs):
                 output.sampled_token_ids[request.request_id] = token_id
@@ -207,7 +229,10 @@ class ModelRunner:
         count = min(hidden.shape[0], request.num_prompt_tokens - 1 - start)
         if count <= 0:
             return
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:count]).float(), dim=-1)
+        logits = self.compute_logits(hidden[:count])
+        if not self.is_driver:
+            return
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         num = request.sampling_params.prompt_logprobs
         targets = request.prompt_token_ids[start + 1:start + 1 + count]
         entries = [top_logprobs(logprobs[i], targets[i], num) for i in range(count)]

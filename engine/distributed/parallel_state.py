@@ -1,0 +1,76 @@
+"""This process's place in the tensor-parallel group, and the collectives the sharded layers use.
+
+One group per process: torch.distributed's default group, gloo on the CPU and NCCL on CUDA. The
+collectives are plain torch.distributed calls, so on CUDA they are NCCL kernels that a CUDA graph
+captures like any other launch.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# A backstop only: a dead peer breaks gloo's connections at once, and rank 0 watches its workers.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+_rank, _world_size = 0, 1
+_threads_before: int | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_tensor_parallel(rank: int, world_size: int, port: int, device: str) -> None:
+    """Join the group of `world_size` ranks that rendezvous on 127.0.0.1:`port`."""
+    global _rank, _world_size, _threads_before
+    if dist.is_initialized():
+        raise RuntimeError("a tensor-parallel engine already runs in this process; shut it down first")
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.set_device(rank)
+    else:  # the ranks share the cores; more threads than cores make every collective wait on a spinner
+        _threads_before = torch.get_num_threads()
+        torch.set_num_threads(max(1, _threads_before // world_size))
+    dist.init_process_group("nccl" if on_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    _rank, _world_size = rank, world_size
+
+
+def destroy_tensor_parallel() -> None:
+    global _rank, _world_size, _threads_before
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if _threads_before is not None:
+        torch.set_num_threads(_threads_before)
+        _threads_before = None
+    _rank, _world_size = 0, 1
+_threads_before: int | None = None
+
+
+def tp_rank() -> int:
+    return _rank
+
+
+def tp_world_size() -> int:
+    return _world_size
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if _world_size > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def all_gather_last_dim(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor`, concatenated along the last dimension in rank order."""
+    if _world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(_world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=-1)

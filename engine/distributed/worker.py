@@ -1,0 +1,144 @@
+"""Ranks 1..N-1: processes that run the same ModelRunner steps as rank 0 on their own shard.
+
+Rank 0 owns the scheduler. Each step it sends every worker a compact description of the step over
+a pipe (not a collective: a pipe may wait idle for hours, and breaks at once when either end dies);
+then all ranks run the step's forward together, meeting in the collectives, and only rank 0 samples.
+A worker that dies or raises takes the engine down: rank 0 checks the workers before each step,
+and a collective with a dead peer fails at once (gloo drops the connection; NCCL's watchdog aborts
+after the collective timeout), so rank 0 raises a clear error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from types import SimpleNamespace
+
+from engine.distributed import parallel_state
+
+
+@dataclass
+class TokenWindow:
+    """The tokens a step computes, indexed by their positions in the whole sequence."""
+
+    start: int
+    token_ids: list[int]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.token_ids[index.start - self.start:index.stop - self.start]
+        return self.token_ids[index - self.start]
+
+
+@dataclass
+class RequestView:
+    """What a worker's ModelRunner reads of a Request (sampling is rank 0's business)."""
+
+    request_id: str
+    num_computed_tokens: int
+    num_tokens: int
+    num_prompt_tokens: int
+    is_prefill_only: bool
+    num_preemptions: int
+    all_token_ids: TokenWindow
+    sampling_params: SimpleNamespace
+
+
+def describe_step(scheduler_output) -> SimpleNamespace:
+    """The part of a SchedulerOutput the workers need, with only this step's tokens."""
+    scheduled = []
+    for request, num_new in scheduler_output.scheduled:
+        start = request.num_computed_tokens
+        view = RequestView(request.request_id, start, request.num_tokens, request.num_prompt_tokens,
+                           request.is_prefill_only, request.num_preemptions,
+                           TokenWindow(start, request.all_token_ids[start:start + num_new]),
+                           SimpleNamespace(prompt_logprobs=request.sampling_params.prompt_logprobs))
+        scheduled.append((view, num_new))
+    return SimpleNamespace(scheduled=scheduled, block_ids=scheduler_output.block_ids)
+
+
+def worker_main(rank: int, world_size: int, port: int, steps, runner_args: tuple) -> None:
+    """A worker's whole life: join the group, load its shard, run steps until told to stop."""
+    from engine.worker.model_runner import ModelRunner
+
+    config = runner_args[0]
+    try:
+        parallel_state.init_tensor_parallel(rank, world_size, port, config.device)
+        runner = ModelRunner(*runner_args)
+        while (step := steps.recv()) is not None:
+            runner.execute(step)
+    except EOFError:
+        pass  # rank 0 is gone
+    except BaseException:
+        traceback.print_exc()
+        raise SystemExit(1)
+    finally:
+        parallel_state.destroy_tensor_parallel()
+
+
+class TensorParallelWorkers:
+    """Rank 0's handle on ranks 1..N-1; joins rank 0 to the group when the workers start."""
+
+    def __init__(self, world_size: int, runner_args: tuple) -> None:
+        port = parallel_state.free_port()
+        context = multiprocessing.get_context("spawn")  # CUDA and torch threads survive no fork
+        self.pipes, self.processes = [], []
+        for rank in range(1, world_size):
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=worker_main, args=(rank, world_size, port, receiver, runner_args),
+                                      name=f"tp-worker-{rank}", daemon=True)
+            process.start()
+            receiver.close()
+            self.pipes.append(sender)
+            self.processes.append(process)
+        self.error: str | None = None
+        try:
+            parallel_state.init_tensor_parallel(0, world_size, port, runner_args[0].device)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def execute(self, runner, scheduler_output):
+        """Run one step on every rank; rank 0's runner returns the sampled tokens."""
+        if self.error is None:
+            self._find_dead_worker(wait_s=0)
+        if self.error is not None:
+            raise RuntimeError(self.error)
+        try:
+            step = describe_step(scheduler_output)
+            for pipe in self.pipes:
+                pipe.send(step)
+            return runner.execute(scheduler_output)
+        except Exception as error:
+            # The ranks are out of step now: whatever happened, this engine cannot go on.
+            self._find_dead_worker(wait_s=2.0)
+            self.error = self.error or f"tensor-parallel step failed on rank 0 ({error}); the engine is down"
+            self.shutdown()
+            raise RuntimeError(self.error) from error
+
+    def _find_dead_worker(self, wait_s: float) -> None:
+        """Record the first dead worker as the engine's error, waiting up to `wait_s` for one to die."""
+        wait([process.sentinel for process in self.processes], timeout=wait_s)
+        for rank, process in enumerate(self.processes, start=1):
+            if not process.is_alive():
+                self.error = (f"tensor-parallel worker rank {rank} died (exit code {process.exitcode}); "
+                              "the engine is down, start a new one")
+                return
+
+    def shutdown(self) -> None:
+        """Stop the workers (politely, then by force) and leave the group."""
+        for pipe in self.pipes:
+            try:
+                pipe.send(None)
+            except OSError:
+                pass
+            pipe.close()
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.pipes, self.processes = [], []
+        parallel_state.destroy_tensor_parallel()

@@ -1,0 +1,93 @@
+"""Tensor parallelism on the CPU (gloo): every split of a model gives the tokens of the whole model.
+
+Each tensor-parallel engine spawns its worker processes (ranks 1..N-1) and is shut down at the end
+of its test, since one process hosts one tensor-parallel group at a time.
+"""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.config import BUNDLED_MODEL
+from tests.engine.conftest import TINY_VOCAB
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)
+TINY = dict(dtype="float32", block_size=4, num_gpu_blocks_override=64, seed=0)
+
+
+def prompts(count=3, vocab=TINY_VOCAB):
+    generator = torch.Generator().manual_seed(3)
+    return [{"prompt_token_ids": torch.randint(3, vocab, (n,), generator=generator).tolist()}
+            for n in (5, 11, 19)[:count]]
+
+
+def generate(model, tensor_parallel_size, prompt_list, **options):
+    llm = LLM(model=str(model), tensor_parallel_size=tensor_parallel_size, **options)
+    try:
+        return llm.generate(prompt_list, GREEDY, use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def assert_same_generations(expected, actual):
+    for want, got in zip(expected, actual):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for want_step, got_step in zip(want.outputs[0].logprobs, got.outputs[0].logprobs):
+            for token_id, logprob in want_step.items():
+                assert got_step[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+def test_two_ranks_match_one(tiny_hf_checkpoint, variant):
+    folder, _ = tiny_hf_checkpoint(variant)
+    assert_same_generations(generate(folder, 1, prompts(), **TINY), generate(folder, 2, prompts(), **TINY))
+
+
+@pytest.mark.slow
+def test_four_ranks_replicate_two_kv_heads(tiny_hf_checkpoint):
+    """4 query heads and 2 KV heads over 4 ranks: each KV head lives on two ranks."""
+    folder, hf_model = tiny_hf_checkpoint("llama")
+    assert hf_model.config.num_key_value_heads == 2 and hf_model.config.num_attention_heads == 4
+    assert_same_generations(generate(folder, 1, prompts(2), **TINY), generate(folder, 4, prompts(2), **TINY))
+
+
+@pytest.mark.slow
+def test_bundled_model_splits_three_ways(bundled_tokenizer):
+    """SmolLM2-135M: 9 query heads and 3 KV heads, one KV head per rank."""
+    texts = ["The capital of France is", "def fibonacci(n):"]
+    options = dict(dtype="float32", max_model_len=256, num_gpu_blocks_override=64, seed=0)
+    expected = generate(BUNDLED_MODEL, 1, texts, **options)
+    actual = generate(BUNDLED_MODEL, 3, texts, **options)
+    assert [o.outputs[0].token_ids for o in actual] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_a_size_that_does_not_divide_the_heads_is_refused(tiny_hf_checkpoint):
+    folder, _ = tiny_hf_checkpoint("llama")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 does not divide the model's 4 attention heads"):
+        LLM(model=str(folder), tensor_parallel_size=3, **TINY)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(model=str(folder), tensor_parallel_size=0, **TINY)
+
+
+@pytest.mark.slow
+def test_a_dead_worker_takes_the_engine_down_promptly(tiny_hf_checkpoint):
+    folder, _ = tiny_hf_checkpoint("llama")
+    llm = LLM(model=str(folder), tensor_parallel_size=2, **TINY)
+    try:
+        llm.generate(prompts(1), GREEDY, use_tqdm=False)
+        worker = llm.llm_engine.workers.processes[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="worker rank 1 died"):
+            llm.generate(prompts(1), GREEDY, use_tqdm=False)
+        with pytest.raises(RuntimeError, match="engine is down"):
+            llm.generate(prompts(1), GREEDY, use_tqdm=False)
+        assert time.monotonic() - started < 10
+    finally:
+        llm.llm_engine.shutdown()
