@@ -32,7 +32,8 @@ def inverse_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope scaling type {rope_type!r}")
-    return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    with torch.device("cpu"):  # real numbers even while the model is being built on `meta`
+        return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
 
 
 class RotaryEmbedding(nn.Module):

@@ -91,3 +91,18 @@ def test_a_dead_worker_takes_the_engine_down_promptly(tiny_hf_checkpoint):
         assert time.monotonic() - started < 10
     finally:
         llm.llm_engine.shutdown()
+
+
+def test_llama3_rotary_builds_on_the_meta_device():
+    """Sharded models are built on `meta`; llama3-scaled rope tables must still be real numbers."""
+    import torch
+
+    from engine.layers.rotary import RotaryEmbedding
+    from engine.weights.dummy import dummy_config
+
+    config = dummy_config("llama-3.1-8b")
+    with torch.device("meta"):
+        meta_built = RotaryEmbedding(config, 128, 64)
+    assert meta_built.cos_cache.is_meta
+    torch.testing.assert_close(RotaryEmbedding(config, 128, 64).cos_cache,
+                               RotaryEmbedding(config, 128, 64).cos_cache)
