@@ -15,7 +15,7 @@ from inference.authentication import ApiKeyAuthentication
 from inference.engine_client import get_engine_client
 from inference.errors import OpenAIError
 from inference.selectors import live_replicas, redis_is_reachable, served_models
-from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer
+from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer, validated
 
 OPENAI_RESPONSE = OpenApiResponse(description="OpenAI's response object, or an SSE stream of chunks with stream=true")
 
@@ -80,7 +80,7 @@ class CompletionsApi(APIView):
 
     @extend_schema(summary="Create a completion", request=CompletionRequestSerializer, responses=OPENAI_RESPONSE)
     async def post(self, request):
-        data = _validated(CompletionRequestSerializer, request.data)
+        data = validated(CompletionRequestSerializer, request.data)
         return await _respond(await services.start_completion(api_key=request.auth, data=data), data["stream"])
 
 
@@ -90,14 +90,8 @@ class ChatCompletionsApi(APIView):
     @extend_schema(summary="Create a chat completion", request=ChatCompletionRequestSerializer,
                    responses=OPENAI_RESPONSE)
     async def post(self, request):
-        data = _validated(ChatCompletionRequestSerializer, request.data)
+        data = validated(ChatCompletionRequestSerializer, request.data)
         return await _respond(await services.start_chat(api_key=request.auth, data=data), data["stream"])
-
-
-def _validated(serializer_class, data) -> dict:
-    serializer = serializer_class(data=data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
 
 
 async def _respond(call: services.Call, stream: bool):

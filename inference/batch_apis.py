@@ -11,17 +11,16 @@ from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
-from rest_framework.exceptions import ValidationError
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.parsers import MultiPartParser
 
 from inference import batch_selectors, batch_services
 from inference.authentication import ApiKeyAuthentication
 from inference.batch_input import BATCH_ENDPOINTS
-from inference.errors import OpenAIError, from_drf
+from inference.errors import OpenAIError
 from inference.fields import StrictCharField
 from inference.models import Batch, File, FilePurpose
-from inference.serializers import StrictSerializer
+from inference.serializers import StrictSerializer, validated
 
 OPENAI_OBJECT = OpenApiResponse(description="OpenAI's file or batch object")
 
@@ -57,7 +56,7 @@ class FileListCreateApi(APIView):
     @extend_schema(summary="Upload a JSONL batch input file", request={"multipart/form-data": FileUploadSerializer},
                    responses=OPENAI_OBJECT, operation_id="create_file")
     async def post(self, request):
-        data = _validated(FileUploadSerializer, {name: request.data.get(name) for name in request.data})
+        data = validated(FileUploadSerializer, {name: request.data.get(name) for name in request.data})
         upload = data["file"]
         if upload.size > settings.BATCH_FILE_MAX_BYTES:
             raise OpenAIError(f"The file is {upload.size} bytes; at most {settings.BATCH_FILE_MAX_BYTES} are allowed.",
@@ -113,7 +112,7 @@ class BatchListCreateApi(APIView):
     @extend_schema(summary="Create a batch", request=BatchCreateSerializer, responses=OPENAI_OBJECT,
                    operation_id="create_batch")
     async def post(self, request):
-        data = _validated(BatchCreateSerializer, request.data)
+        data = validated(BatchCreateSerializer, request.data)
         input_file = await _file(request, data["input_file_id"], param="input_file_id")
         if input_file.purpose != FilePurpose.BATCH:
             raise OpenAIError("The input file must have purpose 'batch'.", param="input_file_id",
@@ -126,7 +125,7 @@ class BatchListCreateApi(APIView):
     @extend_schema(summary="The key's tenant's batches, newest first", parameters=[BatchListSerializer],
                    responses=OPENAI_OBJECT, operation_id="list_batches")
     async def get(self, request):
-        query = _validated(BatchListSerializer, request.query_params.dict())
+        query = validated(BatchListSerializer, request.query_params.dict())
         batches, has_more = await sync_to_async(batch_selectors.list_batches)(
             tenant=request.auth.tenant, after=query.get("after"), limit=query["limit"])
         data = [batch_object(batch) for batch in batches]
@@ -149,13 +148,6 @@ class BatchCancelApi(APIView):
     async def post(self, request, batch_id: str):
         batch = await sync_to_async(batch_services.cancel_batch)(batch=await _batch(request, batch_id))
         return JsonResponse(batch_object(batch))
-
-
-def _validated(serializer_class, data) -> dict:
-    serializer = serializer_class(data=data)
-    if not serializer.is_valid():
-        raise from_drf(ValidationError(serializer.errors))
-    return serializer.validated_data
 
 
 async def _file(request, file_id: str, param: str | None = None) -> File:

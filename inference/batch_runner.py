@@ -19,16 +19,15 @@ from django.db.models import F
 from django.utils import timezone
 from redis.asyncio import Redis
 from redis.exceptions import LockError
-from rest_framework.exceptions import ValidationError
 
 from engine.service.protocol import Usage
 from inference import services
 from inference.batch_input import output_line, parse_input
 from inference.batch_services import create_file
 from inference.engine_client import get_engine_client
-from inference.errors import OpenAIError, from_drf
+from inference.errors import OpenAIError
 from inference.models import Batch, BatchLine, BatchStatus, File, FilePurpose
-from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer
+from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer, validated
 
 logger = logging.getLogger(__name__)
 
@@ -154,12 +153,10 @@ async def run_line(*, batch: Batch, custom_id: str, body: dict) -> tuple[dict, b
 
 
 def _validated(serializer_class, body: dict) -> dict:
-    serializer = serializer_class(data=body)
-    if not serializer.is_valid():
-        raise from_drf(ValidationError(serializer.errors))
-    if serializer.validated_data["stream"]:
+    data = validated(serializer_class, body)
+    if data["stream"]:
         raise OpenAIError("stream is not supported in batch requests.", param="stream")
-    return serializer.validated_data
+    return data
 
 
 def _error_line(custom_id: str, error: OpenAIError, *, request_id: str | None) -> dict:

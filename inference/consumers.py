@@ -14,12 +14,11 @@ import json
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from rest_framework.exceptions import APIException, ValidationError
 
 from inference import services
 from inference.authentication import api_key_from_header, authenticate
-from inference.errors import OpenAIError, from_drf
-from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer
+from inference.errors import OpenAIError
+from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer, validated
 
 ENDPOINTS = {"chat.completions": (ChatCompletionRequestSerializer, services.start_chat),
              "completions": (CompletionRequestSerializer, services.start_completion)}
@@ -88,16 +87,12 @@ class InferenceConsumer(AsyncJsonWebsocketConsumer):
             if not isinstance(body, dict):
                 raise OpenAIError("'body' must be a JSON object.", param="body")
             serializer_class, start = ENDPOINTS[endpoint]
-            serializer = serializer_class(data={**body, "stream": True})
-            serializer.is_valid(raise_exception=True)
-            call = await start(api_key=self.api_key, data=serializer.validated_data)
+            call = await start(api_key=self.api_key, data=validated(serializer_class, {**body, "stream": True}))
             async for chunk in call.chunks():
                 await self.send_json({"type": "chunk", "id": call_id, "data": chunk})
             await self.send_json({"type": "done", "id": call_id})
         except asyncio.CancelledError:
             await asyncio.shield(self._send_quietly({"type": "cancelled", "id": call_id}))
-        except (ValidationError, APIException) as error:
-            await self._error(call_id, from_drf(error))
         except OpenAIError as error:
             await self._error(call_id, error)
         finally:

@@ -7,13 +7,24 @@ from __future__ import annotations
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.exceptions import ValidationError
 
+from inference.errors import from_drf
 from inference.fields import (
     PromptField, StopField, StrictBooleanField, StrictCharField, StrictFloatField, StrictIntegerField,
 )
 
 MAX_N = 128
 MAX_LOGPROBS = 20
+
+
+def validated(serializer_class, data) -> dict:
+    """The serializer's validated data, or an OpenAIError naming the first bad field: one rule for
+    HTTP views, websocket frames and batch lines."""
+    serializer = serializer_class(data=data)
+    if not serializer.is_valid():
+        raise from_drf(ValidationError(serializer.errors))
+    return serializer.validated_data
 
 
 class StrictSerializer(serializers.Serializer):
