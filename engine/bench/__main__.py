@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     device = engine.runner.device
     results["engine"] = _run(args, llm, requests, device)
     _print("engine", results["engine"])
+    engine.shutdown()  # tensor-parallel workers leave the group now, not in interpreter teardown
     if args.compare_hf:
         from engine.bench.hf_baseline import load_hf_model
 

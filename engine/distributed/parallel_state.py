@@ -42,15 +42,24 @@ def init_tensor_parallel(rank: int, world_size: int, port: int, device: str) -> 
     _rank, _world_size = rank, world_size
 
 
+def abort_collectives() -> None:
+    """Make collectives that wait on a dead peer fail now. NCCL only: its kernels would otherwise
+    spin until the collective timeout, while gloo already fails once the peer's socket closes."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+
+
 def destroy_tensor_parallel() -> None:
     global _rank, _world_size, _threads_before
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, ValueError):  # already aborted after a peer died
+            pass
     if _threads_before is not None:
         torch.set_num_threads(_threads_before)
         _threads_before = None
     _rank, _world_size = 0, 1
-_threads_before: int | None = None
 
 
 def tp_rank() -> int:

@@ -3,20 +3,28 @@
 Rank 0 owns the scheduler. Each step it sends every worker a compact description of the step over
 a pipe (not a collective: a pipe may wait idle for hours, and breaks at once when either end dies);
 then all ranks run the step's forward together, meeting in the collectives, and only rank 0 samples.
-A worker that dies or raises takes the engine down: rank 0 checks the workers before each step,
-and a collective with a dead peer fails at once (gloo drops the connection; NCCL's watchdog aborts
-after the collective timeout), so rank 0 raises a clear error instead of hanging.
+A worker that dies or raises takes the engine down: a watchdog thread on rank 0 sees it at once,
+records the error and, on NCCL, aborts the group so a collective waiting on the dead peer fails
+(gloo fails by itself once the peer's socket closes); rank 0 then raises that clear error instead
+of hanging. Workers exit when rank 0 goes, however it goes.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import multiprocessing
+import os
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from types import SimpleNamespace
 
 from engine.distributed import parallel_state
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,18 +72,25 @@ def worker_main(rank: int, world_size: int, port: int, steps, runner_args: tuple
     from engine.worker.model_runner import ModelRunner
 
     config = runner_args[0]
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
         parallel_state.init_tensor_parallel(rank, world_size, port, config.device)
         runner = ModelRunner(*runner_args)
         while (step := steps.recv()) is not None:
             runner.execute(step)
     except EOFError:
-        pass  # rank 0 is gone
+        os._exit(0)  # rank 0 is gone: leaving the group would wait on it
     except BaseException:
         traceback.print_exc()
-        raise SystemExit(1)
-    finally:
-        parallel_state.destroy_tensor_parallel()
+        os._exit(1)
+    parallel_state.destroy_tensor_parallel()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Rank 0 may die in a collective (or be SIGKILLed); a worker blocked there must not outlive it."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 class TensorParallelWorkers:
@@ -94,6 +109,9 @@ class TensorParallelWorkers:
             self.pipes.append(sender)
             self.processes.append(process)
         self.error: str | None = None
+        self._stopping = False
+        threading.Thread(target=self._watch, name="tp-watchdog", daemon=True).start()
+        atexit.register(self.shutdown)  # before multiprocessing's own exit hook kills the workers
         try:
             parallel_state.init_tensor_parallel(0, world_size, port, runner_args[0].device)
         except BaseException:
@@ -118,6 +136,18 @@ class TensorParallelWorkers:
             self.shutdown()
             raise RuntimeError(self.error) from error
 
+    def _watch(self) -> None:
+        """Wait for a worker to die (or for shutdown); then record why and unblock rank 0."""
+        sentinels = [process.sentinel for process in self.processes]
+        while not wait(sentinels, timeout=0.5):
+            if self._stopping:
+                return
+        if self._stopping:
+            return
+        self._find_dead_worker(wait_s=0)
+        logger.error("%s", self.error)
+        parallel_state.abort_collectives()
+
     def _find_dead_worker(self, wait_s: float) -> None:
         """Record the first dead worker as the engine's error, waiting up to `wait_s` for one to die."""
         wait([process.sentinel for process in self.processes], timeout=wait_s)
@@ -129,6 +159,8 @@ class TensorParallelWorkers:
 
     def shutdown(self) -> None:
         """Stop the workers (politely, then by force) and leave the group."""
+        atexit.unregister(self.shutdown)
+        self._stopping = True
         for pipe in self.pipes:
             try:
                 pipe.send(None)
