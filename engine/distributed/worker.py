@@ -158,19 +158,23 @@ class TensorParallelWorkers:
                 return
 
     def shutdown(self) -> None:
-        """Stop the workers (politely, then by force) and leave the group."""
+        """Stop the workers and leave the group with them, or by force when one has died."""
         atexit.unregister(self.shutdown)
         self._stopping = True
+        healthy = self.error is None and all(process.is_alive() for process in self.processes)
         for pipe in self.pipes:
             try:
                 pipe.send(None)
             except OSError:
                 pass
             pipe.close()
+        if not healthy:
+            parallel_state.abort_collectives()
+        # Leave now, while the workers leave too: NCCL's teardown waits for every rank of the group.
+        parallel_state.destroy_tensor_parallel()
         for process in self.processes:
-            process.join(timeout=5)
+            process.join(timeout=30)
             if process.is_alive():
                 process.kill()
                 process.join()
         self.pipes, self.processes = [], []
-        parallel_state.destroy_tensor_parallel()
