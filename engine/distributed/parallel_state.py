@@ -8,6 +8,7 @@ captures like any other launch.
 from __future__ import annotations
 
 import socket
+import weakref
 from datetime import timedelta
 
 import torch
@@ -18,6 +19,7 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 _rank, _world_size = 0, 1
 _threads_before: int | None = None
+_before_destroy: list[weakref.WeakMethod] = []
 
 
 def free_port() -> int:
@@ -49,8 +51,19 @@ def abort_collectives() -> None:
         dist.distributed_c10d._abort_process_group()
 
 
+def call_before_destroy(method) -> None:
+    """Have `method` (a bound method, held weakly) run before this process leaves the group."""
+    _before_destroy.append(weakref.WeakMethod(method))
+
+
 def destroy_tensor_parallel() -> None:
     global _rank, _world_size, _threads_before
+    while _before_destroy:
+        if (method := _before_destroy.pop()()) is not None:
+            try:
+                method()
+            except RuntimeError:  # a device already poisoned by an aborted collective: leave anyway
+                pass
     if dist.is_initialized():
         try:
             dist.destroy_process_group()

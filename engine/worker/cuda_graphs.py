@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from engine.distributed import parallel_state
 from engine.layers.attention import set_forward_context
 from engine.worker.input_buffers import InputBuffers
 
@@ -58,8 +59,18 @@ class CudaGraphRunner:
                     self.outputs[size] = self.model(inputs.input_ids, inputs.positions)
             self.graphs[size] = graph
         torch.cuda.synchronize()
+        if parallel_state.tp_world_size() > 1:  # the graphs hold NCCL work: free them before the group
+            parallel_state.call_before_destroy(self.release)
         logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1fs", len(self.sizes), self.sizes[0],
                     self.sizes[-1], time.perf_counter() - started)
+
+    def release(self) -> None:
+        """Free the graphs; later steps run eagerly. Destroying a process group whose collectives a
+        live graph captured hangs (pytorch/pytorch#115388), so this runs first."""
+        torch.cuda.synchronize()
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs, self.outputs, self.sizes = {}, {}, []
 
     def replay(self, size: int) -> torch.Tensor:
         """The hidden states of the step whose inputs were just prepared with `padded_seqs=size`."""

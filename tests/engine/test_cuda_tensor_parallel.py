@@ -18,7 +18,8 @@ NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NUM_GPUS < 2, reason="needs two GPUs")]
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
-OPTIONS = dict(dtype="float32", device="cuda", skip_tokenizer_init=True, block_size=16, num_gpu_blocks_override=512)
+OPTIONS = dict(dtype="float32", device="cuda", skip_tokenizer_init=True, block_size=16, num_gpu_blocks_override=512,
+               max_num_seqs=16)
 
 
 @pytest.fixture(scope="module")
