@@ -8,6 +8,7 @@ captures like any other launch.
 from __future__ import annotations
 
 import socket
+import threading
 import weakref
 from datetime import timedelta
 
@@ -20,6 +21,7 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 _rank, _world_size = 0, 1
 _threads_before: int | None = None
 _before_destroy: list[weakref.WeakMethod] = []
+_lost_nccl_peer = False  # an NCCL group lost a rank: this process cannot tear it down or start another
 
 
 def free_port() -> int:
@@ -31,6 +33,9 @@ def free_port() -> int:
 def init_tensor_parallel(rank: int, world_size: int, port: int, device: str) -> None:
     """Join the group of `world_size` ranks that rendezvous on 127.0.0.1:`port`."""
     global _rank, _world_size, _threads_before
+    if _lost_nccl_peer:
+        raise RuntimeError("a tensor-parallel engine in this process lost a GPU worker, and NCCL cannot start "
+                           "another group here: start the engine in a new process")
     if dist.is_initialized():
         raise RuntimeError("a tensor-parallel engine already runs in this process; shut it down first")
     on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -45,10 +50,14 @@ def init_tensor_parallel(rank: int, world_size: int, port: int, device: str) -> 
 
 
 def abort_collectives() -> None:
-    """Make collectives that wait on a dead peer fail now. NCCL only: its kernels would otherwise
-    spin until the collective timeout, while gloo already fails once the peer's socket closes."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        dist.distributed_c10d._abort_process_group()
+    """Make collectives that wait on a dead peer fail now. NCCL only (gloo fails by itself once the
+    peer's socket closes): the abort frees the kernels spinning on the peer, but the call itself may
+    never return (seen on H200s, torch 2.11), so it runs on a thread nobody waits for, and the group
+    is abandoned rather than destroyed."""
+    global _lost_nccl_peer
+    if dist.is_initialized() and dist.get_backend() == "nccl" and not _lost_nccl_peer:
+        _lost_nccl_peer = True
+        threading.Thread(target=dist.distributed_c10d._abort_process_group, name="nccl-abort", daemon=True).start()
 
 
 def call_before_destroy(method) -> None:
@@ -58,17 +67,13 @@ def call_before_destroy(method) -> None:
 
 def destroy_tensor_parallel() -> None:
     global _rank, _world_size, _threads_before
+    if _lost_nccl_peer:  # the device may be stuck in an aborted collective: touch neither it nor the group
+        _before_destroy.clear()
     while _before_destroy:
         if (method := _before_destroy.pop()()) is not None:
-            try:
-                method()
-            except RuntimeError:  # a device already poisoned by an aborted collective: leave anyway
-                pass
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except (RuntimeError, ValueError):  # already aborted after a peer died
-            pass
+            method()
+    if dist.is_initialized() and not _lost_nccl_peer:
+        dist.destroy_process_group()
     if _threads_before is not None:
         torch.set_num_threads(_threads_before)
         _threads_before = None

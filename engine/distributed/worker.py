@@ -5,8 +5,9 @@ a pipe (not a collective: a pipe may wait idle for hours, and breaks at once whe
 then all ranks run the step's forward together, meeting in the collectives, and only rank 0 samples.
 A worker that dies or raises takes the engine down: a watchdog thread on rank 0 sees it at once,
 records the error and, on NCCL, aborts the group so a collective waiting on the dead peer fails
-(gloo fails by itself once the peer's socket closes); rank 0 then raises that clear error instead
-of hanging. Workers exit when rank 0 goes, however it goes.
+(gloo fails by itself once the peer's socket closes); rank 0 then raises that clear error. Should
+rank 0 still be blocked STUCK_STEP_GRACE_S later, the process exits rather than hang. Workers exit
+when rank 0 goes, however it goes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from types import SimpleNamespace
 from engine.distributed import parallel_state
 
 logger = logging.getLogger(__name__)
+
+# After a worker dies, how long rank 0 may stay blocked in a collective with it before the process
+# exits: an aborted NCCL group normally frees it at once; a hang is worse than an exit.
+STUCK_STEP_GRACE_S = 30.0
 
 
 @dataclass
@@ -110,6 +115,7 @@ class TensorParallelWorkers:
             self.processes.append(process)
         self.error: str | None = None
         self._stopping = False
+        self._step_started: float | None = None  # when the step in flight began
         threading.Thread(target=self._watch, name="tp-watchdog", daemon=True).start()
         atexit.register(self.shutdown)  # before multiprocessing's own exit hook kills the workers
         try:
@@ -124,6 +130,7 @@ class TensorParallelWorkers:
             self._find_dead_worker(wait_s=0)
         if self.error is not None:
             raise RuntimeError(self.error)
+        self._step_started = time.monotonic()
         try:
             step = describe_step(scheduler_output)
             for pipe in self.pipes:
@@ -135,6 +142,8 @@ class TensorParallelWorkers:
             self.error = self.error or f"tensor-parallel step failed on rank 0 ({error}); the engine is down"
             self.shutdown()
             raise RuntimeError(self.error) from error
+        finally:
+            self._step_started = None
 
     def _watch(self) -> None:
         """Wait for a worker to die (or for shutdown); then record why and unblock rank 0."""
@@ -147,6 +156,12 @@ class TensorParallelWorkers:
         self._find_dead_worker(wait_s=0)
         logger.error("%s", self.error)
         parallel_state.abort_collectives()
+        deadline = time.monotonic() + STUCK_STEP_GRACE_S
+        while self._step_started is not None:
+            if time.monotonic() > deadline:
+                logger.critical("rank 0 is still blocked in a collective with the dead worker; exiting")
+                os._exit(1)
+            time.sleep(0.1)
 
     def _find_dead_worker(self, wait_s: float) -> None:
         """Record the first dead worker as the engine's error, waiting up to `wait_s` for one to die."""
@@ -173,7 +188,7 @@ class TensorParallelWorkers:
         # Leave now, while the workers leave too: NCCL's teardown waits for every rank of the group.
         parallel_state.destroy_tensor_parallel()
         for process in self.processes:
-            process.join(timeout=30)
+            process.join(timeout=30 if healthy else 2)
             if process.is_alive():
                 process.kill()
                 process.join()
