@@ -70,10 +70,11 @@ def _serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = LLMEngine(engine_config_from_args(args))
-    EngineServer(engine, args.redis_url, args.served_model_name or args.model, key_prefix=args.key_prefix,
-                 replica_id=args.replica_id, reclaim_idle_s=args.reclaim_idle,
-                 shutdown_timeout_s=args.shutdown_timeout).serve_forever()
-    return 0
+    status = EngineServer(engine, args.redis_url, args.served_model_name or args.model, key_prefix=args.key_prefix,
+                          replica_id=args.replica_id, reclaim_idle_s=args.reclaim_idle,
+                          shutdown_timeout_s=args.shutdown_timeout).serve_forever()
+    engine.shutdown()
+    return status
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from multiprocessing.connection import wait
 from types import SimpleNamespace
 
 from engine.distributed import parallel_state
+from engine.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class TensorParallelWorkers:
         self.error: str | None = None
         self._stopping = False
         self._step_started: float | None = None  # when the step in flight began
+        self._reaping = threading.Lock()
         threading.Thread(target=self._watch, name="tp-watchdog", daemon=True).start()
         atexit.register(self.shutdown)  # before multiprocessing's own exit hook kills the workers
         try:
@@ -129,7 +131,7 @@ class TensorParallelWorkers:
         if self.error is None:
             self._find_dead_worker(wait_s=0)
         if self.error is not None:
-            raise RuntimeError(self.error)
+            raise EngineDeadError(self.error)
         self._step_started = time.monotonic()
         try:
             step = describe_step(scheduler_output)
@@ -141,7 +143,7 @@ class TensorParallelWorkers:
             self._find_dead_worker(wait_s=2.0)
             self.error = self.error or f"tensor-parallel step failed on rank 0 ({error}); the engine is down"
             self.shutdown()
-            raise RuntimeError(self.error) from error
+            raise EngineDeadError(self.error) from error
         finally:
             self._step_started = None
 
@@ -164,19 +166,21 @@ class TensorParallelWorkers:
             time.sleep(0.1)
 
     def _find_dead_worker(self, wait_s: float) -> None:
-        """Record the first dead worker as the engine's error, waiting up to `wait_s` for one to die."""
+        """Record the first dead worker as the engine's error, waiting up to `wait_s` for one to die.
+        One thread at a time: two reaping the same child at once can each see it alive."""
         wait([process.sentinel for process in self.processes], timeout=wait_s)
-        for rank, process in enumerate(self.processes, start=1):
-            if not process.is_alive():
-                self.error = (f"tensor-parallel worker rank {rank} died (exit code {process.exitcode}); "
-                              "the engine is down, start a new one")
-                return
+        with self._reaping:
+            for rank, process in enumerate(self.processes, start=1):
+                if self.error is None and not process.is_alive():
+                    self.error = (f"tensor-parallel worker rank {rank} died (exit code {process.exitcode}); "
+                                  "the engine is down, start a new one")
 
     def shutdown(self) -> None:
         """Stop the workers and leave the group with them, or by force when one has died."""
         atexit.unregister(self.shutdown)
         self._stopping = True
-        healthy = self.error is None and all(process.is_alive() for process in self.processes)
+        with self._reaping:
+            healthy = self.error is None and all(process.is_alive() for process in self.processes)
         for pipe in self.pipes:
             try:
                 pipe.send(None)

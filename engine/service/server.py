@@ -4,6 +4,8 @@ Three threads, so Redis never stalls the model: the main thread only steps the e
 takes requests (as many as there is room for), aborts and orphaned requests of dead replicas; a
 writer publishes deltas, acknowledgements and heartbeats. A request is acknowledged when the
 engine accepts it, so one read by a replica that dies before that is reclaimed by another.
+When the engine itself dies (a tensor-parallel worker died), the replica stops and exits 1: its
+clients queue what had not streamed yet on the other replicas (see EngineServer._abandon).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections import deque
 
 import redis
 
+from engine.errors import EngineDeadError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind
@@ -60,11 +63,13 @@ class EngineServer:
         self.accepting.set()
         self.stopped = threading.Event()
         self.wakeup = threading.Event()
+        self.dead = False  # the engine can run no more steps
         self.generated = deque()  # (time, tokens) of the last minute, for the heartbeat
 
     # -- main thread --------------------------------------------------------------------------------
 
-    def serve_forever(self) -> None:
+    def serve_forever(self) -> int:
+        """Serve until told to stop (exit status 0) or until the engine dies (1)."""
         signal.signal(signal.SIGTERM, lambda *_: self.request_shutdown())
         signal.signal(signal.SIGINT, lambda *_: self.request_shutdown())
         threads = [threading.Thread(target=self._reader, name="redis-reader", daemon=True),
@@ -82,6 +87,8 @@ class EngineServer:
             else:
                 self.wakeup.wait(0.05)
                 self.wakeup.clear()
+            if self.dead:
+                break
             if not self.accepting.is_set():
                 shutdown_started = shutdown_started or time.monotonic()
                 if not self.in_flight and self.incoming.empty():
@@ -93,10 +100,15 @@ class EngineServer:
         for thread in threads:
             thread.join(timeout=5)
         logger.info("replica %s stopped", self.replica_id)
+        return 1 if self.dead else 0
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineDeadError as error:
+            logger.critical("the engine is dead (%s); this replica stops", error)
+            self._abandon()
+            return
         except Exception:  # fail what is in flight, loudly, and keep serving new requests
             logger.exception("engine step failed; failing %d in-flight requests", len(self.in_flight))
             self._fail_all("engine_error", "the engine failed while running the request")
@@ -192,6 +204,18 @@ class EngineServer:
         self.in_flight.pop(request_id, None)
         self.deadlines.pop(request_id, None)
         self.num_in_flight = len(self.in_flight)
+
+    def _abandon(self) -> None:
+        """Leave a dead engine: fail the requests that have streamed (their clients saw part of an
+        answer), drop the rest silently so their clients queue them again on another replica once
+        this one's heartbeat is gone, and stop; unaccepted reads go back to the others by reclaim."""
+        for request_id, (seq, *_) in list(self.in_flight.items()):
+            if seq > 1:  # past the note that said which replica took it
+                self._send(error_delta(request_id, seq, "engine_dead",
+                                       "the engine replica failed while generating the answer", self.replica_id))
+            self._finish(request_id)
+        self.dead = True
+        self.accepting.clear()
 
     def _fail_all(self, code: str, message: str) -> None:
         for request_id, (seq, *_) in list(self.in_flight.items()):

@@ -8,9 +8,11 @@ stream is bounded by a timeout, so a hang fails the test instead of blocking the
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 
+import psutil
 import pytest
 import redis
 
@@ -171,6 +173,50 @@ def test_sigkill_fails_only_requests_that_were_streaming(sigkill_run):
     assert not failed_unstarted, (
         f"{len(failed_unstarted)} requests that had not streamed a token were failed with replica_lost "
         f"instead of being taken over by replica b")
+
+
+# -- a tensor-parallel replica losing a worker ---------------------------------------------------------
+
+TP_MAX_TOKENS = 48
+
+
+def test_a_dead_tensor_parallel_worker_stops_its_replica_and_the_others_take_over(service):
+    """Replica `tp` splits the bundled model over 3 processes (gloo). SIGKILL of one of its workers
+    kills its engine: the replica exits 1 naming a dead rank, the requests that had streamed from it
+    fail as `engine_dead`, and every other request completes on replica `b`, none hanging."""
+    svc = service
+    tp = svc.start_replica("tp", "--tensor-parallel-size", "3", "--max-num-seqs", "4", "--reclaim-idle", "2",
+                           wait=False, threads=1)
+    b = svc.start_replica("b", "--max-num-seqs", "4", "--reclaim-idle", "2", wait=False, threads=1)
+    tp.wait_ready(), b.wait_ready()
+    workers = [child for child in psutil.Process(tp.pid).children()
+               if "spawn_main" in " ".join(child.cmdline())]
+    assert len(workers) == 2, [child.cmdline() for child in psutil.Process(tp.pid).children()]
+
+    async def main():
+        async with svc.client(stall_check_s=1.0) as client:
+            streams = Streams(client, timeout=200)
+            for i in range(12):
+                await streams.submit(svc.request(f"Story {i}:", max_tokens=TP_MAX_TOKENS, ignore_eos=True))
+            await streams.wait_for(lambda: any("tp" in streams.served_by(r) for r in streams.requests), 120,
+                                   "replica tp to stream tokens")
+            workers[0].kill()
+            return await streams.finish()
+
+    deltas = asyncio.run(main())
+    assert tp.process.wait(30) == 1, tp.log_tail()
+    # The killed worker's peer fails too once its collective breaks; either may be named.
+    assert re.search(r"tensor-parallel worker rank [12] died", tp.log_path.read_text()), tp.log_tail()
+    outcomes = {}
+    for request_id, stream in deltas.items():
+        assert_consistent(svc, stream, TP_MAX_TOKENS)
+        outcomes[request_id] = svc.error_code(stream) or f"completed by {stream[-1].replica_id}"
+    assert set(outcomes.values()) <= {"engine_dead", "completed by tp", "completed by b"}, outcomes
+    assert "engine_dead" in outcomes.values() and "completed by b" in outcomes.values(), outcomes
+    for request_id, outcome in outcomes.items():
+        if outcome == "engine_dead":
+            assert svc.token_ids_of(deltas[request_id]), "only requests that streamed may fail"
+    assert b.alive()
 
 
 # -- reclaim of entries a dead consumer read ----------------------------------------------------------
