@@ -74,6 +74,9 @@ def _serve(args) -> int:
                           replica_id=args.replica_id, reclaim_idle_s=args.reclaim_idle,
                           shutdown_timeout_s=args.shutdown_timeout).serve_forever()
     engine.shutdown()
+    if status != 0:  # the engine died: an abandoned NCCL group can hang the interpreter's teardown
+        logging.shutdown()
+        os._exit(status)
     return status
 
 

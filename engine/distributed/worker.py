@@ -140,7 +140,7 @@ class TensorParallelWorkers:
             return runner.execute(scheduler_output)
         except Exception as error:
             # The ranks are out of step now: whatever happened, this engine cannot go on.
-            self._find_dead_worker(wait_s=2.0)
+            self._find_dead_worker(wait_s=5.0)
             self.error = self.error or f"tensor-parallel step failed on rank 0 ({error}); the engine is down"
             self.shutdown()
             raise EngineDeadError(self.error) from error
@@ -150,12 +150,13 @@ class TensorParallelWorkers:
     def _watch(self) -> None:
         """Wait for a worker to die (or for shutdown); then record why and unblock rank 0."""
         sentinels = [process.sentinel for process in self.processes]
-        while not wait(sentinels, timeout=0.5):
+        while self.error is None:
             if self._stopping:
                 return
+            if wait(sentinels, timeout=0.5):
+                self._find_dead_worker(wait_s=5.0)
         if self._stopping:
             return
-        self._find_dead_worker(wait_s=0)
         logger.error("%s", self.error)
         parallel_state.abort_collectives()
         deadline = time.monotonic() + STUCK_STEP_GRACE_S
@@ -167,13 +168,19 @@ class TensorParallelWorkers:
 
     def _find_dead_worker(self, wait_s: float) -> None:
         """Record the first dead worker as the engine's error, waiting up to `wait_s` for one to die.
-        One thread at a time: two reaping the same child at once can each see it alive."""
-        wait([process.sentinel for process in self.processes], timeout=wait_s)
-        with self._reaping:
-            for rank, process in enumerate(self.processes, start=1):
-                if self.error is None and not process.is_alive():
-                    self.error = (f"tensor-parallel worker rank {rank} died (exit code {process.exitcode}); "
-                                  "the engine is down, start a new one")
+        Polls: a child can close its pipes a moment before it can be reaped. One thread at a time:
+        two reaping the same child at once can each see it alive."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._reaping:
+                for rank, process in enumerate(self.processes, start=1):
+                    if self.error is None and not process.is_alive():
+                        self.error = (f"tensor-parallel worker rank {rank} died (exit code {process.exitcode}); "
+                                      "the engine is down, start a new one")
+            remaining = deadline - time.monotonic()
+            if self.error is not None or remaining <= 0:
+                return
+            wait([process.sentinel for process in self.processes], timeout=min(remaining, 0.05))
 
     def shutdown(self) -> None:
         """Stop the workers and leave the group with them, or by force when one has died."""
