@@ -24,6 +24,7 @@ from inference.errors import OpenAIError
 from inference.formats import ChatFormat, CompletionFormat, _Format
 from inference.generation import EngineFailed, GenerationPlan, generate, total_usage
 from inference.prompt_tokenizer import PromptError, PromptTokenizer
+from inference.request_cleanup import close_when_request_ends
 from inference.sampling import sampling_fields
 from tenants.admission import AdmissionRefused, admit
 from tenants.models import ApiKey
@@ -203,4 +204,6 @@ async def _admit(api_key: ApiKey, endpoint: str, plan: GenerationPlan, fmt: _For
         metrics.observe_refusal(endpoint=endpoint, tenant=api_key.tenant.name, code=refused.code)
         raise OpenAIError(refused.message, status=refused.status, type=refused.type, code=refused.code,
                           headers=refused.headers) from None
-    return Call(api_key=api_key, endpoint=endpoint, plan=plan, fmt=fmt, admission=admission)
+    call = Call(api_key=api_key, endpoint=endpoint, plan=plan, fmt=fmt, admission=admission)
+    close_when_request_ends(call.close)  # in case the client leaves before the response starts
+    return call

@@ -8,9 +8,10 @@ django_http = get_asgi_application()  # sets Django up before the routing import
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from inference.request_cleanup import CloseWhenRequestEnds  # noqa: E402
 from inference.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter({
-    "http": django_http,
+    "http": CloseWhenRequestEnds(django_http),
     "websocket": URLRouter(websocket_urlpatterns),
 })

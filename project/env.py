@@ -51,8 +51,13 @@ def parse_database_url(url: str, *, base_dir: Path) -> dict:
             name = ":memory:"
         else:
             name = str(base_dir / path)  # an absolute path wins over base_dir
-        # Web, Celery and engine-side writers share the file: wait for a lock rather than fail.
-        return {"ENGINE": "django.db.backends.sqlite3", "NAME": name, "OPTIONS": {"timeout": 20}}
+        # Web and Celery processes write the file at once: wait for the lock rather than fail,
+        # take it when a transaction begins (a read lock upgraded mid-transaction fails at once
+        # instead of waiting), and keep a write-ahead log so readers never block the writer.
+        options = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+        if name != ":memory:":
+            options["init_command"] = "PRAGMA journal_mode=WAL;"
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": name, "OPTIONS": options}
     if parts.scheme in POSTGRES_SCHEMES:
         name = unquote(parts.path.lstrip("/"))
         if not name:

@@ -11,7 +11,8 @@ BASE = Path("/srv/app")
 
 def test_sqlite_relative_path_is_under_base_dir():
     db = parse_database_url("sqlite:///db.sqlite3", base_dir=BASE)
-    assert db == {"ENGINE": "django.db.backends.sqlite3", "NAME": "/srv/app/db.sqlite3", "OPTIONS": {"timeout": 20}}
+    assert db == {"ENGINE": "django.db.backends.sqlite3", "NAME": "/srv/app/db.sqlite3",
+                  "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}}
 
 
 def test_sqlite_absolute_path():
@@ -19,7 +20,8 @@ def test_sqlite_absolute_path():
 
 
 def test_sqlite_in_memory():
-    assert parse_database_url("sqlite:///:memory:", base_dir=BASE)["NAME"] == ":memory:"
+    db = parse_database_url("sqlite:///:memory:", base_dir=BASE)
+    assert db["NAME"] == ":memory:" and "init_command" not in db["OPTIONS"]  # no write-ahead log in memory
 
 
 @pytest.mark.parametrize("scheme", ["postgres", "postgresql"])

@@ -1,9 +1,11 @@
 """SSE disconnects abort the engine request; websockets multiplex and cancel calls by id."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from django.test import override_settings
 from websockets.sync.client import connect
 
 from tenants.models import UsageEvent
@@ -33,6 +35,51 @@ def test_sse_disconnect_aborts_the_engine_request(live):
     assert event.status == "cancelled" and 3 <= event.completion_tokens < 2000
     wait_until(lambda: (beat := live.replica.heartbeat()) and beat.num_running == 0, 30,
                "the engine to drop the aborted request")
+
+
+def test_a_client_gone_before_the_stream_starts_frees_its_holds(live):
+    """The client disconnects while the response headers are being sent, so Django cancels the
+    request before the SSE generator has started and its `finally` never runs: the request's
+    closers must settle the call, writing its usage event and freeing its concurrency slot at once
+    rather than when the lease expires. Driven through the project's real ASGI application, with a
+    client whose socket never takes the headers."""
+    key = live.new_key(max_concurrent_requests=1)
+    body = json.dumps({**LONG, "max_tokens": 16, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                         (b"authorization", f"Bearer {key}".encode()), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    statuses = []
+
+    async def scenario():
+        from project.asgi import application
+
+        headers_sent = asyncio.Event()
+        incoming = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if incoming:
+                return incoming.pop(0)
+            await headers_sent.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+                headers_sent.set()
+                await asyncio.Event().wait()  # the client is gone: these headers are never taken
+
+        await asyncio.wait_for(application(scope, receive, send), 60)
+
+    with override_settings(ENGINE_KEY_PREFIX=live.prefix):
+        asyncio.run(scenario())
+    assert statuses == [200]
+    event = UsageEvent.objects.get(tenant=live.tenant_of(key))
+    assert event.status == "cancelled" and event.completion_tokens == 0
+    # The one request this tenant may run at a time is admitted now, not in 15 minutes.
+    completion = live.openai(key).completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert completion.usage.completion_tokens == 2
 
 
 def ws_connect(live, key: str | None):
