@@ -15,6 +15,9 @@ import asyncio
 import logging
 from contextvars import ContextVar
 
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections
+
 logger = logging.getLogger(__name__)
 
 _closers: ContextVar[list | None] = ContextVar("inference_request_closers", default=None)
@@ -48,3 +51,5 @@ class CloseWhenRequestEnds:
                     await asyncio.shield(close())
                 except Exception:  # one failed close must not keep the others from running
                     logger.exception("closing a call left open by an ended request failed")
+            if closers:  # what they wrote ran outside Django's request: give its connection back
+                await sync_to_async(close_old_connections)()

@@ -174,11 +174,11 @@ class TensorParallelWorkers:
         while True:
             with self._reaping:
                 for rank, process in enumerate(self.processes, start=1):
-                    if self.error is None and not process.is_alive():
+                    if self.error is None and not self._stopping and not process.is_alive():
                         self.error = (f"tensor-parallel worker rank {rank} died (exit code {process.exitcode}); "
                                       "the engine is down, start a new one")
             remaining = deadline - time.monotonic()
-            if self.error is not None or remaining <= 0:
+            if self.error is not None or self._stopping or remaining <= 0:
                 return
             wait([process.sentinel for process in self.processes], timeout=min(remaining, 0.05))
 
@@ -188,6 +188,8 @@ class TensorParallelWorkers:
         self._stopping = True
         with self._reaping:
             healthy = self.error is None and all(process.is_alive() for process in self.processes)
+            # A step now would run on rank 0 alone, its shards never summed: refuse it instead.
+            self.error = self.error or "the tensor-parallel engine was shut down"
         for pipe in self.pipes:
             try:
                 pipe.send(None)

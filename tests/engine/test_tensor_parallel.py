@@ -13,6 +13,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.config import BUNDLED_MODEL
+from engine.errors import EngineDeadError
 from tests.engine.conftest import TINY_VOCAB
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)
@@ -91,6 +92,16 @@ def test_a_dead_worker_takes_the_engine_down_promptly(tiny_hf_checkpoint):
         assert time.monotonic() - started < 10
     finally:
         llm.llm_engine.shutdown()
+
+
+@pytest.mark.slow
+def test_a_shut_down_engine_refuses_to_step(tiny_hf_checkpoint):
+    """After shutdown rank 0 would run alone on its shard, its partial sums never reduced."""
+    folder, _ = tiny_hf_checkpoint("llama")
+    llm = LLM(model=str(folder), tensor_parallel_size=2, **TINY)
+    llm.llm_engine.shutdown()
+    with pytest.raises(EngineDeadError, match="was shut down"):
+        llm.generate(prompts(1), GREEDY, use_tqdm=False)
 
 
 def test_llama3_rotary_builds_on_the_meta_device():
