@@ -28,10 +28,12 @@ from inference.engine_client import get_engine_client
 from inference.errors import OpenAIError
 from inference.models import Batch, BatchLine, BatchStatus, File, FilePurpose
 from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer, validated
+from tenants.admission import release_abandoned
 
 logger = logging.getLogger(__name__)
 
 LEASE_S = 15  # a dead worker's batch is free again this long after its last renewal
+RUNNING_TTL_S = 7 * 24 * 3600  # the record of a batch's admitted lines outlives any run of it
 WATCH_EVERY_S = 1.0  # how often a running batch looks for a cancel (and renews its lease)
 RETRYABLE_CODES = {"rate_limit_exceeded", "engine_unavailable"}  # wait and retry the line, don't fail it
 ENDPOINTS = {
@@ -58,6 +60,7 @@ async def _run(batch_id: str) -> None:
         if batch.status == BatchStatus.VALIDATING:
             batch = await sync_to_async(prepare_lines)(batch=batch)
         if batch.status == BatchStatus.IN_PROGRESS:
+            await _release_lines_of_a_dead_run(batch, redis)
             await _run_lines(batch, lease)
         await sync_to_async(finalize)(batch_id=batch_id)
     finally:
@@ -67,6 +70,21 @@ async def _run(batch_id: str) -> None:
             pass  # never acquired, or expired
         await get_engine_client().close()
         await redis.aclose()
+
+
+def _running_key(batch_id) -> str:
+    """The request ids of a batch's admitted, unsettled lines (a Redis set)."""
+    return f"{settings.ENGINE_KEY_PREFIX}:batch-running:{batch_id}"
+
+
+async def _release_lines_of_a_dead_run(batch: Batch, redis: Redis) -> None:
+    """Lines a killed worker had admitted never settled: free their slots and holds now (the lines
+    run again below) rather than when their leases expire."""
+    key = _running_key(batch.pk)
+    for request_id in await redis.smembers(key):
+        await release_abandoned(redis=redis, api_key=batch.api_key, request_id=request_id.decode(),
+                                key_prefix=settings.ENGINE_KEY_PREFIX)
+        await redis.srem(key, request_id)
 
 
 def _load(batch_id: str) -> Batch | None:
@@ -143,13 +161,17 @@ async def run_line(*, batch: Batch, custom_id: str, body: dict) -> tuple[dict, b
             if error.code not in RETRYABLE_CODES:
                 return _error_line(custom_id, error, request_id=None), False, Usage(0, 0, 0)
             await asyncio.sleep(float(error.headers.get("Retry-After", 1)))
+    redis, running = get_engine_client().redis, _running_key(batch.pk)
     try:
+        await redis.sadd(running, call.plan.request_id)  # until settled, for a run after this worker dies
+        await redis.expire(running, RUNNING_TTL_S)
         response = {"status_code": 200, "request_id": call.plan.request_id, "body": await call.collect()}
         return output_line(custom_id=custom_id, response=response), True, call.usage
     except OpenAIError as error:
         return _error_line(custom_id, error, request_id=call.plan.request_id), False, call.usage
     finally:
         await call.close()
+        await redis.srem(running, call.plan.request_id)
 
 
 def _validated(serializer_class, body: dict) -> dict:

@@ -118,6 +118,18 @@ async def admit(
     )
 
 
+async def release_abandoned(*, redis: Redis, api_key: ApiKey, request_id: str, key_prefix: str = "llm") -> None:
+    """Give back the holds of an admitted request whose process died before settling it (its
+    concurrency slot and quota hold would otherwise last until their leases expire). It counts as
+    no tokens: whoever resumes the work runs the request again and is charged for that."""
+    keys = RateLimitKeys.for_api_key(api_key=api_key, key_prefix=key_prefix)
+    if await redis.zscore(keys.leases, request_id) is None:
+        return  # settled after all (or its lease lapsed): settling again would undo its counts
+    await release_rate_limits(redis=redis, keys=keys, request_id=request_id, actual_tokens=0)
+    period = QuotaPeriod.current(tenant=api_key.tenant, key_prefix=key_prefix)
+    await settle_quota(redis=redis, period=period, request_id=request_id, actual_tokens=0)
+
+
 def _rate_limited(decision: RateLimitDecision, *, api_key: ApiKey) -> AdmissionRefused:
     limits, retry = decision.limits, decision.retry_after
     key_owned = getattr(api_key, _LIMIT_FIELDS[decision.refused_limit]) is not None

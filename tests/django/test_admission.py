@@ -5,7 +5,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from tenants import admission
-from tenants.admission import Admission, AdmissionRefused, admit
+from tenants.admission import Admission, AdmissionRefused, admit, release_abandoned
 from tests.django.admission_testing import (  # noqa: F401  (key_prefix is a fixture)
     burst_of,
     key_prefix,
@@ -68,3 +68,26 @@ def test_a_failing_quota_step_gives_the_rate_limit_hold_back(key_prefix, monkeyp
         with pytest.raises(ConnectionError):
             admit_one()
     assert len(admit_one().admitted) == 1  # the only concurrency slot was given back
+
+
+def test_the_holds_of_an_abandoned_request_are_given_back_once(key_prefix):
+    """A batch worker killed mid-line never settles it: whoever resumes gives its holds back. A
+    request that did settle is left alone, so its real token counts stand."""
+    api_key = make_api_key(max_concurrent_requests=1, token_budget=10_000)
+
+    async def scenario(redis):
+        await admit(redis=redis, api_key=api_key, request_id="killed", prompt_tokens=3, max_tokens=4,
+                    key_prefix=key_prefix)
+        with pytest.raises(AdmissionRefused):  # its slot is taken
+            await admit(redis=redis, api_key=api_key, request_id="next", prompt_tokens=3, max_tokens=4,
+                        key_prefix=key_prefix)
+        await release_abandoned(redis=redis, api_key=api_key, request_id="killed", key_prefix=key_prefix)
+        settled = await admit(redis=redis, api_key=api_key, request_id="next", prompt_tokens=3, max_tokens=4,
+                              key_prefix=key_prefix)
+        await settled.settle(prompt_tokens=3, completion_tokens=4)
+        counts = await redis.hgetall(settled.rate_limit_keys.token_counts)
+        await release_abandoned(redis=redis, api_key=api_key, request_id="next", key_prefix=key_prefix)
+        return counts, await redis.hgetall(settled.rate_limit_keys.token_counts)
+
+    counts_before, counts_after = run(scenario)
+    assert counts_before[b"next"] == b"7" and counts_after == counts_before

@@ -11,9 +11,11 @@ import time
 
 import openai
 import pytest
+import redis
 
 from inference.models import Batch
-from tenants.models import UsageEvent
+from tenants.models import ApiKey, UsageEvent
+from tenants.ratelimit import RateLimitKeys
 
 from tests.service.conftest import REPO_ROOT, _die_with_parent, wait_until
 
@@ -122,6 +124,11 @@ def test_batch_of_240_lines_survives_a_killed_worker(live, worker):
                    .values_list("request_id", flat=True))
     assert request_ids <= recorded
     assert done.usage.output_tokens == sum(line["response"]["body"]["usage"]["completion_tokens"] for line in output)
+    # The lines the killed worker had admitted gave their concurrency slots back when the batch
+    # resumed, not 15 minutes later when their leases would have lapsed.
+    api_key = ApiKey.objects.select_related("tenant").get(prefix=key.split(".")[0])
+    leases = RateLimitKeys.for_api_key(api_key=api_key, key_prefix=live.prefix).leases
+    assert redis.Redis.from_url(live.redis_url).zcard(leases) == 0
 
 
 def test_cancel_stops_the_batch_with_partial_output(live, worker):
