@@ -130,10 +130,15 @@ def test_staff_see_charts_and_revoke_a_key(browser, live_server, committed_rows)
 
 def test_a_user_who_is_not_staff_cannot_get_in(browser, live_server, committed_rows):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
     _, _, _, user = committed_rows
     log_in(browser, live_server, user.username)
-    assert "staff account" in browser.find_element(By.CSS_SELECTOR, ".errorlist").text
+    # The click returns before the refusal page has loaded: wait for it.
+    errors = WebDriverWait(browser, 15).until(
+        expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".errorlist")))
+    assert "staff account" in errors.text
     screenshot(browser, "refused")
     browser.get(f"{live_server}/dashboard/")
     assert "/dashboard/login/" in browser.current_url
