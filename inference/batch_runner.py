@@ -81,6 +81,9 @@ async def _release_lines_of_a_dead_run(batch: Batch, redis: Redis) -> None:
     """Lines a killed worker had admitted never settled: free their slots and holds now (the lines
     run again below) rather than when their leases expire."""
     key = _running_key(batch.pk)
+    if batch.api_key is None:  # the key was deleted: its holds lapse with their leases
+        await redis.delete(key)
+        return
     for request_id in await redis.smembers(key):
         await release_abandoned(redis=redis, api_key=batch.api_key, request_id=request_id.decode(),
                                 key_prefix=settings.ENGINE_KEY_PREFIX)
