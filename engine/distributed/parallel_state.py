@@ -7,7 +7,10 @@ captures like any other launch.
 
 from __future__ import annotations
 
+import atexit
+import os
 import socket
+import sys
 import threading
 import weakref
 from datetime import timedelta
@@ -58,6 +61,19 @@ def abort_collectives() -> None:
     if dist.is_initialized() and dist.get_backend() == "nccl" and not _lost_nccl_peer:
         _lost_nccl_peer = True
         threading.Thread(target=dist.distributed_c10d._abort_process_group, name="nccl-abort", daemon=True).start()
+
+
+def _exit_if_nccl_peer_lost() -> None:
+    """At interpreter exit, NCCL's state for a group that lost a rank cannot be torn down: its C++
+    destructor calls std::terminate (seen on H200s, torch 2.11). Leave before it runs, with status 1,
+    since this process's engine died. Registered at import, so the engine's own exit hooks run first."""
+    if _lost_nccl_peer:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+atexit.register(_exit_if_nccl_peer_lost)
 
 
 def call_before_destroy(method) -> None:

@@ -6,6 +6,8 @@ of its test, since one process hosts one tensor-parallel group at a time.
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -102,6 +104,17 @@ def test_a_shut_down_engine_refuses_to_step(tiny_hf_checkpoint):
     llm.llm_engine.shutdown()
     with pytest.raises(EngineDeadError, match="was shut down"):
         llm.generate(prompts(1), GREEDY, use_tqdm=False)
+
+
+def test_a_process_that_lost_an_nccl_peer_exits_before_nccl_teardown():
+    """NCCL's destructor for a group that lost a rank aborts the process at exit; the exit hook leaves
+    first, with status 1 and its output flushed."""
+    script = ("from engine.distributed import parallel_state\n"
+              "parallel_state._lost_nccl_peer = True  # as abort_collectives leaves it\n"
+              "print('still printed')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert (result.returncode, result.stdout) == (1, "still printed\n"), result.stderr
 
 
 def test_llama3_rotary_builds_on_the_meta_device():
