@@ -73,10 +73,7 @@ def _serve(args) -> int:
     status = EngineServer(engine, args.redis_url, args.served_model_name or args.model, key_prefix=args.key_prefix,
                           replica_id=args.replica_id, reclaim_idle_s=args.reclaim_idle,
                           shutdown_timeout_s=args.shutdown_timeout).serve_forever()
-    engine.shutdown()
-    if status != 0:  # the engine died: an abandoned NCCL group can hang the interpreter's teardown
-        logging.shutdown()
-        os._exit(status)
+    engine.shutdown()  # a group that lost an NCCL rank is left to parallel_state's exit hook
     return status
 
 
