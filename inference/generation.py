@@ -41,7 +41,18 @@ class EngineFailed(RuntimeError):
 
 async def generate(client: EngineClient, plan: GenerationPlan) -> AsyncIterator[tuple[int, OutputDelta]]:
     """(prompt index, delta) pairs as they arrive; raises EngineFailed on an engine error delta."""
-    streams = [await client.submit(request) for request in plan.engine_requests()]
+    streams = []
+    try:
+        for request in plan.engine_requests():
+            streams.append(await client.submit(request))
+        async for item in _merged(streams):
+            yield item
+    finally:  # a stream never iterated (a later submit failed, say) is aborted here
+        for stream in streams:
+            await stream.aclose()
+
+
+async def _merged(streams) -> AsyncIterator[tuple[int, OutputDelta]]:
     if len(streams) == 1:
         async for delta in _checked(streams[0]):
             yield 0, delta

@@ -14,7 +14,7 @@ import msgpack
 
 from engine.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: requests name their client (reply_to); deltas travel in batches
 
 
 class ProtocolError(ValueError):
@@ -33,6 +33,7 @@ class EngineRequest:
     deadline: float | None = None  # unix time after which the request is dropped
     stream: bool = True
     submitted_at: float = field(default_factory=time.time)
+    reply_to: str = ""  # the client id whose reply stream gets the deltas (transport.Keys.reply)
 
     def sampling_params(self) -> SamplingParams:
         """Validated parameters; a bad field raises ProtocolError naming it."""
@@ -88,6 +89,7 @@ class Heartbeat:
     kv_cache_usage: float = 0.0
     device_memory_bytes: int = 0
     tokens_per_s: float = 0.0  # generated tokens per second over the last minute
+    num_aborted: int = 0  # requests aborted since the replica started
     max_model_len: int = 0
     sent_at: float = field(default_factory=time.time)
 
@@ -112,6 +114,22 @@ def encode(message) -> bytes:
     payload = asdict(message)
     payload["v"] = PROTOCOL_VERSION
     return msgpack.packb(payload, use_bin_type=True)
+
+
+def encode_deltas(deltas: list[OutputDelta]) -> bytes:
+    """One reply-stream entry: a step's deltas for one client. Built by hand, not with asdict()
+    (which deep-copies), because an engine step at batch 256 writes hundreds of these."""
+    return msgpack.packb({"v": PROTOCOL_VERSION, "deltas": [_delta_payload(d) for d in deltas]}, use_bin_type=True)
+
+
+def _delta_payload(delta: OutputDelta) -> dict:
+    usage = delta.usage
+    return {"request_id": delta.request_id, "seq": delta.seq, "finished": delta.finished,
+            "outputs": [{"index": o.index, "text": o.text, "token_ids": o.token_ids, "logprobs": o.logprobs,
+                         "finish_reason": o.finish_reason, "stop_reason": o.stop_reason} for o in delta.outputs],
+            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                      "cached_tokens": usage.cached_tokens},
+            "error": delta.error, "replica_id": delta.replica_id, "prompt_logprobs": delta.prompt_logprobs}
 
 
 def _unpack(data: bytes) -> dict:
@@ -146,9 +164,11 @@ def _build(cls, payload: dict, types: dict):
 def decode_request(data: bytes) -> EngineRequest:
     request = _build(EngineRequest, _unpack(data), {
         "request_id": str, "model": str, "tenant": str, "prompt": str, "prompt_token_ids": list, "params": dict,
-        "priority": int, "deadline": (int, float), "stream": bool, "submitted_at": (int, float)})
+        "priority": int, "deadline": (int, float), "stream": bool, "submitted_at": (int, float), "reply_to": str})
     if not request.request_id:
         raise ProtocolError("EngineRequest.request_id must not be empty")
+    if not request.reply_to:
+        raise ProtocolError("EngineRequest.reply_to must name the client that reads the output")
     if (request.prompt is None) == (request.prompt_token_ids is None):
         raise ProtocolError("EngineRequest needs exactly one of prompt and prompt_token_ids")
     if request.prompt_token_ids is not None and not all(
@@ -159,7 +179,21 @@ def decode_request(data: bytes) -> EngineRequest:
 
 
 def decode_delta(data: bytes) -> OutputDelta:
+    return _delta_from(_unpack(data))
+
+
+def decode_deltas(data: bytes) -> list[OutputDelta]:
+    """The deltas of one reply-stream entry (see encode_deltas)."""
     payload = _unpack(data)
+    deltas = payload.get("deltas")
+    if set(payload) != {"deltas"} or not isinstance(deltas, list):
+        raise ProtocolError("a delta batch is a map with one list, `deltas`")
+    return [_delta_from(d) for d in deltas]
+
+
+def _delta_from(payload) -> OutputDelta:
+    if not isinstance(payload, dict):
+        raise ProtocolError("OutputDelta is not a map")
     outputs = payload.get("outputs", [])
     if not isinstance(outputs, list):
         raise ProtocolError("OutputDelta.outputs is not a list")

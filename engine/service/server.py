@@ -18,7 +18,8 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import defaultdict, deque
+from dataclasses import dataclass
 
 import redis
 
@@ -28,14 +29,27 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind
 from engine.service.protocol import (
     CompletionDelta, EngineRequest, Heartbeat, ModelCard, OutputDelta, ProtocolError, Usage, decode_request,
-    encode, error_delta,
+    encode, encode_deltas, error_delta,
 )
 from engine.service.transport import (
-    GROUP, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, OUTPUT_TTL_S, STREAM_MAXLEN, Backoff, Keys,
+    CLIENT_TTL_S, GROUP, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, OUTPUT_TTL_S, REPLY_MAXLEN, STREAM_MAXLEN, Backoff,
+    Keys,
 )
 
 logger = logging.getLogger(__name__)
 MODEL_CARD_CHECK_S = 10.0  # how often the writer makes sure the model card is still in Redis
+CLIENT_CHECK_S = 2.0  # how often the writer looks for clients that went away
+RESEND_FINALS_S = 30.0  # final deltas kept this long, to send again if Redis restarts and loses them
+
+
+@dataclass
+class InFlight:
+    """What the replica tracks of one accepted request (main thread only)."""
+
+    reply_to: str
+    next_seq: int = 1  # seq 0 was the note that said which replica took it
+    completion_tokens: int = 0
+    prompt_logprobs_pending: bool = False
 
 
 class EngineServer:
@@ -54,8 +68,7 @@ class EngineServer:
         self.incoming: queue.Queue[tuple[bytes, EngineRequest]] = queue.Queue()
         self.aborts: queue.Queue[str] = queue.Queue()
         self.outgoing: queue.Queue[tuple] = queue.Queue()
-        # request id -> [next delta seq, tokens so far, prompt logprobs still to send]
-        self.in_flight: dict[str, list] = {}
+        self.in_flight: dict[str, InFlight] = {}
         self.num_in_flight = 0  # read by the reader thread to size its reads
         self.deadlines: dict[str, float] = {}
         self.early_aborts: dict[str, float] = {}  # aborted before accepted: id -> when (main thread)
@@ -65,6 +78,9 @@ class EngineServer:
         self.wakeup = threading.Event()
         self.dead = False  # the engine can run no more steps
         self.generated = deque()  # (time, tokens) of the last minute, for the heartbeat
+        self.num_aborted = 0  # requests stopped by an abort (their client's, or their client died)
+        self.recent_finals: deque[tuple[float, str, OutputDelta]] = deque()  # writer thread only
+        self.gone_clients: dict[str, float] = {}  # client id -> when its liveness key was first missed
 
     # -- main thread --------------------------------------------------------------------------------
 
@@ -131,8 +147,9 @@ class EngineServer:
             if self.early_aborts.pop(request.request_id, None) is not None:
                 continue
             if request.deadline is not None and request.deadline < time.time():
-                self._send(error_delta(request.request_id, 0, "deadline_exceeded",
-                                       "the deadline passed before an engine took the request", self.replica_id))
+                self._send(request.reply_to, error_delta(
+                    request.request_id, 0, "deadline_exceeded", "the deadline passed before an engine took the request",
+                    self.replica_id))
                 continue
             params = request.sampling_params().clone(output_kind=RequestOutputKind.DELTA)
             prompt = request.prompt if request.prompt is not None else {"prompt_token_ids": request.prompt_token_ids}
@@ -140,14 +157,16 @@ class EngineServer:
                 self.engine.add_request(request.request_id, prompt, params, priority=request.priority,
                                         cache_salt=request.tenant or None)
             except ValueError as error:
-                self._send(error_delta(request.request_id, 0, "invalid_request", str(error), self.replica_id))
+                self._send(request.reply_to, error_delta(request.request_id, 0, "invalid_request", str(error),
+                                                         self.replica_id))
                 continue
-            self.in_flight[request.request_id] = [1, 0, params.prompt_logprobs is not None]
+            self.in_flight[request.request_id] = InFlight(request.reply_to,
+                                                          prompt_logprobs_pending=params.prompt_logprobs is not None)
             self.num_in_flight = len(self.in_flight)
             if request.deadline is not None:
                 self.deadlines[request.request_id] = request.deadline
             # Tells the client which replica holds its request, before any token exists.
-            self._send(OutputDelta(request.request_id, 0, replica_id=self.replica_id))
+            self._send(request.reply_to, OutputDelta(request.request_id, 0, replica_id=self.replica_id))
 
     def _apply_aborts(self) -> None:
         while True:
@@ -156,10 +175,8 @@ class EngineServer:
             except queue.Empty:
                 return
             if request_id in self.in_flight:
-                self.engine.abort_request(request_id)
-                self._send(error_delta(request_id, self.in_flight[request_id][0], "aborted",
-                                       "the request was aborted", self.replica_id))
-                self._finish(request_id)
+                self._end_with_error(request_id, "aborted", "the request was aborted")
+                self.num_aborted += 1
             else:  # not accepted yet (maybe still queued here): drop it when it arrives
                 now = time.monotonic()
                 self.early_aborts[request_id] = now
@@ -171,10 +188,7 @@ class EngineServer:
         now = time.time()
         for request_id, deadline in list(self.deadlines.items()):
             if deadline < now:
-                self.engine.abort_request(request_id)
-                self._send(error_delta(request_id, self.in_flight[request_id][0], "deadline_exceeded",
-                                       "the request's deadline passed", self.replica_id))
-                self._finish(request_id)
+                self._end_with_error(request_id, "deadline_exceeded", "the request's deadline passed")
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         num_tokens = 0
@@ -186,16 +200,17 @@ class EngineServer:
                                            o.finish_reason, o.stop_reason) for o in output.outputs]
             new_tokens = sum(len(o.token_ids) for o in output.outputs)
             num_tokens += new_tokens
-            progress[1] += new_tokens
-            usage = Usage(len(output.prompt_token_ids), progress[1], output.num_cached_tokens)
-            delta = OutputDelta(output.request_id, progress[0], completions, output.finished, usage,
+            progress.completion_tokens += new_tokens
+            usage = Usage(len(output.prompt_token_ids), progress.completion_tokens, output.num_cached_tokens)
+            delta = OutputDelta(output.request_id, progress.next_seq, completions, output.finished, usage,
                                 replica_id=self.replica_id)
             prompt_logprobs = output.prompt_logprobs
-            if progress[2] and prompt_logprobs and len(prompt_logprobs) == len(output.prompt_token_ids):
+            if (progress.prompt_logprobs_pending and prompt_logprobs
+                    and len(prompt_logprobs) == len(output.prompt_token_ids)):
                 delta.prompt_logprobs = [None, *_wire_logprobs(prompt_logprobs[1:])]
-                progress[2] = False
-            self._send(delta)
-            progress[0] += 1
+                progress.prompt_logprobs_pending = False
+            self._send(progress.reply_to, delta)
+            progress.next_seq += 1
             if output.finished:
                 self._finish(output.request_id)
         self.generated.append((time.monotonic(), num_tokens))
@@ -209,22 +224,28 @@ class EngineServer:
         """Leave a dead engine: fail the requests that have streamed (their clients saw part of an
         answer), drop the rest silently so their clients queue them again on another replica once
         this one's heartbeat is gone, and stop; unaccepted reads go back to the others by reclaim."""
-        for request_id, (seq, *_) in list(self.in_flight.items()):
-            if seq > 1:  # past the note that said which replica took it
-                self._send(error_delta(request_id, seq, "engine_dead",
-                                       "the engine replica failed while generating the answer", self.replica_id))
+        for request_id, progress in list(self.in_flight.items()):
+            if progress.next_seq > 1:  # past the note that said which replica took it
+                self._send(progress.reply_to, error_delta(
+                    request_id, progress.next_seq, "engine_dead",
+                    "the engine replica failed while generating the answer", self.replica_id))
             self._finish(request_id)
         self.dead = True
         self.accepting.clear()
 
     def _fail_all(self, code: str, message: str) -> None:
-        for request_id, (seq, *_) in list(self.in_flight.items()):
-            self.engine.abort_request(request_id)
-            self._send(error_delta(request_id, seq, code, message, self.replica_id))
-            self._finish(request_id)
+        for request_id in list(self.in_flight):
+            self._end_with_error(request_id, code, message)
 
-    def _send(self, delta: OutputDelta) -> None:
-        self.outgoing.put(("delta", delta))
+    def _end_with_error(self, request_id: str, code: str, message: str) -> None:
+        """Stop an accepted request in the engine (its KV blocks are freed) and tell its client why."""
+        progress = self.in_flight[request_id]
+        self.engine.abort_request(request_id)
+        self._send(progress.reply_to, error_delta(request_id, progress.next_seq, code, message, self.replica_id))
+        self._finish(request_id)
+
+    def _send(self, reply_to: str, delta: OutputDelta) -> None:
+        self.outgoing.put(("delta", reply_to, delta))
 
     def heartbeat(self) -> Heartbeat:
         stats = self.engine.stats()
@@ -237,7 +258,7 @@ class EngineServer:
         return Heartbeat(self.replica_id, self.model_name, queue_depth=self.incoming.qsize(),
                          num_running=stats["num_running"], num_waiting=stats["num_waiting"],
                          kv_cache_usage=stats["kv_cache_usage"], device_memory_bytes=self.engine.runner.memory_in_use(),
-                         tokens_per_s=tokens / window if window > 0 else 0.0,
+                         tokens_per_s=tokens / window if window > 0 else 0.0, num_aborted=self.num_aborted,
                          max_model_len=self.engine.max_model_len)
 
     def model_card(self) -> ModelCard:
@@ -339,15 +360,16 @@ class EngineServer:
         client = redis.Redis.from_url(self.redis_url)
         stream = self.keys.requests(self.model_name)
         batch: list[tuple] = []
-        next_heartbeat = next_card_check = 0.0
+        next_heartbeat = next_card_check = next_client_check = 0.0
         card, card_key = encode(self.model_card()), self.keys.model_card(self.model_name)
+        redis_run_id = None
         while not (self.stopped.is_set() and self.outgoing.empty() and not batch):
             if not batch:
                 try:
                     batch.append(self.outgoing.get(timeout=0.1))
                 except queue.Empty:
                     pass
-                while len(batch) < 512:
+                while len(batch) < 4096:
                     try:
                         batch.append(self.outgoing.get_nowait())
                     except queue.Empty:
@@ -361,10 +383,17 @@ class EngineServer:
                     client.set(self.keys.heartbeat(self.model_name, self.replica_id), encode(beat),
                                ex=HEARTBEAT_TTL_S)
                     next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+                    run_id = client.info("server").get("run_id")
+                    if redis_run_id is not None and run_id != redis_run_id:
+                        self._resend_finals(client)
+                    redis_run_id = run_id
                 if time.monotonic() >= next_card_check:  # again after a Redis restart lost it
                     if next_card_check == 0 or not client.exists(card_key):
                         client.set(card_key, card)
                     next_card_check = time.monotonic() + MODEL_CARD_CHECK_S
+                if time.monotonic() >= next_client_check:
+                    self._abort_requests_of_gone_clients(client)
+                    next_client_check = time.monotonic() + CLIENT_CHECK_S
                 backoff.reset()
             except redis.ConnectionError as error:
                 delay = backoff.delay()
@@ -377,15 +406,64 @@ class EngineServer:
         client.delete(self.keys.heartbeat(self.model_name, self.replica_id))
 
     def _flush(self, client: redis.Redis, stream: str, batch: list[tuple]) -> None:
+        """Acks, then one XADD per client with everything for it: a step costs one round trip."""
         pipe = client.pipeline(transaction=False)
-        for kind, item in batch:
+        by_client: dict[str, list[OutputDelta]] = defaultdict(list)
+        for kind, *item in batch:
             if kind == "ack":
-                pipe.xack(stream, GROUP, item)
+                pipe.xack(stream, GROUP, item[0])
             else:
-                key = self.keys.output(item.request_id)
-                pipe.xadd(key, {"data": encode(item)}, maxlen=STREAM_MAXLEN, approximate=True)
-                pipe.expire(key, OUTPUT_TTL_S)
+                reply_to, delta = item
+                by_client[reply_to].append(delta)
+                if delta.finished:
+                    self.recent_finals.append((time.monotonic(), reply_to, delta))
+        for reply_to, deltas in by_client.items():
+            self._add_replies(pipe, reply_to, deltas)
         pipe.execute()
+        while self.recent_finals and self.recent_finals[0][0] < time.monotonic() - RESEND_FINALS_S:
+            self.recent_finals.popleft()
+
+    def _add_replies(self, pipe, reply_to: str, deltas: list[OutputDelta]) -> None:
+        key = self.keys.reply(reply_to)
+        pipe.xadd(key, {"data": encode_deltas(deltas)}, maxlen=REPLY_MAXLEN, approximate=True)
+        pipe.expire(key, OUTPUT_TTL_S)
+
+    def _resend_finals(self, client: redis.Redis) -> None:
+        """Redis restarted: the last deltas of requests that ended lately may have been lost unread,
+        and their clients would wait for them in vain. Send them again; a client that did read them
+        ignores the repeat (its seq is behind), one that lost earlier deltas sees the gap."""
+        logger.warning("Redis restarted; sending the last deltas of %d recent requests again", len(self.recent_finals))
+        by_client: dict[str, list[OutputDelta]] = defaultdict(list)
+        for _, reply_to, delta in self.recent_finals:
+            by_client[reply_to].append(delta)
+        pipe = client.pipeline(transaction=False)
+        for reply_to, deltas in by_client.items():
+            self._add_replies(pipe, reply_to, deltas)
+        pipe.execute()
+
+    def _abort_requests_of_gone_clients(self, client: redis.Redis) -> None:
+        """Abort the requests of clients whose liveness key has been gone for CLIENT_TTL_S (a web
+        process killed mid-stream, say), so their KV blocks go to someone who is listening."""
+        clients: dict[str, list[str]] = defaultdict(list)
+        for request_id, progress in self.in_flight.copy().items():  # copy(): one atomic step under the GIL
+            clients[progress.reply_to].append(request_id)
+        names = list(clients)
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(self.keys.client(name))
+        now = time.monotonic()
+        for name, alive in zip(names, pipe.execute()):
+            if alive:
+                self.gone_clients.pop(name, None)
+                continue
+            missing_since = self.gone_clients.setdefault(name, now)
+            if now - missing_since >= CLIENT_TTL_S:
+                logger.warning("client %s is gone; aborting its %d requests", name, len(clients[name]))
+                for request_id in clients[name]:
+                    self.aborts.put(request_id)
+                self.wakeup.set()
+        for name in set(self.gone_clients) - set(names):
+            del self.gone_clients[name]
 
 
 def _last_entry_id(client: redis.Redis, stream: str) -> bytes | str:

@@ -2,7 +2,12 @@
 
 - `{prefix}:requests:{model}`: one stream per model; replicas read it through the consumer group
   `engines`, each only as much as it has room for, so load spreads by itself.
-- `{prefix}:out:{request_id}`: one stream of OutputDeltas per request, expiring after OUTPUT_TTL_S.
+- `{prefix}:reply:{client_id}`: one stream per client (a web process, a Celery worker), named in
+  each request it sends; an entry carries every delta of one engine step for that client, so a web
+  process reads all its streams' output with one XREAD, and an engine writes a step with one XADD
+  per client. The client deletes entries once read; the stream expires after OUTPUT_TTL_S unused.
+- `{prefix}:client:{client_id}`: a client's liveness key, refreshed every CLIENT_REFRESH_S with a
+  CLIENT_TTL_S expiry; replicas abort the requests of a client whose key is gone (its process died).
 - `{prefix}:aborts`: request ids to abort; every replica reads all of it.
 - `{prefix}:hb:{model}:{replica}`: a replica's latest Heartbeat, expiring after HEARTBEAT_TTL_S.
 - `{prefix}:model:{model}`: the model's ModelCard (tokenizer and chat template for the web side).
@@ -15,6 +20,9 @@ from dataclasses import dataclass
 
 GROUP = "engines"
 OUTPUT_TTL_S = 600
+REPLY_MAXLEN = 100_000  # entries (steps) a client may fall behind before its oldest are dropped
+CLIENT_TTL_S = 5
+CLIENT_REFRESH_S = 1.0
 HEARTBEAT_TTL_S = 5
 HEARTBEAT_INTERVAL_S = 1.0
 STREAM_MAXLEN = 100_000
@@ -28,8 +36,11 @@ class Keys:
     def requests(self, model: str) -> str:
         return f"{self.prefix}:requests:{model}"
 
-    def output(self, request_id: str) -> str:
-        return f"{self.prefix}:out:{request_id}"
+    def reply(self, client_id: str) -> str:
+        return f"{self.prefix}:reply:{client_id}"
+
+    def client(self, client_id: str) -> str:
+        return f"{self.prefix}:client:{client_id}"
 
     @property
     def aborts(self) -> str:

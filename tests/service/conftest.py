@@ -27,7 +27,7 @@ import redis
 
 from engine.config import BUNDLED_MODEL
 from engine.service.client import EngineClient
-from engine.service.protocol import EngineRequest, Heartbeat, OutputDelta, decode_delta, decode_heartbeat, encode
+from engine.service.protocol import EngineRequest, Heartbeat, OutputDelta, decode_deltas, decode_heartbeat, encode
 from engine.service.transport import GROUP, Keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -206,6 +206,7 @@ class Service:
         self.redis_url = redis_url
         self.prefix = f"test-{uuid.uuid4().hex[:12]}"
         self.keys = Keys(self.prefix)
+        self.reader_id = f"test-reader-{uuid.uuid4().hex[:8]}"  # the reply_to of requests enqueued directly
         self.log_dir = log_dir
         self.replicas: list[Replica] = []
 
@@ -254,13 +255,13 @@ class Service:
         finally:
             await client.close()
 
-    @staticmethod
-    def request(prompt: str | list[int] = "The capital of France is", **params) -> EngineRequest:
-        """A greedy request (8 tokens unless told otherwise) for the bundled model."""
+    def request(self, prompt: str | list[int] = "The capital of France is", **params) -> EngineRequest:
+        """A greedy request (8 tokens unless told otherwise) for the bundled model; its reply_to is
+        this Service's reader until a client's submit names the client instead."""
         params = {"temperature": 0.0, "max_tokens": 8, **params}
         text, token_ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         return EngineRequest(request_id=f"req-{uuid.uuid4().hex}", model=MODEL, prompt=text,
-                             prompt_token_ids=token_ids, params=params)
+                             prompt_token_ids=token_ids, params=params, reply_to=self.reader_id)
 
     @staticmethod
     async def collect(stream, timeout: float = 90.0) -> list[OutputDelta]:
@@ -287,22 +288,29 @@ class Service:
             client.close()
 
     def enqueue(self, request: EngineRequest) -> bytes:
-        return self.enqueue_raw({"data": encode(request)})
-
-    def read_output(self, request_id: str, timeout: float = 90.0) -> list[OutputDelta]:
-        """A request's deltas read straight from its output stream, up to the finished one."""
+        """Straight onto the request stream, with this Service as the (live) client that reads it."""
         client = self.sync_redis()
-        key, last_id, deltas = self.keys.output(request_id), "0-0", []
-        deadline = time.monotonic() + timeout
         try:
-            while not (deltas and deltas[-1].finished):
-                assert time.monotonic() < deadline, f"{request_id} did not finish within {timeout}s: {deltas}"
-                for _, entries in client.xread({key: last_id}, block=500) or []:
-                    for entry_id, fields in entries:
-                        last_id = entry_id
-                        deltas.append(decode_delta(fields[b"data"]))
+            client.set(self.keys.client(self.reader_id), b"1", ex=3600)
         finally:
             client.close()
+        return self.enqueue_raw({"data": encode(request)})
+
+    def deltas_in_redis(self, request_id: str) -> list[OutputDelta]:
+        """The deltas of a request enqueued with `enqueue`, as they are in its reply stream now."""
+        client = self.sync_redis()
+        try:
+            entries = client.xrange(self.keys.reply(self.reader_id))
+        finally:
+            client.close()
+        return [d for _, fields in entries for d in decode_deltas(fields[b"data"]) if d.request_id == request_id]
+
+    def read_output(self, request_id: str, timeout: float = 90.0) -> list[OutputDelta]:
+        """A request's deltas (enqueued with `enqueue`), up to the finished one."""
+        deadline = time.monotonic() + timeout
+        while not ((deltas := self.deltas_in_redis(request_id)) and deltas[-1].finished):
+            assert time.monotonic() < deadline, f"{request_id} did not finish within {timeout}s: {deltas}"
+            time.sleep(0.2)
         return deltas
 
     def pending_count(self) -> int:

@@ -13,7 +13,7 @@ import pytest
 
 from engine.service.protocol import (
     PROTOCOL_VERSION, CompletionDelta, EngineRequest, Heartbeat, OutputDelta, ProtocolError, Usage, decode_delta,
-    decode_heartbeat, decode_request, encode, error_delta,
+    decode_deltas, decode_heartbeat, decode_request, encode, encode_deltas, error_delta,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def valid_request(**changes) -> EngineRequest:
     fields = dict(request_id="req-1", model="m", tenant="acme", prompt="Hello there",
                   params={"temperature": 0.0, "max_tokens": 8, "stop": ["\n"], "seed": 3}, priority=2,
-                  deadline=1_900_000_000.5, stream=True)
+                  deadline=1_900_000_000.5, stream=True, reply_to="web-1")
     fields.update(changes)
     return EngineRequest(**fields)
 
@@ -70,6 +70,21 @@ def test_output_delta_round_trip():
     assert all(isinstance(o, CompletionDelta) for o in decoded.outputs)
 
 
+def test_a_batch_of_deltas_round_trips_as_one_entry():
+    deltas = [OutputDelta("req-1", 0, replica_id="r1"),
+              OutputDelta("req-2", 5, [CompletionDelta(0, "é", [233, 1], logprobs=[{233: [-0.5, 2, "é"]}])],
+                          usage=Usage(3, 6, 1), replica_id="r1", prompt_logprobs=[None, {7: [-1.0, 1, "a"]}]),
+              error_delta("req-3", 2, "aborted", "the request was aborted", "r1")]
+    assert decode_deltas(encode_deltas(deltas)) == deltas
+    assert decode_deltas(encode_deltas([])) == []
+
+
+@pytest.mark.parametrize("payload", [{"deltas": "x"}, {"deltas": [1]}, {"deltas": [], "more": 1}, {}])
+def test_malformed_delta_batches_are_rejected(payload):
+    with pytest.raises(ProtocolError):
+        decode_deltas(pack({**payload, "v": PROTOCOL_VERSION}))
+
+
 def test_error_delta_round_trip():
     delta = error_delta("req-1", 4, "replica_lost", "gone", replica_id="r2")
     decoded = decode_delta(encode(delta))
@@ -98,7 +113,7 @@ def test_garbage_is_rejected(decode, data):
         decode(data)
 
 
-@pytest.mark.parametrize("version", [None, 0, 2, "1"])
+@pytest.mark.parametrize("version", [None, 0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, str(PROTOCOL_VERSION)])
 def test_wrong_or_missing_version_is_rejected(version):
     with pytest.raises(ProtocolError, match="version"):
         decode_request(pack(request_map(v=version) if version is not None else request_map(v=None)))
@@ -111,7 +126,7 @@ def test_unknown_field_is_rejected():
 
 @pytest.mark.parametrize("name, value", [
     ("request_id", 17), ("model", ["m"]), ("prompt", 3.5), ("prompt_token_ids", "1 2 3"), ("params", [1]),
-    ("priority", "high"), ("deadline", "tomorrow"), ("stream", "yes"), ("tenant", b"bytes"),
+    ("priority", "high"), ("deadline", "tomorrow"), ("stream", "yes"), ("tenant", b"bytes"), ("reply_to", 7),
 ])
 def test_wrong_type_is_rejected_naming_the_field(name, value):
     changes = {name: value}
@@ -138,7 +153,7 @@ def test_prompt_and_token_ids_together_are_rejected():
         decode_request(pack(request_map(prompt_token_ids=[1, 2])))
 
 
-@pytest.mark.parametrize("missing", ["request_id", "model"])
+@pytest.mark.parametrize("missing", ["request_id", "model", "reply_to"])
 def test_missing_required_field_is_rejected(missing):
     with pytest.raises(ProtocolError, match=missing):
         decode_request(pack(request_map(**{missing: None})))
