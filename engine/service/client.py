@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
 
 from engine.service.protocol import EngineRequest, Heartbeat, ModelCard, OutputDelta, ProtocolError, decode_deltas, \
     decode_heartbeat, decode_model_card, encode, error_delta
-from engine.service.transport import CLIENT_REFRESH_S, CLIENT_TTL_S, STREAM_MAXLEN, Backoff, Keys
+from engine.service.transport import CLIENT_REFRESH_S, CLIENT_TTL_S, GROUP, STREAM_MAXLEN, Backoff, Keys
 
 logger = logging.getLogger(__name__)
 REPLICAS_REFRESH_S = 1.0  # how stale the cached replica list may get
@@ -187,6 +187,14 @@ class EngineClient:
         return await self.redis.xadd(self.keys.requests(request.model), {"data": encode(request)},
                                      maxlen=STREAM_MAXLEN, approximate=True)
 
+    async def _requeue(self, request: EngineRequest, entry_id: bytes) -> bytes:
+        """Queue a request again whose replica died; its old entry goes first, so a replica that
+        reclaims the dead one's unacknowledged reads cannot run it a second time."""
+        stream = self.keys.requests(request.model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await pipe.xack(stream, GROUP, entry_id).xdel(stream, entry_id).execute()
+        return await self._enqueue(request)
+
     async def _stream(self, request: EngineRequest, entry_id: bytes) -> AsyncIterator[OutputDelta]:
         deltas = self._waiting[request.request_id]
         replica_id, finished, stalls = None, False, 0
@@ -212,7 +220,7 @@ class EngineClient:
                             # Nothing reached the caller: run it again on another replica.
                             logger.warning("replica %s lost request %s before it streamed; queueing it again",
                                            replica_id, request.request_id)
-                            entry_id, replica_id, stalls = await self._enqueue(request), None, 0
+                            entry_id, replica_id, stalls = await self._requeue(request, entry_id), None, 0
                             continue
                         if problem:
                             finished = problem[0] == "replica_lost"  # a lost replica holds nothing to abort

@@ -29,17 +29,15 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind
 from engine.service.protocol import (
     CompletionDelta, EngineRequest, Heartbeat, ModelCard, OutputDelta, ProtocolError, Usage, decode_request,
-    encode, encode_deltas, error_delta,
+    encode, error_delta,
 )
-from engine.service.transport import (
-    CLIENT_TTL_S, GROUP, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, OUTPUT_TTL_S, REPLY_MAXLEN, STREAM_MAXLEN, Backoff,
-    Keys,
-)
+from engine.service.replies import ClientWatch, ReplyWriter
+from engine.service.transport import GROUP, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, STREAM_MAXLEN, Backoff, Keys
 
 logger = logging.getLogger(__name__)
 MODEL_CARD_CHECK_S = 10.0  # how often the writer makes sure the model card is still in Redis
 CLIENT_CHECK_S = 2.0  # how often the writer looks for clients that went away
-RESEND_FINALS_S = 30.0  # final deltas kept this long, to send again if Redis restarts and loses them
+DEAD_OWNER_IDLE_MS = 1000  # requests read by a replica whose heartbeat is gone are taken over this soon  # final deltas kept this long, to send again if Redis restarts and loses them
 
 
 @dataclass
@@ -79,8 +77,8 @@ class EngineServer:
         self.dead = False  # the engine can run no more steps
         self.generated = deque()  # (time, tokens) of the last minute, for the heartbeat
         self.num_aborted = 0  # requests stopped by an abort (their client's, or their client died)
-        self.recent_finals: deque[tuple[float, str, OutputDelta]] = deque()  # writer thread only
-        self.gone_clients: dict[str, float] = {}  # client id -> when its liveness key was first missed
+        self.replies = ReplyWriter(self.keys)  # writer thread only
+        self.client_watch = ClientWatch(self.keys)  # writer thread only
 
     # -- main thread --------------------------------------------------------------------------------
 
@@ -143,30 +141,38 @@ class EngineServer:
                 entry_id, request = self.incoming.get_nowait()
             except queue.Empty:
                 return
+            self._accept(request)
+            # Acked after the note (or error) that names this replica, so an entry is never acked
+            # while its client knows nobody who holds it (the writer keeps this order).
             self.outgoing.put(("ack", entry_id))
-            if self.early_aborts.pop(request.request_id, None) is not None:
-                continue
-            if request.deadline is not None and request.deadline < time.time():
-                self._send(request.reply_to, error_delta(
-                    request.request_id, 0, "deadline_exceeded", "the deadline passed before an engine took the request",
-                    self.replica_id))
-                continue
-            params = request.sampling_params().clone(output_kind=RequestOutputKind.DELTA)
-            prompt = request.prompt if request.prompt is not None else {"prompt_token_ids": request.prompt_token_ids}
-            try:
-                self.engine.add_request(request.request_id, prompt, params, priority=request.priority,
-                                        cache_salt=request.tenant or None)
-            except ValueError as error:
-                self._send(request.reply_to, error_delta(request.request_id, 0, "invalid_request", str(error),
-                                                         self.replica_id))
-                continue
-            self.in_flight[request.request_id] = InFlight(request.reply_to,
-                                                          prompt_logprobs_pending=params.prompt_logprobs is not None)
-            self.num_in_flight = len(self.in_flight)
-            if request.deadline is not None:
-                self.deadlines[request.request_id] = request.deadline
-            # Tells the client which replica holds its request, before any token exists.
-            self._send(request.reply_to, OutputDelta(request.request_id, 0, replica_id=self.replica_id))
+
+    def _accept(self, request: EngineRequest) -> None:
+        if self.early_aborts.pop(request.request_id, None) is not None:
+            return
+        if request.request_id in self.in_flight:  # read twice: queued again while a reclaim took it too
+            logger.warning("request %s is already running here; dropping the second copy", request.request_id)
+            return
+        if request.deadline is not None and request.deadline < time.time():
+            self._send(request.reply_to, error_delta(
+                request.request_id, 0, "deadline_exceeded", "the deadline passed before an engine took the request",
+                self.replica_id))
+            return
+        params = request.sampling_params().clone(output_kind=RequestOutputKind.DELTA)
+        prompt = request.prompt if request.prompt is not None else {"prompt_token_ids": request.prompt_token_ids}
+        try:
+            self.engine.add_request(request.request_id, prompt, params, priority=request.priority,
+                                    cache_salt=request.tenant or None)
+        except ValueError as error:
+            self._send(request.reply_to, error_delta(request.request_id, 0, "invalid_request", str(error),
+                                                     self.replica_id))
+            return
+        self.in_flight[request.request_id] = InFlight(request.reply_to,
+                                                      prompt_logprobs_pending=params.prompt_logprobs is not None)
+        self.num_in_flight = len(self.in_flight)
+        if request.deadline is not None:
+            self.deadlines[request.request_id] = request.deadline
+        # Tells the client which replica holds its request, before any token exists.
+        self._send(request.reply_to, OutputDelta(request.request_id, 0, replica_id=self.replica_id))
 
     def _apply_aborts(self) -> None:
         while True:
@@ -287,7 +293,7 @@ class EngineServer:
                     group_ready = True
                 room = self.max_in_flight - self.num_in_flight - self.incoming.qsize()
                 if self.accepting.is_set() and room > 0:
-                    if time.monotonic() - last_reclaim > max(self.reclaim_idle_ms / 4000, 0.2):
+                    if time.monotonic() - last_reclaim > min(max(self.reclaim_idle_ms / 4000, 0.2), 1.0):
                         self._reclaim(client, stream, room)
                         last_reclaim = time.monotonic()
                     reply = client.xreadgroup(GROUP, self.replica_id, {stream: ">"}, count=room, block=20)
@@ -339,19 +345,26 @@ class EngineServer:
         self.wakeup.set()
 
     def _reclaim(self, client: redis.Redis, stream: str, room: int) -> None:
-        """Take over requests another replica read but never accepted (it died in between).
-
-        XPENDING + XCLAIM rather than XAUTOCLAIM, so Redis before 6.2 works too.
-        """
-        pending = client.xpending_range(stream, GROUP, min="-", max="+", count=room)
-        stale = [p["message_id"] for p in pending
-                 if p["time_since_delivered"] >= self.reclaim_idle_ms and p["consumer"].decode() != self.replica_id]
-        if not stale:
+        """Take over requests another replica read but never accepted: at once (after a second)
+        when that replica's heartbeat is gone, else once they have waited reclaim_idle_s (a replica
+        alive but stuck). XPENDING + XCLAIM rather than XAUTOCLAIM, so Redis before 6.2 works too."""
+        pending = [p for p in client.xpending_range(stream, GROUP, min="-", max="+", count=room)
+                   if p["consumer"].decode() != self.replica_id]
+        owners = sorted({p["consumer"].decode() for p in pending})
+        if not owners:
             return
-        for entry_id, fields in client.xclaim(stream, GROUP, self.replica_id, self.reclaim_idle_ms, stale):
-            if fields:  # a deleted entry comes back empty
-                logger.info("reclaimed request entry %s from a dead replica", entry_id)
-                self._take(client, stream, entry_id, fields)
+        pipe = client.pipeline(transaction=False)
+        for owner in owners:
+            pipe.exists(self.keys.heartbeat(self.model_name, owner))
+        alive = {owner for owner, exists in zip(owners, pipe.execute()) if exists}
+        for owner_alive, min_idle_ms in ((False, DEAD_OWNER_IDLE_MS), (True, self.reclaim_idle_ms)):
+            stale = [p["message_id"] for p in pending
+                     if (p["consumer"].decode() in alive) == owner_alive and p["time_since_delivered"] >= min_idle_ms]
+            for entry_id, fields in client.xclaim(stream, GROUP, self.replica_id, min_idle_ms, stale) if stale else []:
+                if fields:  # a deleted entry comes back empty
+                    logger.info("reclaimed request entry %s from a %s replica", entry_id,
+                                "stuck" if owner_alive else "dead")
+                    self._take(client, stream, entry_id, fields)
 
     # -- writer thread ------------------------------------------------------------------------------
 
@@ -376,7 +389,7 @@ class EngineServer:
                         break
             try:
                 if batch:
-                    self._flush(client, stream, batch)
+                    self.replies.flush(client, stream, batch)
                     batch = []
                 if time.monotonic() >= next_heartbeat:
                     beat = self.heartbeat()
@@ -385,7 +398,7 @@ class EngineServer:
                     next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
                     run_id = client.info("server").get("run_id")
                     if redis_run_id is not None and run_id != redis_run_id:
-                        self._resend_finals(client)
+                        self.replies.resend_finals(client)
                     redis_run_id = run_id
                 if time.monotonic() >= next_card_check:  # again after a Redis restart lost it
                     if next_card_check == 0 or not client.exists(card_key):
@@ -405,65 +418,16 @@ class EngineServer:
                 time.sleep(backoff.delay())
         client.delete(self.keys.heartbeat(self.model_name, self.replica_id))
 
-    def _flush(self, client: redis.Redis, stream: str, batch: list[tuple]) -> None:
-        """Acks, then one XADD per client with everything for it: a step costs one round trip."""
-        pipe = client.pipeline(transaction=False)
-        by_client: dict[str, list[OutputDelta]] = defaultdict(list)
-        for kind, *item in batch:
-            if kind == "ack":
-                pipe.xack(stream, GROUP, item[0])
-            else:
-                reply_to, delta = item
-                by_client[reply_to].append(delta)
-                if delta.finished:
-                    self.recent_finals.append((time.monotonic(), reply_to, delta))
-        for reply_to, deltas in by_client.items():
-            self._add_replies(pipe, reply_to, deltas)
-        pipe.execute()
-        while self.recent_finals and self.recent_finals[0][0] < time.monotonic() - RESEND_FINALS_S:
-            self.recent_finals.popleft()
-
-    def _add_replies(self, pipe, reply_to: str, deltas: list[OutputDelta]) -> None:
-        key = self.keys.reply(reply_to)
-        pipe.xadd(key, {"data": encode_deltas(deltas)}, maxlen=REPLY_MAXLEN, approximate=True)
-        pipe.expire(key, OUTPUT_TTL_S)
-
-    def _resend_finals(self, client: redis.Redis) -> None:
-        """Redis restarted: the last deltas of requests that ended lately may have been lost unread,
-        and their clients would wait for them in vain. Send them again; a client that did read them
-        ignores the repeat (its seq is behind), one that lost earlier deltas sees the gap."""
-        logger.warning("Redis restarted; sending the last deltas of %d recent requests again", len(self.recent_finals))
-        by_client: dict[str, list[OutputDelta]] = defaultdict(list)
-        for _, reply_to, delta in self.recent_finals:
-            by_client[reply_to].append(delta)
-        pipe = client.pipeline(transaction=False)
-        for reply_to, deltas in by_client.items():
-            self._add_replies(pipe, reply_to, deltas)
-        pipe.execute()
-
     def _abort_requests_of_gone_clients(self, client: redis.Redis) -> None:
-        """Abort the requests of clients whose liveness key has been gone for CLIENT_TTL_S (a web
-        process killed mid-stream, say), so their KV blocks go to someone who is listening."""
-        clients: dict[str, list[str]] = defaultdict(list)
+        """So their KV blocks go to requests someone is listening to (a web process killed mid-stream)."""
+        requests_by_client: dict[str, list[str]] = defaultdict(list)
         for request_id, progress in self.in_flight.copy().items():  # copy(): one atomic step under the GIL
-            clients[progress.reply_to].append(request_id)
-        names = list(clients)
-        pipe = client.pipeline(transaction=False)
-        for name in names:
-            pipe.exists(self.keys.client(name))
-        now = time.monotonic()
-        for name, alive in zip(names, pipe.execute()):
-            if alive:
-                self.gone_clients.pop(name, None)
-                continue
-            missing_since = self.gone_clients.setdefault(name, now)
-            if now - missing_since >= CLIENT_TTL_S:
-                logger.warning("client %s is gone; aborting its %d requests", name, len(clients[name]))
-                for request_id in clients[name]:
-                    self.aborts.put(request_id)
-                self.wakeup.set()
-        for name in set(self.gone_clients) - set(names):
-            del self.gone_clients[name]
+            requests_by_client[progress.reply_to].append(request_id)
+        for name in self.client_watch.gone(client, list(requests_by_client)):
+            logger.warning("client %s is gone; aborting its %d requests", name, len(requests_by_client[name]))
+            for request_id in requests_by_client[name]:
+                self.aborts.put(request_id)
+            self.wakeup.set()
 
 
 def _last_entry_id(client: redis.Redis, stream: str) -> bytes | str:

@@ -222,6 +222,25 @@ def test_a_dead_tensor_parallel_worker_stops_its_replica_and_the_others_take_ove
 # -- reclaim of entries a dead consumer read ----------------------------------------------------------
 
 
+def test_requests_read_by_a_dead_consumer_are_reclaimed_within_seconds(service):
+    """A reader with no heartbeat is dead: what it read is taken over at once, not after the
+    30 s a live but stuck replica gets (the default --reclaim-idle)."""
+    svc = service
+    client = svc.sync_redis()
+    stream = svc.keys.requests(svc.MODEL)
+    client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    request = svc.request("Question:", max_tokens=4, ignore_eos=True)
+    request.deadline = time.time() + 300
+    svc.enqueue(request)
+    client.xreadgroup(GROUP, "dead-consumer", {stream: ">"}, count=10)
+    client.close()
+    svc.start_replica("rescuer")
+    ready_at = time.monotonic()
+    deltas = svc.read_output(request.request_id, timeout=60)
+    assert deltas[-1].error is None and deltas[-1].replica_id == "rescuer"
+    assert time.monotonic() - ready_at < 20, "the dead consumer's read waited for the stuck-replica timeout"
+
+
 def test_requests_read_by_a_dead_consumer_are_reclaimed(service):
     svc = service
     client = svc.sync_redis()
