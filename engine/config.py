@@ -31,6 +31,7 @@ class EngineConfig:
     trust_remote_code: bool = False  # accepted for vLLM compatibility; no remote code ever runs
     skip_tokenizer_init: bool = False  # prompts must be token ids; outputs carry no text
     tensor_parallel_size: int = 1  # ranks (processes, one GPU each) that split every layer
+    stream_interval: int = 1  # streamed (DELTA) outputs every N tokens (and the first, and the last)
 
     def __post_init__(self) -> None:
         self.dtype = str(self.dtype).replace("torch.", "")
@@ -48,6 +49,8 @@ class EngineConfig:
                    f"must be a positive integer, got {value!r}")
         check_field(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size > 0,
                     "tensor_parallel_size", f"must be a positive integer, got {self.tensor_parallel_size!r}")
+        check_field(isinstance(self.stream_interval, int) and self.stream_interval > 0, "stream_interval",
+                    f"must be a positive integer, got {self.stream_interval!r}")
         check_field(isinstance(self.max_num_seqs, int) and self.max_num_seqs > 0, "max_num_seqs",
                f"must be a positive integer, got {self.max_num_seqs!r}")
         check_field(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,

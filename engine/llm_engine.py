@@ -146,8 +146,10 @@ class LLMEngine:
                 sequence.finish(RequestStatus.FINISHED_STOPPED if stopped else request.status)
                 self._forget_sequence(request.request_id)
 
-        outputs = []
+        outputs, interval = [], self.config.stream_interval
         for state in touched.values():
+            if interval > 1 and not state.stream_due(interval):
+                continue  # its tokens wait for the next output (DELTA outputs carry all since the last)
             output = state.make_output()
             if output is not None:
                 outputs.append(output)

@@ -95,6 +95,12 @@ class RequestState:
             return  # already recorded (a sibling, or a recompute after preemption)
         self.prompt_logprobs.extend(to_logprob_dict(e, tokenizer) for e in entries)
 
+    def stream_due(self, interval: int) -> bool:
+        """Whether a streamed output is due with `stream_interval` = interval: the first token at once
+        (time to first token), then every `interval` tokens, and the end."""
+        num_tokens = max(len(seq.token_ids) for seq in self.sequences)
+        return self.finished or num_tokens == 1 or num_tokens % interval == 0
+
     def make_output(self) -> RequestOutput | None:
         kind = self.params.output_kind
         finished = self.finished

@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from tokenizers.decoders import DecodeStream
+
 from engine.weights.source import ModelSource, bundled_model_path, resolve_model
 
 
@@ -56,8 +58,11 @@ def eos_token_ids(tokenizer, model_config) -> set[int]:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without ever emitting half a character.
 
-    Decodes only a short window (a few tokens of context plus the unread ones), as vLLM does:
-    a delta is released once the window's text no longer ends in an incomplete UTF-8 sequence.
+    With a fast (Rust) tokenizer it runs `tokenizers`' DecodeStream, about a microsecond a token,
+    primed with the prompt's last tokens so the first word keeps its leading space; a whole step at
+    batch 256 then costs well under a millisecond. Otherwise it decodes a short window (a few tokens
+    of context plus the unread ones), as vLLM does: a delta is released once the window's text no
+    longer ends in an incomplete UTF-8 sequence. Both release what is pending when `final`.
     """
 
     CONTEXT_TOKENS = 5
@@ -70,14 +75,35 @@ class IncrementalDetokenizer:
         self.tokens = list(prompt_token_ids[-self.CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        # Transformers' decode() may also clean up spaces, which the Rust decoder does not do.
+        self._backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
+        self._stream = DecodeStream(ids=self.tokens, skip_special_tokens=skip_special_tokens) \
+            if self._backend is not None else None
 
     def decode(self, token_ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens,
                                      spaces_between_special_tokens=self.spaces_between_special_tokens)
 
     def step(self, new_token_ids: list[int], final: bool = False) -> str:
         """Append tokens; return the text that is now complete (all of it when `final`)."""
-        self.tokens.extend(new_token_ids)
+        if self._stream is None:
+            self.tokens.extend(new_token_ids)
+            return self._window_delta(final)
+        text = ""
+        for token_id in new_token_ids:
+            self.tokens.append(token_id)
+            chunk = self._stream.step(self._backend, token_id)
+            if chunk is not None:
+                text += chunk
+                self.prefix_offset, self.read_offset = max(0, len(self.tokens) - self.CONTEXT_TOKENS), len(self.tokens)
+        if final and self.read_offset < len(self.tokens):  # an incomplete character at the very end
+            text += self._window_delta(final=True)
+        return text
+
+    def _window_delta(self, final: bool) -> str:
         prefix_text = self.decode(self.tokens[self.prefix_offset:self.read_offset])
         full_text = self.decode(self.tokens[self.prefix_offset:])
         if len(full_text) > len(prefix_text) and (final or not full_text.endswith("\ufffd")):

@@ -75,3 +75,23 @@ def test_a_long_generation_matches_with_a_long_prompt(bundled_tokenizer):
     deltas = stream(IncrementalDetokenizer(bundled_tokenizer, prompt_ids), token_ids)
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
+
+
+def test_the_final_step_releases_a_character_left_incomplete(bundled_tokenizer):
+    """A generation cut off inside a multi-byte character still shows what it has (as U+FFFD),
+    exactly as a full decode does."""
+    token_ids = bundled_tokenizer.encode("ok 😀", add_special_tokens=False)
+    split = next(i for i in range(1, len(token_ids) + 1) if bundled_tokenizer.decode(token_ids[:i]).endswith("\ufffd"))
+    deltas = stream(IncrementalDetokenizer(bundled_tokenizer, []), token_ids[:split])
+    assert "".join(deltas) == bundled_tokenizer.decode(token_ids[:split])
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
+def test_the_fast_and_the_window_detokenizers_agree(bundled_tokenizer, text):
+    prompt_ids = bundled_tokenizer.encode("Say it:", add_special_tokens=False)
+    token_ids = bundled_tokenizer.encode(text, add_special_tokens=False)
+    fast = IncrementalDetokenizer(bundled_tokenizer, prompt_ids)
+    window = IncrementalDetokenizer(bundled_tokenizer, prompt_ids)
+    window._stream = window._backend = None  # the path of tokenizers without a Rust backend
+    assert fast._stream is not None
+    assert stream(fast, token_ids) == stream(window, token_ids)

@@ -491,6 +491,19 @@ def test_step_deltas_concatenate_to_the_final_text(llm, stop):
     assert_kv_cache_idle(llm)
 
 
+def test_stream_interval_sends_every_nth_token_and_the_same_text(llm, monkeypatch):
+    engine = llm.llm_engine
+    prompt = "Write a list of four animals, one per line:\n"
+    reference = generate_one(llm, prompt, greedy(max_tokens=30, ignore_eos=True)).outputs[0]
+    monkeypatch.setattr(engine.config, "stream_interval", 4)
+    engine.add_request("every-4", prompt, greedy(max_tokens=30, ignore_eos=True, output_kind=RequestOutputKind.DELTA))
+    deltas = run_engine(engine)
+    assert [len(o.outputs[0].token_ids) for o in deltas] == [1, 3] + [4] * 6 + [2]  # first, every 4th, last
+    assert "".join(o.outputs[0].text for o in deltas) == reference.text
+    assert sum((o.outputs[0].token_ids for o in deltas), []) == reference.token_ids
+    assert_kv_cache_idle(llm)
+
+
 def test_abort_mid_generation_frees_every_block(llm):
     engine = llm.llm_engine
     engine.add_request("keep", PARAGRAPHS[3], greedy(max_tokens=6, ignore_eos=True))
