@@ -1,6 +1,7 @@
-"""python -m engine.bench throughput|latency [--compare-hf] ...: vLLM-style benchmarks.
+"""python -m engine.bench throughput|latency|service|serve|attention ...: vLLM-style benchmarks.
 
-Both engines run in this one process on the same requests, so the printed ratio is like for like.
+throughput and latency run both engines (with --compare-hf) in this one process on the same
+requests, so the printed ratio is like for like; serve drives the HTTP API (see engine.bench.serve).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import asdict
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--num-iters-warmup", type=int, default=1)
             p.add_argument("--num-iters", type=int, default=3)
+    _add_serve_parser(sub)
     attention = sub.add_parser("attention", help="paged decode attention kernel: bandwidth vs copy bandwidth")
     attention.add_argument("--batch-size", type=int, default=64)
     attention.add_argument("--context-len", type=int, default=4096)
@@ -54,12 +57,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="streamed completions through the HTTP API (vLLM's bench serve)",
+                           description="Streamed completions through the HTTP API, timed per token (vLLM's bench "
+                                       "serve). Exits 1 if any stream failed or was cut.")
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--base-url", help="a running service, e.g. http://127.0.0.1:8000")
+    where.add_argument("--launch", action="store_true",
+                       help="start Redis (if none answers), the engine and the web tier here, then stop them")
+    serve.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="with --base-url")
+    serve.add_argument("--input-len", type=LengthRange.parse, default=LengthRange.parse("1024"), help="N or LOW-HIGH")
+    serve.add_argument("--output-len", type=LengthRange.parse, default=LengthRange.parse("128"),
+                       help="max_tokens (always generated: ignore_eos): N or LOW-HIGH")
+    serve.add_argument("--num-prompts", type=int, default=1000)
+    serve.add_argument("--request-rate", type=float, default=math.inf,
+                       help="requests per second, Poisson arrivals (default inf: all at once)")
+    serve.add_argument("--max-concurrency", type=int, help="requests in flight at most, over all client processes")
+    serve.add_argument("--num-clients", type=int, default=min(8, len(os.sched_getaffinity(0))),
+                       help="client processes (default: min(8, cores))")
+    serve.add_argument("--vocab-size", type=int, help="prompt token ids are below it (default: the model's)")
+    serve.add_argument("--timeout", type=float, default=600.0, help="seconds to connect, or between two reads")
+    serve.add_argument("--json", metavar="PATH", help="write the results, every request's included, as JSON here")
+    launch = serve.add_argument_group("with --launch")
+    launch.add_argument("--web-workers", type=int, default=1, help="daphne processes (several: project.supervisor)")
+    launch.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+                        help="used if it answers, else a private redis-server is started")
+    launch.add_argument("--log-dir", help="keep the children's logs here (default: a temporary folder)")
+    launch.add_argument("--compare-offline", action="store_true",
+                        help="first run the throughput bench on the same requests, in a child process")
+    launch.add_argument("--also-max-concurrency", type=int, metavar="N",
+                        help="then the same requests again on the same stack, at most N in flight")
+    launch.add_argument("--batch1-requests", type=int, metavar="K",
+                        help="also K requests one at a time over HTTP vs the offline latency bench (ms/token)")
+    add_engine_args(serve)  # --model and --seed (also the workload's); the others are the launched engine's
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command = "python -m engine.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.command == "attention":
         return _attention(args, command)
+    if args.command == "serve":
+        return _serve(args, command)
     options = asdict(engine_config_from_args(args))
     options["skip_tokenizer_init"] = True  # token-id workloads: no tokenizer needed (or shipped)
     if args.command == "service":
@@ -123,17 +163,98 @@ def _attention(args, command: str) -> int:
 
 
 def _service(args, options: dict, command: str) -> int:
-    from engine.bench.service import run_service_comparison
+    from engine.bench.service import run_through_redis
+    from engine.bench.stack import offline_throughput
+
+    requests = make_workload(args.num_prompts, args.input_len, args.output_len, _vocab_size(args.model), args.seed)
+    offline = offline_throughput(options, num_prompts=args.num_prompts, input_len=args.input_len,
+                                 output_len=args.output_len)
+    _print("offline LLM", offline)
+    through_redis = run_through_redis(options, requests, args.redis_url)
+    _print("through Redis", through_redis)
+    ratio = through_redis["output_tokens_per_s"] / offline["output_tokens_per_s"]
+    print(f"through Redis / offline: {ratio:.3f}")
+    _write_json(args.json, {"command": command, "offline": offline, "through_redis": through_redis, "ratio": ratio})
+    return 0
+
+
+def _serve(args, command: str) -> int:
+    from engine.bench.serve import Target
+
+    if not (args.launch or args.api_key):
+        raise SystemExit("--base-url needs --api-key (or OPENAI_API_KEY)")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # else a line per /health poll
+    vocab_size = args.vocab_size or _vocab_size(args.model)
+    requests = make_workload(args.num_prompts, args.input_len, args.output_len, vocab_size, args.seed)
+    load = {"request_rate": args.request_rate, "max_concurrency": args.max_concurrency, "num_clients": args.num_clients,
+            "seed": args.seed}
+    results = {"command": command, "model": args.model, "num_prompts": args.num_prompts,
+               "input_len": str(args.input_len), "output_len": str(args.output_len),
+               "request_rate": args.request_rate, "max_concurrency": args.max_concurrency}
+    if args.launch:
+        results.update(_serve_launched(args, requests, vocab_size, load))
+    else:
+        results["http"] = _measure(Target(args.base_url, args.api_key, args.model, args.timeout), requests, **load)
+    _write_json(args.json, results)
+    runs = [results[name] for name in ("http", "http_capped", "http_batch1") if name in results]
+    return 1 if any(run["failed"] or run["cut"] for run in runs) else 0
+
+
+def _serve_launched(args, requests, vocab_size: int, load: dict) -> dict:
+    """The offline runs first, each in a child process whose exit frees the GPU; then the stack."""
+    from engine.bench.serve import Target
+    from engine.bench.stack import LaunchedStack, offline_throughput, run_offline_bench
+
+    options, results = asdict(engine_config_from_args(args)), {}
+    if args.compare_offline:
+        results["offline"] = offline_throughput(options, num_prompts=args.num_prompts, input_len=args.input_len,
+                                                output_len=args.output_len)
+    if args.batch1_requests:
+        results["offline_batch1"] = run_offline_bench("latency", options, [
+            "--batch-size", "1", "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+            "--num-iters", str(args.batch1_requests)])["engine"]
+    with LaunchedStack(options, web_workers=args.web_workers, redis_url=args.redis_url, log_dir=args.log_dir) as stack:
+        target = Target(stack.base_url, stack.api_key, stack.model, args.timeout)
+        results["http"] = _measure(target, requests, **load)
+        if args.also_max_concurrency:
+            results["http_capped"] = _measure(target, requests, **{**load, "max_concurrency": args.also_max_concurrency})
+        if args.batch1_requests:
+            one_by_one = make_workload(args.batch1_requests, args.input_len, args.output_len, vocab_size, args.seed)
+            results["http_batch1"] = _measure(target, one_by_one, **{**load, "request_rate": math.inf,
+                                                                     "max_concurrency": 1, "num_clients": 1})
+    _print_comparisons(results)
+    return results
+
+
+def _measure(target, requests, **load) -> dict:
+    from engine.bench.serve import format_report, run_load, summarize
+
+    records, duration = run_load(target, requests, **load)
+    summary = summarize(records, duration)
+    print(format_report(summary), flush=True)
+    return {**summary, "requests": [r.as_json() for r in records]}
+
+
+def _print_comparisons(results: dict) -> None:
+    if "offline" in results:
+        offline = results["offline"]["output_tokens_per_s"]
+        for name in ("http", "http_capped"):
+            if name in results:
+                print(f"output tok/s: {name} {results[name]['output_throughput']:.1f} / offline {offline:.1f} = "
+                      f"{results[name]['output_throughput'] / offline:.3f}")
+    if "http_batch1" in results:
+        batch1 = results["http_batch1"]
+        http_ms = batch1["mean_e2el_ms"] * batch1["completed"] / max(1, batch1["total_output_tokens"])
+        offline_ms = results["offline_batch1"]["ms_per_output_token"]
+        print(f"batch 1, ms per output token: http {http_ms:.2f} / offline {offline_ms:.2f} = "
+              f"{http_ms / offline_ms:.3f}")
+
+
+def _vocab_size(model: str) -> int:
+    """From the model's config (this imports transformers and torch, but starts no device)."""
     from engine.weights import load_model_config, resolve_model
 
-    vocab_size = load_model_config(resolve_model(args.model)).vocab_size
-    requests = make_workload(args.num_prompts, args.input_len, args.output_len, vocab_size, args.seed)
-    results = {"command": command, **run_service_comparison(options, requests, args.redis_url)}
-    _print("in-process LLM", results["in_process"])
-    _print("through Redis", results["through_redis"])
-    print(f"through Redis / in-process: {results['ratio']:.3f}")
-    _write_json(args.json, results)
-    return 0
+    return load_model_config(resolve_model(model)).vocab_size
 
 
 def _write_json(path: str | None, results: dict) -> None:

@@ -1,56 +1,46 @@
-"""Transport overhead: the same streamed requests through Redis to an engine process, and through
-`LLM` in this process. The ratio of the two token rates is what the service layer costs."""
+"""Transport overhead: streamed requests through Redis to an engine process. Next to the offline
+throughput of the same requests, the ratio of the two token rates is what the service layer costs."""
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import subprocess
 import sys
 import time
 import uuid
 
-import redis
-
-from engine.bench.throughput import run_engine_throughput
+from engine.bench.stack import delete_keys
 from engine.bench.workload import BenchRequest
 from engine.cli_args import engine_flags
 from engine.service.client import EngineClient
 from engine.service.protocol import EngineRequest
 
+REPLICA_TIMEOUT_S = 300
 
-def run_service_comparison(engine_options: dict, requests: list[BenchRequest], redis_url: str) -> dict:
-    from engine.llm import LLM
 
-    llm = LLM(**engine_options)
-    in_process = run_engine_throughput(llm, requests, ignore_eos=True)
-    del llm
-    gc.collect()
-
+def run_through_redis(engine_options: dict, requests: list[BenchRequest], redis_url: str) -> dict:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    model = engine_options["model"]
     command = [sys.executable, "-m", "engine", "serve", "--redis-url", redis_url, "--key-prefix", prefix,
                *engine_flags(engine_options)]
     process = subprocess.Popen(command)
     try:
-        through_redis = asyncio.run(_stream_all(redis_url, prefix, model, requests))
+        return asyncio.run(_stream_all(redis_url, prefix, engine_options["model"], requests, process))
     finally:
         process.terminate()
         process.wait(timeout=60)
-        client = redis.Redis.from_url(redis_url)
-        for key in client.scan_iter(match=f"{prefix}:*"):
-            client.delete(key)
-    return {"in_process": in_process, "through_redis": through_redis,
-            "ratio": through_redis["output_tokens_per_s"] / in_process["output_tokens_per_s"]}
+        delete_keys(redis_url, prefix)
 
 
-async def _stream_all(redis_url: str, prefix: str, model: str, requests: list[BenchRequest]) -> dict:
+async def _stream_all(redis_url: str, prefix: str, model: str, requests: list[BenchRequest],
+                      process: subprocess.Popen) -> dict:
     client = EngineClient(redis_url, key_prefix=prefix)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + REPLICA_TIMEOUT_S
         while not await client.replicas(model):
+            if process.poll() is not None:
+                raise RuntimeError(f"the engine process exited with {process.returncode} before serving")
             if time.monotonic() > deadline:
-                raise RuntimeError("the engine process did not come up within 300 s")
+                raise RuntimeError(f"the engine process did not come up within {REPLICA_TIMEOUT_S} s")
             await asyncio.sleep(0.2)
 
         async def one(index: int, request: BenchRequest) -> int:

