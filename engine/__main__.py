@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--key-prefix", default="llm", help="prefix of every Redis key")
     serve.add_argument("--replica-id", help="default: host-pid-random")
     serve.add_argument("--reclaim-idle", type=float, default=30.0,
-                       help="seconds after which a request read by a dead replica is taken over")
+                       help="seconds after which a request read by a stuck replica is taken over (one whose "
+                            "heartbeat has stopped: after a second)")
+    serve.add_argument("--max-queued", type=int,
+                       help="requests the replica holds at once, running or waiting (default 1.5 x --max-num-seqs: "
+                            "more fills the batch sooner when many finish together; less leaves more for others)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds to finish in-flight requests after SIGTERM")
     add_engine_args(serve)
@@ -72,7 +76,7 @@ def _serve(args) -> int:
     engine = LLMEngine(engine_config_from_args(args))
     status = EngineServer(engine, args.redis_url, args.served_model_name or args.model, key_prefix=args.key_prefix,
                           replica_id=args.replica_id, reclaim_idle_s=args.reclaim_idle,
-                          shutdown_timeout_s=args.shutdown_timeout).serve_forever()
+                          shutdown_timeout_s=args.shutdown_timeout, max_queued=args.max_queued).serve_forever()
     engine.shutdown()  # a group that lost an NCCL rank is left to parallel_state's exit hook
     return status
 
