@@ -1,17 +1,11 @@
 """Bearer API keys for the OpenAI-compatible API (DRF authentication; `request.auth` is the ApiKey)."""
 from __future__ import annotations
 
-from datetime import timedelta
-
-from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication
 
 from inference.errors import OpenAIError
 from tenants.errors import InvalidApiKey
 from tenants.selectors import authenticate_api_key
-from tenants.services import touch_api_key
-
-TOUCH_EVERY = timedelta(minutes=1)  # last_used_at resolution: one write a minute, not one per request
 
 
 def api_key_from_header(value: str) -> str:
@@ -24,16 +18,14 @@ def api_key_from_header(value: str) -> str:
 
 
 def authenticate(raw_key: str):
-    """The live ApiKey (tenant loaded) behind `raw_key`, or a 401 OpenAIError saying why not."""
+    """The live ApiKey (tenant loaded) behind `raw_key`, or a 401 OpenAIError saying why not.
+    Usually no database query: keys are cached (tenants.key_cache)."""
     try:
-        api_key = authenticate_api_key(raw_key=raw_key)
+        return authenticate_api_key(raw_key=raw_key)
     except InvalidApiKey as error:
         shown = f"{raw_key[:6]}...{raw_key[-4:]}" if len(raw_key) > 12 else "(hidden)"
         raise OpenAIError(f"Incorrect API key provided: {shown} ({error.reason}).", status=401,
                           code="invalid_api_key") from None
-    if api_key.last_used_at is None or timezone.now() - api_key.last_used_at > TOUCH_EVERY:
-        touch_api_key(api_key=api_key)
-    return api_key
 
 
 class ApiKeyAuthentication(BaseAuthentication):

@@ -17,7 +17,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from inference import services
 from inference.authentication import api_key_from_header, authenticate
-from inference.errors import OpenAIError
+from inference.errors import OpenAIError, openai_error_or_raise
 from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer, validated
 
 ENDPOINTS = {"chat.completions": (ChatCompletionRequestSerializer, services.start_chat),
@@ -75,9 +75,10 @@ class InferenceConsumer(AsyncJsonWebsocketConsumer):
         try:
             self.api_key = await database_sync_to_async(authenticate)(read_key())
             await self.send_json({"type": "authenticated"})
-        except OpenAIError as error:
+        except Exception as exc:
+            error = openai_error_or_raise(exc)
             await self._error(None, error)
-            await self.close(code=4401)
+            await self.close(code=4401 if error.status == 401 else 1013)  # 1013: try again later
 
     async def _run(self, call_id: str, endpoint, body) -> None:
         call = None
@@ -93,8 +94,8 @@ class InferenceConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json({"type": "done", "id": call_id})
         except asyncio.CancelledError:
             await asyncio.shield(self._send_quietly({"type": "cancelled", "id": call_id}))
-        except OpenAIError as error:
-            await self._error(call_id, error)
+        except Exception as exc:
+            await self._error(call_id, openai_error_or_raise(exc))
         finally:
             if call is not None:
                 await call.close()

@@ -1,11 +1,13 @@
 """Every error the API returns, in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
 Views raise `OpenAIError`; DRF's own exceptions (bad JSON, wrong method, ...) are translated by
-`openai_exception_handler`, so a client never sees another shape, and bad input never a 500.
+`openai_exception_handler`, so a client never sees another shape, bad input never a 500, and a
+busy database pool a 503 with `Retry-After` (as do the SSE and websocket paths, through `expected_error`).
 """
 from __future__ import annotations
 
 from django.http import JsonResponse
+from psycopg_pool import PoolTimeout, TooManyRequests
 from redis.exceptions import RedisError
 from rest_framework import exceptions
 from rest_framework.response import Response
@@ -75,14 +77,48 @@ def not_found(request, exception=None) -> JsonResponse:
     return OpenAIError(f"Invalid URL ({request.method} {request.path})", status=404, code="unknown_url").response()
 
 
-def openai_exception_handler(exc, context) -> Response | None:
-    """DRF's EXCEPTION_HANDLER: the OpenAI shape for everything the API raises on purpose."""
+def server_busy() -> OpenAIError:
+    """503 when no database connection came free in time: retrying soon works; a 500 would say it never will."""
+    return OpenAIError("The service is busy; please retry.", status=503, type="server_error", code="server_busy",
+                       headers={"Retry-After": "1"})
+
+
+def expected_error(exc: Exception) -> OpenAIError | None:
+    """The OpenAIError for what the API raises on purpose or meets when a dependency is out of
+    reach (Redis, a database pool with no free connection); None for a real bug."""
+    if isinstance(exc, OpenAIError):
+        return exc
     if isinstance(exc, exceptions.APIException):
-        exc = from_drf(exc)
-    elif isinstance(exc, RedisError):
-        exc = OpenAIError(f"The service cannot reach Redis ({exc}); retry shortly.", status=503,
-                          type="server_error", code="service_unavailable")
-    if not isinstance(exc, OpenAIError):
+        return from_drf(exc)
+    if isinstance(exc, RedisError):
+        return OpenAIError(f"The service cannot reach Redis ({exc}); retry shortly.", status=503,
+                           type="server_error", code="service_unavailable")
+    if _caused_by(exc, (PoolTimeout, TooManyRequests)):  # Django wraps them in its OperationalError
+        return server_busy()
+    return None
+
+
+def openai_error_or_raise(exc: Exception) -> OpenAIError:
+    """`expected_error(exc)` for the paths that answer in frames or events (SSE, websockets); a
+    real bug is raised again, for the server's log."""
+    error = expected_error(exc)
+    if error is None:
+        raise exc
+    return error
+
+
+def _caused_by(exc: BaseException | None, kinds: tuple[type[BaseException], ...]) -> bool:
+    while exc is not None:
+        if isinstance(exc, kinds):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def openai_exception_handler(exc, context) -> Response | None:
+    """DRF's EXCEPTION_HANDLER: the OpenAI shape for everything `expected_error` knows."""
+    error = expected_error(exc)
+    if error is None:
         return None  # a real bug: Django's 500 (and its log)
-    metrics.observe_error(status=exc.status)
-    return Response(exc.body(), status=exc.status, headers=exc.headers)
+    metrics.observe_error(status=error.status)
+    return Response(error.body(), status=error.status, headers=error.headers)

@@ -3,7 +3,8 @@
 Variables: DJANGO_DEBUG, DJANGO_SECRET_KEY, DJANGO_ALLOWED_HOSTS, DATABASE_URL,
 REDIS_URL, ENGINE_KEY_PREFIX, ENGINE_TIMEOUT_S, METRICS_TOKEN, CELERY_BROKER_URL, CELERY_QUEUE,
 BATCH_FILE_MAX_BYTES, BATCH_CONCURRENCY, LOG_LEVEL,
-DJANGO_SECURE_SSL_REDIRECT, DJANGO_HSTS_SECONDS, DATABASE_POOL_SIZE (the README lists their defaults). Without DJANGO_SECRET_KEY, only a
+DJANGO_SECURE_SSL_REDIRECT, DJANGO_HSTS_SECONDS, DATABASE_POOL_SIZE, API_KEY_CACHE_S,
+USAGE_FLUSH_MS (the README lists their defaults). Without DJANGO_SECRET_KEY, only a
 DEBUG process starts, with a key derived from the checkout's path, so no secret
 is ever committed and sessions survive restarts in development.
 """
@@ -88,6 +89,10 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 ENGINE_KEY_PREFIX = os.environ.get("ENGINE_KEY_PREFIX", "llm")  # must match `engine serve --key-prefix`
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")  # when set, /metrics wants `Bearer <token>`
 ENGINE_TIMEOUT_S = env_int("ENGINE_TIMEOUT_S", default=600)  # a request's deadline in the engine
+# The serving path needs no database: keys are cached (changes invalidate them at once, via Redis),
+# usage events are buffered in Redis and written in batches (tenants.key_cache, tenants.usage_buffer).
+API_KEY_CACHE_S = env_int("API_KEY_CACHE_S", default=30)  # the longest a process trusts a cached key
+USAGE_FLUSH_MS = env_int("USAGE_FLUSH_MS", default=500)  # how often buffered usage events are written
 
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
 CELERY_TASK_ACKS_LATE = True  # a worker that dies mid-task leaves the task for another

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from asgiref.sync import sync_to_async
 from redis.asyncio import Redis
 
+from tenants.db_connection import release_connection_after
 from tenants.lua import LuaScript
 from tenants.models import BudgetPeriod, Tenant
 from tenants.selectors import tokens_used_in_period
@@ -88,7 +89,11 @@ async def reserve_quota(
 
     reply = await run(seed="")
     if reply[0] == -1:  # no counter (new period, or Redis lost it): seed it from the database
-        recorded = await sync_to_async(tokens_used_in_period)(
+        # The counter is the truth while it exists; it is missing only at a period's first call
+        # or after Redis lost its data. The database lags by the usage events still buffered
+        # (tenants.usage_buffer, about USAGE_FLUSH_MS), which a seed misses: a fraction of a
+        # second of usage, once a period (after a Redis loss they are lost with it anyway).
+        recorded = await sync_to_async(release_connection_after(tokens_used_in_period))(
             tenant=period.tenant, period_start=period.start
         )
         reply = await run(seed=recorded)

@@ -5,7 +5,9 @@ from datetime import date, datetime
 from django.db.models import F, QuerySet, Sum
 from django.utils import timezone
 
+from tenants.db_connection import release_connection_after
 from tenants.errors import InvalidApiKey
+from tenants.key_cache import api_key_cache
 from tenants.keys import hash_key, split_key
 from tenants.limits import EffectiveLimits
 from tenants.models import ApiKey, DailyUsage, Tenant, UsageEvent
@@ -14,14 +16,15 @@ from tenants.models import ApiKey, DailyUsage, Tenant, UsageEvent
 def authenticate_api_key(*, raw_key: str) -> ApiKey:
     """The live key behind `raw_key`, or InvalidApiKey saying why not.
 
-    The prefix finds the row; the hash is compared in constant time so the
-    response time leaks nothing about how much of the secret was right. This
-    does not record use: callers call services.touch_api_key if they want to.
+    The prefix finds the row, from this process's key cache when it can (no query: this runs on
+    every API call); the hash is compared in constant time so the response time leaks nothing
+    about how much of the secret was right; revocation, expiry and the tenant are checked on
+    every call. Use is recorded with the call's usage event (tenants.usage_buffer).
     """
     parts = split_key(raw_key) if isinstance(raw_key, str) else None
     if parts is None:
         raise InvalidApiKey(InvalidApiKey.MALFORMED)
-    api_key = ApiKey.objects.select_related("tenant").filter(prefix=parts[0]).first()
+    api_key = api_key_cache.get(prefix=parts[0], load=lambda: _api_key_with_tenant(prefix=parts[0]))
     if api_key is None:
         raise InvalidApiKey(InvalidApiKey.UNKNOWN)
     if not hmac.compare_digest(api_key.hashed_key, hash_key(raw_key)):
@@ -33,6 +36,11 @@ def authenticate_api_key(*, raw_key: str) -> ApiKey:
     if not api_key.tenant.is_active:
         raise InvalidApiKey(InvalidApiKey.TENANT_INACTIVE)
     return api_key
+
+
+@release_connection_after
+def _api_key_with_tenant(*, prefix: str) -> ApiKey | None:
+    return ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
 
 
 def effective_limits(*, api_key: ApiKey) -> EffectiveLimits:

@@ -34,6 +34,7 @@ API_KEY_SETTINGS = (
     "tokens_per_minute",
     "max_concurrent_requests",
 )
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # ApiKey.last_used_at: one write a minute, not one per call
 
 
 def create_tenant(*, name: str, is_active: bool = True, actor: Actor = None, **limits) -> Tenant:
@@ -152,14 +153,7 @@ def _revoke(api_key: ApiKey) -> dict[str, list]:
     return {"revoked_at": [None, api_key.revoked_at]}
 
 
-def touch_api_key(*, api_key: ApiKey) -> None:
-    """Record use of the key without a read-modify-write of the whole row."""
-    now = timezone.now()
-    ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
-    api_key.last_used_at = now
-
-
-def record_usage(
+def usage_event(
     *,
     api_key: ApiKey,
     request_id: str,
@@ -173,24 +167,49 @@ def record_usage(
     latency_ms: int | None = None,
     ttft_ms: int | None = None,
 ) -> UsageEvent:
-    """The usage event of `request_id`; recording a request twice keeps (and returns) the first."""
-    event, _ = UsageEvent.objects.get_or_create(
-        request_id=request_id,
-        defaults={
-            "tenant_id": api_key.tenant_id,
-            "api_key": api_key,
-            "model": model,
-            "endpoint": endpoint,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "cached_tokens": cached_tokens,
-            "status": UsageStatus(status),  # a ValueError here, not a bad row
-            "error_code": error_code,
-            "latency_ms": latency_ms,
-            "ttft_ms": ttft_ms,
-        },
+    """The (unsaved) usage event of a request that ends now; a bad status is a ValueError here,
+    where the call is, not a row the usage flush cannot write."""
+    return UsageEvent(
+        tenant_id=api_key.tenant_id, api_key=api_key, request_id=request_id, model=model,
+        endpoint=endpoint, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        cached_tokens=cached_tokens, status=UsageStatus(status), error_code=error_code,
+        latency_ms=latency_ms, ttft_ms=ttft_ms,
     )
-    return event
+
+
+def record_usage(**fields) -> UsageEvent:
+    """Write the usage event of one request now (`usage_event`'s arguments); recording a request
+    twice keeps (and returns) the first. API calls buffer theirs instead (tenants.usage_buffer)."""
+    event = usage_event(**fields)
+    record_usage_events(events=[event])
+    return UsageEvent.objects.get(request_id=event.request_id)
+
+
+@transaction.atomic
+def record_usage_events(*, events: list[UsageEvent]) -> None:
+    """Insert unsaved usage events in one statement, and note their keys' use.
+
+    A request_id already recorded keeps its first event, so writing a batch twice is harmless.
+    Events of tenants deleted since are dropped, and deleted keys are left out, as the foreign
+    keys' on_delete would have done had the events been written before.
+    """
+    tenants = set(Tenant.objects.filter(pk__in={e.tenant_id for e in events}).values_list("pk", flat=True))
+    keys = set(ApiKey.objects.filter(pk__in={e.api_key_id for e in events}).values_list("pk", flat=True))
+    kept = [e for e in events if e.tenant_id in tenants]
+    for event in kept:
+        if event.api_key_id not in keys:
+            event.api_key_id = None
+    UsageEvent.objects.bulk_create(kept, ignore_conflicts=True)
+    _touch_api_keys(pks=keys)
+
+
+def _touch_api_keys(*, pks: set[int]) -> None:
+    """last_used_at of the keys `pks`, written at most once a minute per key (an update(), so
+    cached keys stay cached: tenants.key_cache)."""
+    now = timezone.now()
+    ApiKey.objects.filter(pk__in=pks).filter(
+        Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
+    ).update(last_used_at=now)
 
 
 @transaction.atomic

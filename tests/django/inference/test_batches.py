@@ -120,9 +120,8 @@ def test_batch_of_240_lines_survives_a_killed_worker(live, worker):
     assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
     # Usage was recorded for every line, as for interactive calls; the usage total is on the batch.
     request_ids = {line["response"]["request_id"] for line in output}
-    recorded = set(UsageEvent.objects.filter(tenant=live.tenant_of(key), endpoint="chat.completions")
-                   .values_list("request_id", flat=True))
-    assert request_ids <= recorded
+    recorded = UsageEvent.objects.filter(tenant=live.tenant_of(key), endpoint="chat.completions")
+    wait_until(lambda: request_ids <= set(recorded.values_list("request_id", flat=True)), 30, "the usage events")
     assert done.usage.output_tokens == sum(line["response"]["body"]["usage"]["completion_tokens"] for line in output)
     # The lines the killed worker had admitted gave their concurrency slots back when the batch
     # resumed, not 15 minutes later when their leases would have lapsed.

@@ -6,6 +6,7 @@ import asyncio
 import pytest
 
 from tenants.models import UsageEvent
+from tests.service.conftest import wait_until
 
 from .conftest import MODEL
 
@@ -119,7 +120,7 @@ def test_async_client_concurrent_calls(live, key):
 def test_usage_is_recorded_per_call(live):
     key = live.new_key()
     reply = live.openai(key).chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
-    event = UsageEvent.objects.get(request_id=reply.id)
+    event = wait_until(lambda: UsageEvent.objects.filter(request_id=reply.id).first(), 30, "the usage event")
     assert (event.prompt_tokens, event.completion_tokens) == (reply.usage.prompt_tokens,
                                                               reply.usage.completion_tokens)
     assert event.status == "ok" and event.endpoint == "chat.completions" and event.model == MODEL

@@ -75,7 +75,8 @@ def test_a_client_gone_before_the_stream_starts_frees_its_holds(live):
     with override_settings(ENGINE_KEY_PREFIX=live.prefix):
         asyncio.run(scenario())
     assert statuses == [200]
-    event = UsageEvent.objects.get(tenant=live.tenant_of(key))
+    tenant = live.tenant_of(key)
+    event = wait_until(lambda: UsageEvent.objects.filter(tenant=tenant).first(), 30, "the usage event")
     assert event.status == "cancelled" and event.completion_tokens == 0
     # The one request this tenant may run at a time is admitted now, not in 15 minutes.
     completion = live.openai(key).completions.create(model=MODEL, prompt="Hi", max_tokens=2)

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from tenants.models import ApiKey, UsageEvent
 from tenants.services import revoke_api_key
+from tests.service.conftest import wait_until
 
 from .conftest import MODEL
 
@@ -107,7 +108,7 @@ def test_concurrent_requests_limit_is_exact(live):
 
 
 def test_quota_is_never_overspent_under_200_concurrent_calls(live):
-    budget = 1500
+    budget = 400  # ~45 calls admitted: a slow CPU engine answers them well within the client timeout
     key = live.new_key(token_budget=budget)
     body = {**TINY, "max_tokens": 8}
     results = asyncio.run(burst(live, key, 200, body))
@@ -116,7 +117,7 @@ def test_quota_is_never_overspent_under_200_concurrent_calls(live):
     assert admitted and refused and len(admitted) + len(refused) == 200
     assert all(r.body["code"] == "insufficient_quota" for r in refused)
     tenant = live.tenant_of(key)
-    used = UsageEvent.objects.filter(tenant=tenant).aggregate(
-        total=Sum("prompt_tokens") + Sum("completion_tokens"))["total"]
-    assert used <= budget
-    assert UsageEvent.objects.filter(tenant=tenant).count() == len(admitted)
+    events = UsageEvent.objects.filter(tenant=tenant)
+    wait_until(lambda: events.count() >= len(admitted), 30, "the buffered usage events")
+    assert events.count() == len(admitted)
+    assert events.aggregate(total=Sum("prompt_tokens") + Sum("completion_tokens"))["total"] <= budget
