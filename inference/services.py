@@ -13,12 +13,12 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import contextmanager
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from engine.service.client import EngineUnavailable
 from engine.service.protocol import Usage
 from inference import metrics
+from inference.call_registry import register_call
 from inference.engine_client import get_engine_client, prompt_tokenizers
 from inference.errors import OpenAIError
 from inference.formats import ChatFormat, CompletionFormat, _Format
@@ -29,7 +29,8 @@ from inference.sampling import sampling_fields
 from tenants.admission import AdmissionRefused, admit
 from tenants.models import ApiKey
 from tenants.selectors import effective_limits, model_allowed
-from tenants.services import record_usage
+from tenants.services import usage_event
+from tenants.usage_buffer import buffer_usage, ensure_usage_flusher
 
 ENGINE_ERRORS = {  # engine error code -> (HTTP status, OpenAI error type)
     "invalid_request": (400, "invalid_request_error"),
@@ -97,11 +98,13 @@ class Call:
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
         metrics.observe_call(endpoint=self.endpoint, tenant=self.api_key.tenant.name, status=self.status,
                              usage=usage, ttft_s=ttft, duration_s=now - self.started)
-        await sync_to_async(record_usage)(
+        event = usage_event(
             api_key=self.api_key, request_id=self.plan.request_id, model=self.plan.model, endpoint=self.endpoint,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             cached_tokens=usage.cached_tokens, status=self.status, error_code=self.error_code,
             latency_ms=int((now - self.started) * 1000), ttft_ms=None if ttft is None else int(ttft * 1000))
+        ensure_usage_flusher()
+        await buffer_usage(redis=get_engine_client().redis, key_prefix=settings.ENGINE_KEY_PREFIX, event=event)
 
 
 async def start_completion(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -> Call:
@@ -196,14 +199,18 @@ def _include_usage(data: dict) -> bool:
 
 async def _admit(api_key: ApiKey, endpoint: str, plan: GenerationPlan, fmt: _Format) -> Call:
     prompt_tokens = sum(len(p) for p in plan.prompts)
+    # Recorded before it is admitted: a process killed at any moment leaves its holds on record.
+    forget = await register_call(get_engine_client(), request_id=plan.request_id, api_key_id=api_key.pk)
     try:
         admission = await admit(redis=get_engine_client().redis, api_key=api_key, request_id=plan.request_id,
                                 prompt_tokens=prompt_tokens, key_prefix=settings.ENGINE_KEY_PREFIX,
                                 max_tokens=plan.params["max_tokens"] * plan.n * len(plan.prompts))
     except AdmissionRefused as refused:
+        await forget()
         metrics.observe_refusal(endpoint=endpoint, tenant=api_key.tenant.name, code=refused.code)
         raise OpenAIError(refused.message, status=refused.status, type=refused.type, code=refused.code,
                           headers=refused.headers) from None
+    admission.on_settle = forget
     call = Call(api_key=api_key, endpoint=endpoint, plan=plan, fmt=fmt, admission=admission)
     close_when_request_ends(call.close)  # in case the client leaves before the response starts
     return call

@@ -13,6 +13,7 @@ A refusal is AdmissionRefused, which carries everything for OpenAI's 429 respons
 here touches the database except seeding a lost quota counter.
 """
 import dataclasses
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -55,6 +56,8 @@ class Admission:
     rate_limit_keys: RateLimitKeys = field(repr=False)
     quota_period: QuotaPeriod = field(repr=False)
     settled: bool = field(default=False, repr=False)
+    # Awaited once the holds are given back (the process's call registry forgets the call then).
+    on_settle: Callable[[], Awaitable] | None = field(default=None, repr=False)
 
     async def settle(self, *, prompt_tokens: int, completion_tokens: int) -> None:
         """Idempotent: releases the concurrency slot, settles TPM and quota to the real counts."""
@@ -70,6 +73,8 @@ class Admission:
             redis=self.redis, period=self.quota_period, request_id=self.request_id,
             actual_tokens=actual,
         )
+        if self.on_settle is not None:
+            await self.on_settle()
 
 
 async def admit(
