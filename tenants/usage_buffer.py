@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 FLUSH_BATCH = 500  # events per INSERT
 
 _flusher_lock = threading.Lock()
-_flusher: threading.Thread | None = None
+_flushers: dict[tuple[str, str], threading.Thread] = {}  # (Redis URL, key prefix) -> its flusher
 
 
 def usage_stream(*, key_prefix: str) -> str:
@@ -58,20 +58,23 @@ def flush_usage(*, redis: redis.Redis, key_prefix: str) -> int:
 
 
 def ensure_usage_flusher() -> None:
-    """Start this process's flusher of settings.ENGINE_KEY_PREFIX's stream unless it runs (a
-    forked child starts its own); what is left when the process exits is flushed then."""
-    global _flusher
-    if _flusher is not None and _flusher.is_alive():
+    """Start this process's flusher of settings.ENGINE_KEY_PREFIX's stream unless it runs (one per
+    Redis and prefix, since a process may buffer to several; a forked child starts its own); what is
+    left when the process exits is flushed then."""
+    where = (settings.REDIS_URL, settings.ENGINE_KEY_PREFIX)
+    flusher = _flushers.get(where)
+    if flusher is not None and flusher.is_alive():
         return
     with _flusher_lock:
-        if _flusher is not None and _flusher.is_alive():
+        flusher = _flushers.get(where)
+        if flusher is not None and flusher.is_alive():
             return
-        client, key_prefix = redis.Redis.from_url(settings.REDIS_URL), settings.ENGINE_KEY_PREFIX
-        if _flusher is None:
+        client, key_prefix = redis.Redis.from_url(where[0]), where[1]
+        if flusher is None:
             atexit.register(_flush_quietly, client, key_prefix, take_lease=False)
-        _flusher = threading.Thread(target=_flush_forever, args=(client, key_prefix), name="usage-flusher",
-                                    daemon=True)
-        _flusher.start()
+        _flushers[where] = threading.Thread(target=_flush_forever, args=(client, key_prefix), name="usage-flusher",
+                                            daemon=True)
+        _flushers[where].start()
 
 
 def _flush_forever(client: redis.Redis, key_prefix: str) -> None:
