@@ -14,8 +14,6 @@ after its client disconnects (`--application-close-timeout`), enough to abort an
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -26,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.local_services import die_with_parent
+
 logger = logging.getLogger("supervisor")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +33,6 @@ GRACE_S = 20  # how long SIGTERMed workers get to close their connections before
 QUICK_EXIT_S = 5  # a worker gone this soon after its start crashed: it was not killed mid-work
 MAX_QUICK_EXITS = 3  # in a row: something (settings, code, database) is broken, restarting won't help
 POLL_S = 0.2  # how soon a dead worker or a stop signal is noticed
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
-
-
-def _die_with_supervisor() -> None:
-    """In the worker before exec: SIGKILL it when the supervisor dies, even by SIGKILL."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -91,7 +84,7 @@ class Supervisor:
         command = [sys.executable, "-m", "daphne", "--fd", str(self.sock.fileno()), "-v", str(self.verbosity),
                    "project.asgi:application"]
         process = subprocess.Popen(command, cwd=REPO_ROOT, pass_fds=[self.sock.fileno()],
-                                   preexec_fn=_die_with_supervisor)
+                                   preexec_fn=die_with_parent)
         self.workers[number] = Worker(number, process)
         logger.info("worker %d started (pid %d)", number, process.pid)
 

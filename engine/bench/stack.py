@@ -11,14 +11,11 @@ held, which deleting an `LLM` in this process does not guarantee.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +26,7 @@ from pathlib import Path
 import redis
 
 from engine.cli_args import engine_flags
+from engine.local_services import die_with_parent, free_port, redis_answers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600  # loading a large model; a child that dies ends the wait long before
@@ -36,30 +34,8 @@ TENANT = "bench"
 UNBOUNDED_LIMITS = ["--requests-per-minute", "100000000", "--tokens-per-minute", "1000000000",
                     "--max-concurrent-requests", "100000"]
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
-
-
 class StackError(RuntimeError):
     pass
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it if the bench dies, so nothing outlives a killed run."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def redis_answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
-    except redis.ConnectionError:
-        return False
 
 
 class Child:
@@ -69,7 +45,7 @@ class Child:
         self.name, self.log_path = name, log_dir / f"{name}.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+                                            start_new_session=True, preexec_fn=die_with_parent)
 
     def check(self) -> None:
         if self.process.poll() is not None:
@@ -157,7 +133,7 @@ class LaunchedStack:
 
     def _manage(self, env: dict, *args: str) -> str:
         done = subprocess.run([sys.executable, "manage.py", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                              text=True, preexec_fn=_die_with_parent)
+                              text=True, preexec_fn=die_with_parent)
         if done.returncode:
             raise StackError(f"manage.py {' '.join(args)} exited with {done.returncode}:\n{done.stdout}{done.stderr}")
         return done.stdout
@@ -224,5 +200,5 @@ def run_offline_bench(subcommand: str, engine_options: dict, flags: list[str]) -
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "results.json"
         subprocess.run([sys.executable, "-m", "engine.bench", subcommand, *flags, *engine_flags(engine_options),
-                        "--json", str(path)], cwd=REPO_ROOT, check=True, preexec_fn=_die_with_parent)
+                        "--json", str(path)], cwd=REPO_ROOT, check=True, preexec_fn=die_with_parent)
         return json.loads(path.read_text())

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +25,7 @@ import redis
 from engine.config import BUNDLED_MODEL
 from engine.service.client import EngineClient
 from engine.service.protocol import EngineRequest, Heartbeat, OutputDelta, decode_deltas, decode_heartbeat, encode
+from engine.local_services import die_with_parent as _die_with_parent, free_port, redis_answers  # noqa: F401 (shared)
 from engine.service.transport import GROUP, Keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -35,21 +33,6 @@ MODEL = BUNDLED_MODEL
 READY_TIMEOUT_S = 120  # loading the model takes ~10 s alone; much more when the machine is busy
 # Small KV cache (fast start), float32 on CPU; tests add their own flags after these.
 REPLICA_ARGS = ["--dtype", "float32", "--kv-cache-memory-bytes", "300000000", "--max-num-seqs", "16"]
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it if pytest dies, so no engine outlives a killed run."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -98,13 +81,6 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
-
-
-def redis_answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
-    except redis.ConnectionError:
-        return False
 
 
 @pytest.fixture(scope="session")
