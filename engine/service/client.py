@@ -118,6 +118,13 @@ class EngineClient:
 
     # -- background tasks ---------------------------------------------------------------------------
 
+    def _running(self) -> bool:
+        """Whether a background loop goes on: not once the client closes, nor once its task was
+        cancelled (asyncio.run cancels what is left at its end), even if redis-py swallowed the
+        cancel in a blocking read."""
+        task = asyncio.current_task()
+        return not self._closing and not (task is not None and task.cancelling())
+
     def _start(self) -> None:
         if not self._tasks:
             self._tasks = [asyncio.create_task(job(), name=f"engine-client-{job.__name__}")
@@ -126,7 +133,7 @@ class EngineClient:
     async def _read_replies(self) -> None:
         """The one reader: every delta for this process, handed to the stream that waits for it."""
         key, last_id, backoff = self.keys.reply(self.client_id), "0-0", Backoff()
-        while not self._closing:
+        while self._running():
             try:
                 reply = await self._reader_redis.xread({key: last_id}, count=1000, block=REPLY_BLOCK_MS)
                 backoff.reset()
@@ -156,7 +163,7 @@ class EngineClient:
 
     async def _keep_alive(self) -> None:
         key = self.keys.client(self.client_id)
-        while not self._closing:
+        while self._running():
             try:
                 await self.redis.set(key, b"1", ex=CLIENT_TTL_S)
             except (RedisError, OSError) as error:
@@ -164,7 +171,7 @@ class EngineClient:
             await asyncio.sleep(CLIENT_REFRESH_S)
 
     async def _keep_replicas_fresh(self) -> None:
-        while not self._closing:
+        while self._running():
             await asyncio.sleep(REPLICAS_REFRESH_S / 2)
             try:
                 await self._refresh_replicas()

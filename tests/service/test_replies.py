@@ -70,3 +70,18 @@ def test_a_client_is_gone_only_after_its_key_has_been_missing_a_while(client, ke
     assert watch.gone(client, ["alive", "dead"]) == ["dead"]
     client.set(keys.client("dead"), b"1", ex=60)  # it came back after all
     assert watch.gone(client, ["alive", "dead"]) == []
+
+
+def test_a_loop_that_ends_without_closing_its_client_still_ends(redis_url):
+    """asyncio.run cancels the client's background tasks at its end; a cancel that redis-py swallows
+    inside a blocking read must not keep the loop (and so the program) running."""
+    import asyncio
+    import subprocess
+    import sys
+
+    script = ("import asyncio\nfrom engine.service.client import EngineClient\n"
+              "async def main():\n"
+              f"    client = EngineClient({redis_url!r}, key_prefix='test-unclosed')\n"
+              "    await client.models()\n    await asyncio.sleep(1.5)\n"
+              "asyncio.run(main())\n")
+    assert subprocess.run([sys.executable, "-c", script], timeout=30).returncode == 0
