@@ -75,7 +75,6 @@ def test_a_client_is_gone_only_after_its_key_has_been_missing_a_while(client, ke
 def test_a_loop_that_ends_without_closing_its_client_still_ends(redis_url):
     """asyncio.run cancels the client's background tasks at its end; a cancel that redis-py swallows
     inside a blocking read must not keep the loop (and so the program) running."""
-    import asyncio
     import subprocess
     import sys
 
