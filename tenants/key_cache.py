@@ -11,6 +11,7 @@ revocation, expiry and the tenant against the clock, on every call. Treat cached
 """
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from tenants.models import ApiKey
 
 @dataclass(frozen=True)
 class _Entry:
-    api_key: ApiKey
+    api_key: ApiKey | None  # None: no such key
     generation: bytes | None
     loaded_at: float
 
@@ -34,21 +35,38 @@ class ApiKeyCache:
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self._generation: bytes | None = None
+        # One load per prefix at a time: a burst of calls with a new key (200 at once) makes one
+        # query, and the others wait for its row, instead of 200 queries draining the pool.
+        self._loading: dict[str, threading.Lock] = {}
+        self._loading_guard = threading.Lock()
 
     def get(self, *, prefix: str, load: Callable[[], ApiKey | None]) -> ApiKey | None:
         """The cached row of `prefix` while fresh, else `load()`'s (a row found is cached)."""
         generation = _redis().get(_generation_key())
+        if (entry := self._fresh(prefix, generation)) is not None:
+            return entry.api_key
+        with self._loading_guard:
+            lock = self._loading.setdefault(prefix, threading.Lock())
+        with lock:
+            if (entry := self._fresh(prefix, generation)) is not None:
+                return entry.api_key  # loaded by the call this one waited for
+            if generation != self._generation:  # every entry is stale now: let them go
+                self._entries, self._generation = {}, generation
+            # Read after the generation: a change in between makes this entry stale at the next call.
+            api_key = load()
+            # An unknown prefix is cached too (a flood of made-up keys makes no queries); a key
+            # created later changes the generation, so it is found at once.
+            self._entries[prefix] = _Entry(api_key, generation, time.monotonic())
+        with self._loading_guard:
+            self._loading.pop(prefix, None)
+        return api_key
+
+    def _fresh(self, prefix: str, generation: bytes | None) -> _Entry | None:
         entry = self._entries.get(prefix)
         if (entry is not None and entry.generation == generation
                 and time.monotonic() - entry.loaded_at < settings.API_KEY_CACHE_S):
-            return entry.api_key
-        if generation != self._generation:  # every entry is stale now: let them go
-            self._entries, self._generation = {}, generation
-        # Read after the generation: a change in between makes this entry stale at the next call.
-        api_key = load()
-        if api_key is not None:
-            self._entries[prefix] = _Entry(api_key, generation, time.monotonic())
-        return api_key
+            return entry
+        return None
 
 
 def invalidate_api_keys() -> None:

@@ -48,7 +48,7 @@ def test_a_wrong_secret_is_refused_from_the_cache_too(issued):
 def test_the_secret_is_nowhere_in_the_cache(issued):
     _, raw_key = issued
     authenticate_api_key(raw_key=raw_key)
-    assert raw_key.split(".")[1].encode() not in pickle.dumps(api_key_cache)
+    assert raw_key.split(".")[1].encode() not in pickle.dumps(api_key_cache._entries)
 
 
 @pytest.mark.parametrize("change", [
@@ -107,3 +107,39 @@ def test_entries_live_api_key_cache_s_at_most(issued):
     authenticate_api_key(raw_key=raw_key)
     with override_settings(API_KEY_CACHE_S=0):
         assert queries_of(raw_key) == 1
+
+
+def test_unknown_keys_are_cached_until_a_key_is_created(issued):
+    api_key, raw_key = issued
+    made_up = "sk-zzzzzzzz." + raw_key.split(".")[1]
+    for expected_queries in (1, 0):
+        with CaptureQueriesContext(connection) as queries, pytest.raises(InvalidApiKey):
+            authenticate_api_key(raw_key=made_up)
+        assert len(queries) == expected_queries
+    _, new_key = create_api_key(tenant=api_key.tenant)  # changes the generation
+    assert authenticate_api_key(raw_key=new_key).tenant == api_key.tenant
+
+
+def test_a_burst_of_calls_with_a_new_key_loads_it_once(issued):
+    """Threads that miss together wait for one load instead of each querying the database."""
+    import threading
+
+    _, raw_key = issued
+    prefix = raw_key.split(".")[0]
+    loads, started = [], threading.Barrier(8)
+
+    def slow_load():
+        loads.append(1)
+        threading.Event().wait(0.2)
+        return None
+
+    def call():
+        started.wait()
+        api_key_cache.get(prefix=prefix, load=slow_load)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1
