@@ -3,6 +3,10 @@
 The web process must know a prompt's token count before anything is queued (prompt caps, quota
 reservations, usage), without torch or transformers: the `tokenizers` library reads the engine's
 tokenizer JSON, and the chat template renders in a Jinja sandbox, as transformers renders it.
+
+Special tokens: a completion's text prompt is the caller's own raw model input (there is no other
+party's turn in it to forge), so special strings in it are parsed, as vLLM and the engine do; chat
+message content never produces a special token (inference.special_token_guard), only the template does.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from engine.service.protocol import ModelCard
+from inference.special_token_guard import SpecialTokenGuard
 
 CARD_TTL_S = 30.0  # how long a fetched card is trusted before it is read from Redis again
 
@@ -28,6 +33,7 @@ class PromptTokenizer:
         self.card = card
         self.tokenizer = Tokenizer.from_str(card.tokenizer_json) if card.tokenizer_json else None
         self.template = _compile(card.chat_template) if card.chat_template else None
+        self.guard = SpecialTokenGuard(self.tokenizer) if self.tokenizer is not None else None
 
     def encode(self, text: str) -> list[int]:
         """A completion prompt: special tokens added as the engine adds them."""
@@ -36,12 +42,16 @@ class PromptTokenizer:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if self.template is None:
             raise PromptError(f"model {self.card.model!r} has no chat template; use /v1/completions")
-        try:
-            text = self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.card.special_tokens)
-        except TemplateError as error:
-            raise PromptError(f"the chat template refused the messages: {error}") from error
-        return self._require_tokenizer().encode(text, add_special_tokens=False).ids
+        self._require_tokenizer()
+
+        def render(rendered_messages: list[dict]) -> str:
+            try:
+                return self.template.render(messages=rendered_messages, add_generation_prompt=add_generation_prompt,
+                                            **self.card.special_tokens)
+            except TemplateError as error:
+                raise PromptError(f"the chat template refused the messages: {error}") from error
+
+        return self.guard.encode_chat(messages, render)
 
     def decode(self, token_ids: list[int]) -> str:
         return self._require_tokenizer().decode(token_ids, skip_special_tokens=False)
