@@ -88,6 +88,9 @@ class LLM:
                         bar.set_postfix_str(f"output {output_tokens / (time.perf_counter() - started):.1f} tok/s")
         finally:
             bar.close()
+        failed = self.llm_engine.take_failed_requests()  # the other requests ran to the end
+        if failed:
+            raise RuntimeError(f"{len(failed)} request(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         return [finished[request_id] for request_id in request_ids]
 
 

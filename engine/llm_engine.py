@@ -18,6 +18,7 @@ from engine.output_processor import RequestState, SequenceState
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus, child_request_id
 from engine.sampling_params import SamplingParams
+from engine.step_isolation import execute_isolating_faults, forget_uncomputed_blocks
 from engine.tokenization import eos_token_ids, load_tokenizer
 from engine.weights import load_model_config, resolve_model
 
@@ -58,6 +59,7 @@ class LLMEngine:
         self.vocab_size = self.model_config.vocab_size
         self.requests: dict[str, RequestState] = {}
         self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}
+        self.failed_requests: dict[str, str] = {}  # dropped by a failed step, until take_failed_requests()
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, in %.1fs", source.name,
                     self.runner.device, self.runner.dtype, self.runner.num_blocks, config.block_size,
                     time.perf_counter() - started)
@@ -118,10 +120,8 @@ class LLMEngine:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("no waiting request fits the KV cache; this is a bug (add_request checks it)")
             return []
-        if self.workers is None:
-            runner_output = self.runner.execute(scheduler_output)
-        else:
-            runner_output = self.workers.execute(self.runner, scheduler_output)
+        runner_output, culprits = execute_isolating_faults(self._execute, scheduler_output)
+        self._fail(culprits)
         finished = {r.request_id for r in self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)}
 
         touched: dict[str, RequestState] = {}
@@ -156,6 +156,29 @@ class LLMEngine:
             if state.finished:
                 self.requests.pop(state.request_id, None)
         return outputs
+
+    def take_failed_requests(self) -> dict[str, str]:
+        """Requests a step dropped because running them raised (request id -> why), since the last call.
+        They are aborted already; the caller tells their owners."""
+        failed, self.failed_requests = self.failed_requests, {}
+        return failed
+
+    def _execute(self, scheduler_output):
+        if self.workers is None:
+            return self.runner.execute(scheduler_output)
+        return self.workers.execute(self.runner, scheduler_output)
+
+    def _fail(self, culprits) -> None:
+        """Abort the requests (with all their `n` siblings) whose part of a step raised."""
+        if not culprits:
+            return
+        for request, error in culprits:
+            state, _ = self.sequences.get(request.request_id, (None, None))
+            if state is None:
+                continue
+            forget_uncomputed_blocks(self.kv_cache_manager, request)
+            self.failed_requests[state.request_id] = f"the engine failed while running the request ({error!r})"
+            self.abort_request(state.request_id)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (also done when the engine is garbage collected)."""
@@ -199,6 +222,10 @@ class LLMEngine:
             value = getattr(params, name)
             if value is not None and value > self.vocab_size:
                 raise ValueError(f"{name} must be at most the vocabulary size {self.vocab_size}, got {value}")
+        if params.top_k > self.vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size {self.vocab_size}, got {params.top_k}")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {self.vocab_size})")
         if not prompt_ids:
             raise ValueError("prompt must not be empty")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt_ids):

@@ -1,13 +1,25 @@
 """Sampling parameters with vLLM's names and validation.
 
 Pure Python (no torch) so the web side can validate a request before it reaches an engine.
-Every invalid value raises `ValueError` naming the field.
+Every invalid value raises `ValueError` naming the field. The bounds are what the engine can
+represent (a value past them used to raise deep in the sampler and fail the whole batch) and what
+keeps one request's footprint small (stop strings are copied into every prompt's engine request).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, replace
+
+
+MAX_N = 256  # completions per prompt
+MAX_INT32 = 2**31 - 1  # counts and token ids: what an int32 tensor holds
+SEED_RANGE = (-(2**63), 2**63 - 1)  # torch.Generator.manual_seed takes int64 (plus n for the children)
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: top entries per position
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class RequestOutputKind(enum.Enum):
@@ -55,35 +67,42 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        check_field(isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
-        check_field(_is_number(self.temperature) and self.temperature >= 0, "temperature",
-               f"must be >= 0, got {self.temperature!r}")
-        check_field(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        check_field(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
-               f"must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
-        check_field(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        check_field(_is_count(self.n, 1, MAX_N), "n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+        check_field(_is_finite(self.temperature) and self.temperature >= 0, "temperature",
+                    f"must be a finite number >= 0, got {self.temperature!r}")
+        check_field(_is_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        check_field(_is_count(self.top_k, 0, MAX_INT32), "top_k",
+                    f"must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
+        check_field(_is_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            check_field(_is_number(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
-        check_field(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-               f"must be > 0, got {self.repetition_penalty!r}")
-        check_field(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+            check_field(_is_finite(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
+        check_field(_is_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+                    f"must be a finite number > 0, got {self.repetition_penalty!r}")
+        check_field(self.seed is None or _is_count(self.seed, *SEED_RANGE), "seed",
+                    f"must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
         check_field(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
-        check_field(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               "must be non-negative integers")
-        check_field(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 0), "max_tokens",
-               f"must be at least 0, got {self.max_tokens!r}")
+        check_field(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"may hold at most {MAX_STOP_STRINGS} strings, "
+                    f"got {len(self.stop)}")
+        check_field(all(len(s) <= MAX_STOP_STRING_CHARS and _is_utf8(s) for s in self.stop), "stop",
+                    f"strings must be valid text of at most {MAX_STOP_STRING_CHARS} characters")
+        check_field(all(_is_count(t, 0, MAX_INT32) for t in self.stop_token_ids), "stop_token_ids",
+                    f"must be integers in [0, {MAX_INT32}]")
+        check_field(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+                    f"may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        check_field(self.max_tokens is None or _is_count(self.max_tokens, 0, MAX_INT32), "max_tokens",
+                    f"must be an integer in [0, {MAX_INT32}], got {self.max_tokens!r}")
         # max_tokens=0 scores the prompt (prefill only); without prompt_logprobs it would return nothing.
         check_field(self.max_tokens != 0 or self.prompt_logprobs is not None, "max_tokens",
-               "may be 0 only with prompt_logprobs (to score the prompt)")
-        check_field(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
-               f"must be >= 0, got {self.min_tokens!r}")
+                    "may be 0 only with prompt_logprobs (to score the prompt)")
+        check_field(_is_count(self.min_tokens, 0, MAX_INT32), "min_tokens",
+                    f"must be an integer in [0, {MAX_INT32}], got {self.min_tokens!r}")
         check_field(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
-               f"must be <= max_tokens={self.max_tokens}, got {self.min_tokens}")
+                    f"must be <= max_tokens={self.max_tokens}, got {self.min_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            check_field(value is None or (isinstance(value, int) and value >= 0), name,
-                   f"must be a non-negative integer, got {value!r}")
+            check_field(value is None or _is_count(value, 0, MAX_LOGPROBS), name,
+                        f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         check_field(isinstance(self.output_kind, RequestOutputKind), "output_kind", "must be a RequestOutputKind")
 
     @property
@@ -98,8 +117,27 @@ class SamplingParams:
         return replace(self, **changes)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_finite(value) -> bool:
+    """A real number that is not NaN or infinite (an int too large for a float is refused as well)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _is_count(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_utf8(text: str) -> bool:
+    """False for lone surrogates, which no wire format can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_field(ok: bool, field_name: str, message: str) -> None:

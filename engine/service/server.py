@@ -123,11 +123,15 @@ class EngineServer:
             logger.critical("the engine is dead (%s); this replica stops", error)
             self._abandon()
             return
-        except Exception:  # fail what is in flight, loudly, and keep serving new requests
+        except Exception:  # a fault outside any one request's part: fail what is in flight, loudly
             logger.exception("engine step failed; failing %d in-flight requests", len(self.in_flight))
             self._fail_all("engine_error", "the engine failed while running the request")
             return
         self._publish(outputs)
+        for request_id, reason in self.engine.take_failed_requests().items():  # the step ran without them
+            if request_id in self.in_flight:
+                logger.error("request %s failed alone: %s", request_id, reason)
+                self._end_with_error(request_id, "engine_error", "the engine failed while running the request")
 
     def request_shutdown(self) -> None:
         """Stop taking requests; finish those in flight (up to shutdown_timeout_s), then exit."""
