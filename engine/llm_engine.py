@@ -71,7 +71,10 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, *,
-                    priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+                    priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None,
+                    tenant: str | None = None) -> None:
+        """`tenant` names who asked: waiting requests are admitted fairly between tenants within a
+        priority (None, the offline default, is one tenant)."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -86,7 +89,8 @@ class LLMEngine:
         for index in range(n):
             child_id = request_id if n == 1 else child_request_id(request_id, index)
             request = Request(child_id, prompt_ids, params, priority=priority, arrival_time=arrival_time,
-                              cache_salt=cache_salt, parent_id=None if n == 1 else request_id, index=index)
+                              cache_salt=cache_salt, parent_id=None if n == 1 else request_id, index=index,
+                              tenant=tenant)
             sequences.append(SequenceState(request, self.tokenizer))
         state = RequestState(request_id, prompt_text, prompt_ids, params, sequences)
         self.requests[request_id] = state

@@ -52,6 +52,7 @@ class Request:
         cache_salt: str | None = None,
         parent_id: str | None = None,
         index: int = 0,
+        tenant: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -61,6 +62,7 @@ class Request:
         self.cache_salt = cache_salt
         self.parent_id = parent_id
         self.index = index
+        self.tenant = tenant  # who asked: the scheduler shares admissions fairly between tenants
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
@@ -91,7 +93,7 @@ class Request:
 
     @property
     def sort_key(self) -> tuple[int, float]:
-        """Lower runs first; the highest key is preempted first."""
+        """Lower runs first (within a tenant; between tenants the scheduler takes turns)."""
         return (self.priority, self.arrival_time)
 
     def append_output_token(self, token_id: int) -> None:

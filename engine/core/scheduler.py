@@ -2,18 +2,28 @@
 
 Each step every running request gets the tokens it still needs (1 for a decode, a chunk for a
 prefill) out of `max_num_batched_tokens`; waiting requests are admitted with what is left.
-Prefill and decode mix freely in one step. When blocks run out, the running request with the
-worst (priority, arrival) is preempted: its blocks are freed and it is recomputed later.
+Prefill and decode mix freely in one step. When blocks run out, a running request is preempted:
+its blocks are freed and it is recomputed later.
+
+Priorities are strict; within one, tenants take turns. One tenant's flood of sequences must not
+hold another tenant's small call behind it (issue 15), so waiting requests are admitted fairly
+between tenants (engine/core/waiting_queue.py), running ones get the token budget round-robin over
+tenants, and preemption takes the latest sequence of the tenant with the most running at the worst
+priority. Requests without a tenant are one tenant: then it is plain (priority, arrival) order.
 """
 
 from __future__ import annotations
 
-import bisect
+from contextlib import closing
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from engine.config import SchedulerConfig
 from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.waiting_queue import WaitingQueue
 from engine.request import Request, RequestStatus, child_request_id
+
+_by_priority_and_arrival = attrgetter("priority", "arrival_time")  # Request.sort_key, faster
 
 
 @dataclass
@@ -35,7 +45,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
-        self.waiting: list[Request] = []  # kept sorted by Request.sort_key
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
@@ -46,7 +56,7 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self._enqueue_waiting(request)
+        self.waiting.add(request)
 
     def finish_requests(self, request_ids, status: RequestStatus) -> list[Request]:
         """Abort or stop requests wherever they are; their blocks return to the pool now."""
@@ -71,7 +81,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        self.running.sort(key=lambda r: r.sort_key)
+        self._order_running()
         scheduled_ids: set[str] = set()
 
         index = 0
@@ -79,7 +89,7 @@ class Scheduler:
             request = self.running[index]
             num_new = self._num_tokens_to_schedule(request, budget)
             while self.kv_cache_manager.allocate_slots(request, num_new) is None:
-                victim = self.running.pop()  # worst (priority, arrival) among running
+                victim = self.running.pop()  # see _order_running
                 self._preempt(victim)
                 output.preempted.append(victim)
                 if victim is request:
@@ -100,26 +110,27 @@ class Scheduler:
         return output
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> int:
-        index = 0
-        while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[index]
-            sibling = self._sibling_with_prompt(request)
-            if sibling is False:  # an earlier sibling is still computing the shared prompt
-                index += 1
-                continue
-            computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request, sibling)
-            remaining = request.num_tokens - request.num_computed_tokens - num_computed
-            num_new = min(remaining, budget, self._prefill_chunk_limit(len(self.waiting) - 1 + len(self.running)))
-            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
-                break  # the pool is full; keep arrival order rather than skipping ahead
-            self.waiting.pop(index)
-            request.num_computed_tokens += num_computed
-            if request.num_preemptions == 0:
-                request.num_cached_tokens = num_computed
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            output.scheduled.append((request, num_new))
-            budget -= num_new
+        with closing(self.waiting.in_admission_order()) as candidates:
+            for request in candidates:
+                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                    break
+                sibling = self._sibling_with_prompt(request)
+                if sibling is False:  # an earlier sibling is still computing the shared prompt
+                    continue
+                computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request, sibling)
+                remaining = request.num_tokens - request.num_computed_tokens - num_computed
+                num_others = len(self.waiting) - 1 + len(self.running)
+                num_new = min(remaining, budget, self._prefill_chunk_limit(num_others))
+                if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
+                    break  # the pool is full; keep the fair order rather than skipping ahead
+                self.waiting.admit(request)
+                request.num_computed_tokens += num_computed
+                if request.num_preemptions == 0:
+                    request.num_cached_tokens = num_computed
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                output.scheduled.append((request, num_new))
+                budget -= num_new
         return budget
 
     def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
@@ -189,16 +200,30 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self._enqueue_waiting(request)
+        self.waiting.add(request)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
 
-    def _enqueue_waiting(self, request: Request) -> None:
-        keys = [r.sort_key for r in self.waiting]
-        self.waiting.insert(bisect.bisect_right(keys, request.sort_key), request)
+    def _order_running(self) -> None:
+        """By priority, then round-robin over tenants (each tenant's k-th oldest sequence before
+        anyone's (k+1)-th), then arrival. The token budget goes down this list and preemption
+        takes from its end: the latest sequence of the tenant with the most running at the worst
+        priority. With one tenant this is (priority, arrival) order."""
+        running = self.running
+        running.sort(key=_by_priority_and_arrival)
+        if len({request.tenant for request in running}) <= 1:
+            return
+        turns: dict[tuple, int] = {}
+        keys = []
+        for request in running:
+            group = (request.priority, request.tenant)
+            turn = turns.get(group, 0)
+            turns[group] = turn + 1
+            keys.append((request.priority, turn, request.arrival_time))
+        running[:] = [running[i] for i in sorted(range(len(running)), key=keys.__getitem__)]
 
     def _record_kv_usage(self) -> None:
         manager = self.kv_cache_manager

@@ -165,7 +165,7 @@ class EngineServer:
         prompt = request.prompt if request.prompt is not None else {"prompt_token_ids": request.prompt_token_ids}
         try:
             self.engine.add_request(request.request_id, prompt, params, priority=request.priority,
-                                    cache_salt=request.tenant or None)
+                                    cache_salt=request.tenant or None, tenant=request.tenant or None)
         except ValueError as error:
             self._send(request.reply_to, error_delta(request.request_id, 0, "invalid_request", str(error),
                                                      self.replica_id))
