@@ -37,16 +37,16 @@ def bundled_tokenizer():
 @pytest.fixture
 def make_request():
     """`make_request(request_id, prompt_token_ids, priority=0, arrival_time=None, cache_salt=None,
-    parent_id=None, index=0, **sampling_params)`; arrival times default to a strictly increasing
+    parent_id=None, index=0, tenant=None, **sampling_params)`; arrival times default to a strictly increasing
     counter so tests never depend on the clock's resolution."""
     clock = itertools.count()
 
     def make(request_id, prompt_token_ids, *, priority=0, arrival_time=None, cache_salt=None,
-             parent_id=None, index=0, **params) -> Request:
+             parent_id=None, index=0, tenant=None, **params) -> Request:
         params.setdefault("max_tokens", 16)
         return Request(request_id, list(prompt_token_ids), SamplingParams(**params), priority=priority,
                        arrival_time=float(next(clock)) if arrival_time is None else arrival_time,
-                       cache_salt=cache_salt, parent_id=parent_id, index=index)
+                       cache_salt=cache_salt, parent_id=parent_id, index=index, tenant=tenant)
 
     return make
 
