@@ -189,8 +189,19 @@ def _max_tokens(api_key: ApiKey, tokenizer: PromptTokenizer, prompts: list[list[
 
 def _plan(api_key: ApiKey, data: dict, kind: str, prompts, fields: dict, texts: list[str]) -> GenerationPlan:
     limits = effective_limits(api_key=api_key)
+    _check_sequences(limits, n=fields.get("n", 1), prompts=len(prompts))
     return GenerationPlan(request_id=f"{kind}-{uuid.uuid4().hex}", model=data["model"], tenant=str(api_key.tenant_id),
                           prompts=prompts, params=fields, priority=limits.priority_tier, prompt_texts=texts)
+
+
+def _check_sequences(limits, *, n: int, prompts: int) -> None:
+    """n x prompts is what one call queues in the engine: bounded per call (a 400: asking again never
+    helps, including when it is over the tenant's whole in-flight limit) before it is admitted."""
+    cap = min(limits.max_sequences_per_request, limits.max_sequences_in_flight)
+    if n * prompts > cap:
+        raise OpenAIError(f"This request asks for {n * prompts} sequences (n={n} x {prompts} prompts); this API key "
+                          f"allows at most {cap} per request. Lower n or send fewer prompts per request.",
+                          param="n", code="too_many_sequences")
 
 
 def _include_usage(data: dict) -> bool:
@@ -204,7 +215,8 @@ async def _admit(api_key: ApiKey, endpoint: str, plan: GenerationPlan, fmt: _For
     try:
         admission = await admit(redis=get_engine_client().redis, api_key=api_key, request_id=plan.request_id,
                                 prompt_tokens=prompt_tokens, key_prefix=settings.ENGINE_KEY_PREFIX,
-                                max_tokens=plan.params["max_tokens"] * plan.n * len(plan.prompts))
+                                max_tokens=plan.params["max_tokens"] * plan.n * len(plan.prompts),
+                                sequences=plan.n * len(plan.prompts))
     except AdmissionRefused as refused:
         await forget()
         metrics.observe_refusal(endpoint=endpoint, tenant=api_key.tenant.name, code=refused.code)

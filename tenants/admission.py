@@ -28,11 +28,12 @@ from tenants.ratelimit import (
 )
 from tenants.selectors import effective_limits
 
-# The ApiKey field behind each limit the rate-limit script can name.
+# The ApiKey field behind each limit the rate-limit script can name (sequences: the tenant's only).
 _LIMIT_FIELDS = {
     "requests": "requests_per_minute",
     "tokens": "tokens_per_minute",
     "concurrency": "max_concurrent_requests",
+    "sequences": "max_sequences_in_flight",
 }
 
 
@@ -84,9 +85,12 @@ async def admit(
     request_id: str,
     prompt_tokens: int,
     max_tokens: int,
+    sequences: int = 1,
     key_prefix: str = "llm",
 ) -> Admission:
     """Rate limits first (one Lua call), then the quota (one Lua call).
+
+    `sequences` is what the call makes the engine run (n x prompts); it is held until settled.
 
     A quota refusal gives back the rate-limit hold. Tenants without a budget skip the quota.
     """
@@ -94,7 +98,8 @@ async def admit(
     keys = RateLimitKeys.for_api_key(api_key=api_key, key_prefix=key_prefix)
     tokens = prompt_tokens + max_tokens
     decision = await check_rate_limits(
-        redis=redis, keys=keys, limits=limits, request_id=request_id, tokens=tokens
+        redis=redis, keys=keys, limits=limits, request_id=request_id, tokens=tokens,
+        sequences=sequences,
     )
     if not decision.admitted:
         raise _rate_limited(decision, api_key=api_key)
@@ -137,9 +142,15 @@ async def release_abandoned(*, redis: Redis, api_key: ApiKey, request_id: str, k
 
 def _rate_limited(decision: RateLimitDecision, *, api_key: ApiKey) -> AdmissionRefused:
     limits, retry = decision.limits, decision.retry_after
-    key_owned = getattr(api_key, _LIMIT_FIELDS[decision.refused_limit]) is not None
+    key_owned = getattr(api_key, _LIMIT_FIELDS[decision.refused_limit], None) is not None
     subject = f"API key {api_key.prefix}" if key_owned else f"tenant {api_key.tenant.name!r}"
-    if decision.refused_limit == "concurrency":
+    if decision.refused_limit == "sequences":
+        message = (
+            f"Too many sequences in flight for {subject}: Limit {limits.max_sequences_in_flight} "
+            f"(max_sequences_in_flight), Running {decision.sequences_in_flight}, Requested "
+            f"{decision.sequences} (n x prompts). Please try again in {retry}s."
+        )
+    elif decision.refused_limit == "concurrency":
         message = (
             f"Too many concurrent requests for {subject}: Limit {limits.max_concurrent_requests}, "
             f"Running {decision.running}. Please try again in {retry}s."

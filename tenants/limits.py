@@ -12,3 +12,5 @@ class EffectiveLimits:
     max_tokens_cap: int
     max_prompt_tokens: int
     priority_tier: int
+    max_sequences_per_request: int = 256  # n x prompts of one call
+    max_sequences_in_flight: int = 256  # the tenant's sequences admitted and not yet settled

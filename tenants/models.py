@@ -27,6 +27,12 @@ class Tenant(models.Model):
     )
     max_tokens_cap = models.PositiveIntegerField(default=4096)
     max_prompt_tokens = models.PositiveIntegerField(default=8192)
+    # Sequences are what the engine schedules: n x prompts of one call. 256 is one full engine batch
+    # (vLLM's default max_num_seqs) and twice OpenAI's n cap, so n=128 over two prompts still runs.
+    max_sequences_per_request = models.PositiveIntegerField(default=256)
+    # Sequences of all the tenant's calls queued or running at once, so one tenant cannot queue
+    # thousands ahead of everyone; as large as one call's cap, so the largest call can run alone.
+    max_sequences_in_flight = models.PositiveIntegerField(default=256)
     # Same sense as the engine's request priority: lower runs first.
     priority_tier = models.IntegerField(default=0)
 

@@ -1,11 +1,13 @@
-"""Exact rate limits in Redis: requests and tokens per minute, concurrent requests.
+"""Exact rate limits in Redis: requests and tokens per minute, concurrent requests, sequences in flight.
 
-Each limit is a sliding log (a sorted set of admission times), so in any window no more
-than the limit is admitted; concurrency slots are leases that lapse if a web worker dies
-before settling. One Lua script checks and takes all three at once (tenants/lua).
+Each per-minute limit is a sliding log (a sorted set of admission times), so in any window no
+more than the limit is admitted; concurrency slots and sequence holds (n x prompts of a call,
+what the engine actually queues) are leases that lapse if a web worker dies before settling.
+One Lua script checks and takes all four at once (tenants/lua).
 
 A limit's counters belong to the tenant when the tenant sets it and to the key when the key
 overrides it: a tenant's ten keys share one tenant limit instead of getting ten of them.
+Sequences in flight are always the tenant's: they exist to keep one tenant from flooding the engine.
 """
 import math
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ class RateLimitKeys:
     token_counts: str
     token_total: str
     leases: str
+    sequence_leases: str
+    sequence_counts: str
 
     @classmethod
     def for_api_key(cls, *, api_key: ApiKey, key_prefix: str) -> "RateLimitKeys":
@@ -49,11 +53,14 @@ class RateLimitKeys:
             token_counts=f"{tokens}:token-counts",
             token_total=f"{tokens}:token-total",
             leases=f"{scope('max_concurrent_requests')}:leases",
+            sequence_leases=f"{base}:tenant:sequences",
+            sequence_counts=f"{base}:tenant:sequence-counts",
         )
 
     def as_list(self) -> list[str]:
         """In the order the Lua scripts number them."""
-        return [self.requests, self.tokens_log, self.token_counts, self.token_total, self.leases]
+        return [self.requests, self.tokens_log, self.token_counts, self.token_total, self.leases,
+                self.sequence_leases, self.sequence_counts]
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ class RateLimitDecision:
     """What the admit script saw; `*_used` include this request when it was admitted."""
 
     admitted: bool
-    refused_limit: str  # "requests", "tokens", "concurrency" or "" when admitted
+    refused_limit: str  # "requests", "tokens", "concurrency", "sequences" or "" when admitted
     wait_ms: int  # until the refused limit would take this request
     limits: EffectiveLimits
     tokens: int  # what this request asked for
@@ -70,6 +77,8 @@ class RateLimitDecision:
     tokens_used: int
     tokens_reset_ms: int
     running: int
+    sequences: int = 1  # what this request asked for: n x prompts
+    sequences_in_flight: int = 0
 
     @property
     def retry_after(self) -> int:
@@ -110,19 +119,20 @@ async def check_rate_limits(
     limits: EffectiveLimits,
     request_id: str,
     tokens: int,
+    sequences: int = 1,
     window_ms: int = WINDOW_MS,
     lease_ms: int = LEASE_MS,
 ) -> RateLimitDecision:
-    """Admit `request_id`, holding `tokens` and a concurrency lease, or say which limit refuses."""
+    """Admit `request_id`, holding `tokens`, a concurrency lease and `sequences`, or say which limit refuses."""
     reply = await _admit_script(
         redis,
         keys=keys.as_list(),
         args=[
             request_id, tokens, limits.requests_per_minute, limits.tokens_per_minute,
-            limits.max_concurrent_requests, window_ms, lease_ms,
+            limits.max_concurrent_requests, window_ms, lease_ms, sequences, limits.max_sequences_in_flight,
         ],
     )
-    admitted, refused, wait, requests, requests_reset, used, tokens_reset, running = reply
+    admitted, refused, wait, requests, requests_reset, used, tokens_reset, running, in_flight = reply
     return RateLimitDecision(
         admitted=bool(admitted),
         refused_limit=refused.decode() if isinstance(refused, bytes) else refused,
@@ -134,13 +144,15 @@ async def check_rate_limits(
         tokens_used=used,
         tokens_reset_ms=tokens_reset,
         running=running,
+        sequences=sequences,
+        sequences_in_flight=in_flight,
     )
 
 
 async def release_rate_limits(
     *, redis: Redis, keys: RateLimitKeys, request_id: str, actual_tokens: int, refund: bool = False
 ) -> None:
-    """Free the lease, set the token entry to `actual_tokens`; `refund` un-admits the request."""
+    """Free the lease and the sequences, set the token entry to `actual_tokens`; `refund` un-admits the request."""
     await _release_script(
         redis, keys=keys.as_list(), args=[request_id, actual_tokens, int(refund)]
     )

@@ -60,6 +60,8 @@ def effective_limits(*, api_key: ApiKey) -> EffectiveLimits:
         max_tokens_cap=tenant.max_tokens_cap,
         max_prompt_tokens=tenant.max_prompt_tokens,
         priority_tier=tenant.priority_tier,
+        max_sequences_per_request=tenant.max_sequences_per_request,
+        max_sequences_in_flight=tenant.max_sequences_in_flight,
     )
 
 

@@ -24,6 +24,8 @@ TENANT_LIMIT_FIELDS = (
     "max_tokens_cap",
     "max_prompt_tokens",
     "priority_tier",
+    "max_sequences_per_request",
+    "max_sequences_in_flight",
 )
 # Settings of an ApiKey that its creator chooses (and a rotation carries over).
 API_KEY_SETTINGS = (

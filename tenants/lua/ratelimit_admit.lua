@@ -1,15 +1,20 @@
--- Admit one request under three sliding-log limits at once: requests per window, tokens per
--- window, concurrent requests. Nothing is written unless all three admit it.
+-- Admit one request under four limits at once: requests per window, tokens per window (sliding
+-- logs), concurrent requests, and sequences in flight (leases; a request holds n x prompts
+-- sequences). Nothing is written unless all four admit it.
 -- KEYS: 1 request log (zset id -> admitted ms)    2 token log (zset id -> admitted ms)
 --       3 token counts (hash id -> tokens)         4 token total (sum of 3)
 --       5 leases (zset id -> lease expiry ms)
--- ARGV: request id, tokens, request limit, token limit, concurrency limit, window ms, lease ms
+--       6 sequence leases (zset id -> lease expiry ms)  7 sequence counts (hash id -> sequences)
+-- ARGV: request id, tokens, request limit, token limit, concurrency limit, window ms, lease ms,
+--       sequences, sequence limit
 -- Returns {admitted, refused limit or '', wait ms, requests used, requests reset ms,
---          tokens used, tokens reset ms, running}; "used" counts this request when admitted.
+--          tokens used, tokens reset ms, running, sequences in flight}; "used", "running" and
+--          "in flight" count this request when admitted.
 local id, tokens = ARGV[1], tonumber(ARGV[2])
 local max_requests, max_tokens = tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_running = tonumber(ARGV[5])
 local window, lease = tonumber(ARGV[6]), tonumber(ARGV[7])
+local sequences, max_sequences = tonumber(ARGV[8]), tonumber(ARGV[9])
 local clock = redis.call('TIME')  -- one clock for every web worker
 local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
 local horizon = now - window
@@ -29,6 +34,13 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 local requests = redis.call('ZCARD', KEYS[1])
 local running = redis.call('ZCARD', KEYS[5])
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now)) do
+  redis.call('HDEL', KEYS[7], dead)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
+-- Holds are few (each is a request in flight, at most the limit), so summing them is cheap.
+local in_flight = 0
+for _, held in ipairs(redis.call('HVALS', KEYS[7])) do in_flight = in_flight + tonumber(held) end
 
 -- ms until the newest entry of a log leaves the window (the limit is whole again)
 local function reset_in(log)
@@ -61,8 +73,11 @@ end
 if running + 1 > max_running then
   refuse('concurrency', 0)  -- a slot frees when a request ends, which no clock predicts
 end
+if in_flight + sequences > max_sequences then
+  refuse('sequences', 0)
+end
 if refused ~= '' then
-  return {0, refused, wait, requests, reset_in(KEYS[1]), total, reset_in(KEYS[2]), running}
+  return {0, refused, wait, requests, reset_in(KEYS[1]), total, reset_in(KEYS[2]), running, in_flight}
 end
 
 redis.call('ZADD', KEYS[1], now, id)
@@ -72,4 +87,8 @@ redis.call('SET', KEYS[4], total + tokens)
 redis.call('ZADD', KEYS[5], now + lease, id)
 for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], window) end
 redis.call('PEXPIRE', KEYS[5], lease)
-return {1, '', 0, requests + 1, window, total + tokens, window, running + 1}
+redis.call('ZADD', KEYS[6], now + lease, id)
+redis.call('HSET', KEYS[7], id, sequences)
+redis.call('PEXPIRE', KEYS[6], lease)
+redis.call('PEXPIRE', KEYS[7], lease)
+return {1, '', 0, requests + 1, window, total + tokens, window, running + 1, in_flight + sequences}

@@ -18,7 +18,8 @@ TENANT_FORM = {
     "name": "acme", "is_active": "on", "requests_per_minute": "60",
     "tokens_per_minute": "100000", "max_concurrent_requests": "8", "token_budget": "",
     "budget_period": "month", "max_tokens_cap": "4096", "max_prompt_tokens": "8192",
-    "priority_tier": "0", "api_keys-TOTAL_FORMS": "0", "api_keys-INITIAL_FORMS": "0",
+    "priority_tier": "0", "max_sequences_per_request": "256", "max_sequences_in_flight": "256",
+    "api_keys-TOTAL_FORMS": "0", "api_keys-INITIAL_FORMS": "0",
     "api_keys-MIN_NUM_FORMS": "0", "api_keys-MAX_NUM_FORMS": "1000",
 }
 

@@ -22,12 +22,14 @@ def test_create_tenant_with_limit_options():
         "create_tenant", "acme", "--requests-per-minute", "10", "--tokens-per-minute", "2000",
         "--max-concurrent-requests", "3", "--token-budget", "50000", "--budget-period", "day",
         "--max-tokens-cap", "256", "--max-prompt-tokens", "512", "--priority-tier", "1",
+        "--max-sequences-per-request", "64", "--max-sequences-in-flight", "128",
     )
     tenant = Tenant.objects.get(name="acme")
     assert (tenant.requests_per_minute, tenant.tokens_per_minute) == (10, 2000)
     assert (tenant.max_concurrent_requests, tenant.token_budget) == (3, 50000)
     assert (tenant.budget_period, tenant.max_tokens_cap) == ("day", 256)
     assert (tenant.max_prompt_tokens, tenant.priority_tier) == (512, 1)
+    assert (tenant.max_sequences_per_request, tenant.max_sequences_in_flight) == (64, 128)
 
 
 def test_create_tenant_defaults_and_duplicate():

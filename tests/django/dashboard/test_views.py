@@ -105,11 +105,12 @@ def test_create_tenant_is_audited_with_the_operator(staff_client, staff_user):
     response = staff_client.post("/dashboard/tenants/new/", {
         "name": "globex", "requests_per_minute": 30, "tokens_per_minute": 5000, "max_concurrent_requests": 4,
         "token_budget": "", "budget_period": "day", "max_tokens_cap": 1024, "max_prompt_tokens": 2048,
-        "priority_tier": 1,
+        "priority_tier": 1, "max_sequences_per_request": 64, "max_sequences_in_flight": 128,
     })
     tenant = Tenant.objects.get(name="globex")
     assert response.status_code == 302 and response["Location"] == f"/dashboard/tenants/{tenant.pk}/"
     assert (tenant.requests_per_minute, tenant.budget_period, tenant.token_budget) == (30, "day", None)
+    assert (tenant.max_sequences_per_request, tenant.max_sequences_in_flight) == (64, 128)
     entry = AuditLog.objects.get(action="tenant.create", tenant=tenant)
     assert entry.actor == staff_user and entry.changes["priority_tier"] == [None, 1]
     again = staff_client.post("/dashboard/tenants/new/", {"name": "globex"})
@@ -133,7 +134,9 @@ def test_change_limits_audits_only_what_changed(staff_client, staff_user):
     form = {"is_active": "on", "requests_per_minute": 120, "tokens_per_minute": tenant.tokens_per_minute,
             "max_concurrent_requests": tenant.max_concurrent_requests, "token_budget": 50_000,
             "budget_period": "month", "max_tokens_cap": tenant.max_tokens_cap,
-            "max_prompt_tokens": tenant.max_prompt_tokens, "priority_tier": tenant.priority_tier}
+            "max_prompt_tokens": tenant.max_prompt_tokens, "priority_tier": tenant.priority_tier,
+            "max_sequences_per_request": tenant.max_sequences_per_request,
+            "max_sequences_in_flight": tenant.max_sequences_in_flight}
     response = staff_client.post(f"/dashboard/tenants/{tenant.pk}/limits/", form, follow=True)
     assert "Saved the limits" in response.content.decode()
     tenant.refresh_from_db()
