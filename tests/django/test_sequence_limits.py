@@ -57,11 +57,14 @@ def test_sequences_in_flight_are_exact_under_200_concurrent_calls(key_prefix):
 def test_settling_gives_the_sequences_back(key_prefix):
     api_key = make_api_key(max_sequences_in_flight=256)
 
+    async def one_by_one(redis, sizes):
+        return [(await admit_sequences(redis, api_key, key_prefix, [size]))[0] for size in sizes]
+
     async def scenario(redis):
-        first = await admit_sequences(redis, api_key, key_prefix, [128, 128, 1])
+        first = await one_by_one(redis, [128, 128, 1])
         await first[0].settle(prompt_tokens=1, completion_tokens=1)
         await first[0].settle(prompt_tokens=1, completion_tokens=1)  # idempotent: gives back once
-        second = await admit_sequences(redis, api_key, key_prefix, [128, 1])
+        second = await one_by_one(redis, [128, 1])
         return first, second
 
     first, second = run(scenario)
