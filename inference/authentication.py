@@ -18,14 +18,16 @@ def api_key_from_header(value: str) -> str:
 
 
 def authenticate(raw_key: str):
-    """The live ApiKey (tenant loaded) behind `raw_key`, or a 401 OpenAIError saying why not.
+    """The live ApiKey (tenant loaded) behind `raw_key`, or a 401 OpenAIError.
+
+    The same message and code whatever the reason (unknown, revoked, expired, tenant inactive), so
+    a caller cannot learn which keys once existed; the reason is logged (tenants.selectors).
     Usually no database query: keys are cached (tenants.key_cache)."""
     try:
         return authenticate_api_key(raw_key=raw_key)
-    except InvalidApiKey as error:
+    except InvalidApiKey:
         shown = f"{raw_key[:6]}...{raw_key[-4:]}" if len(raw_key) > 12 else "(hidden)"
-        raise OpenAIError(f"Incorrect API key provided: {shown} ({error.reason}).", status=401,
-                          code="invalid_api_key") from None
+        raise OpenAIError(f"Incorrect API key provided: {shown}.", status=401, code="invalid_api_key") from None
 
 
 class ApiKeyAuthentication(BaseAuthentication):

@@ -18,6 +18,7 @@ from inference import metrics
 class OpenAIError(Exception):
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        message, param = _writable(message), None if param is None else _writable(param)
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
         self.headers = headers or {}
@@ -30,6 +31,12 @@ class OpenAIError(Exception):
         for name, value in self.headers.items():
             response[name] = value
         return response
+
+
+def _writable(text: str) -> str:
+    """`text` without lone surrogates (as `\\ud800`): an error may quote the input that caused it,
+    and a surrogate in it would make the error itself unencodable (a 500 instead of the 400)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def invalid(param: str | None, message: str, code: str | None = None) -> OpenAIError:

@@ -37,7 +37,9 @@ class PromptTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """A completion prompt: special tokens added as the engine adds them."""
-        return self._require_tokenizer().encode(text, add_special_tokens=True).ids
+        # encode_batch, not encode: it lets go of the GIL, so the event loop runs while a long prompt
+        # is tokenized in the tokenizer pool (inference/tokenizing.py); `encode` holds it throughout.
+        return self._require_tokenizer().encode_batch([text], add_special_tokens=True)[0].ids
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if self.template is None:
@@ -97,7 +99,7 @@ class PromptTokenizerCache:
             return None
         if cached and cached[1].card.created_at == card.created_at:
             tokenizer = cached[1]
-        else:
-            tokenizer = PromptTokenizer(card)
+        else:  # parsing a tokenizer JSON takes up to a second: not on the event loop
+            tokenizer = await asyncio.to_thread(PromptTokenizer, card)
         self.entries[model] = (time.monotonic(), tokenizer)
         return tokenizer

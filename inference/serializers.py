@@ -11,11 +11,13 @@ from rest_framework.exceptions import ValidationError
 
 from inference.errors import from_drf
 from inference.fields import (
-    PromptField, StopField, StrictBooleanField, StrictCharField, StrictFloatField, StrictIntegerField,
+    MAX_TOKEN_ID, PromptField, StopField, StrictBooleanField, StrictCharField, StrictFloatField, StrictIntegerField,
+    is_text,
 )
 
 MAX_N = 128
 MAX_LOGPROBS = 20
+MAX_NAME_CHARS = 64
 
 
 def validated(serializer_class, data) -> dict:
@@ -34,7 +36,8 @@ class StrictSerializer(serializers.Serializer):
         if isinstance(data, dict):
             unknown = sorted(set(data) - set(self.fields))
             if unknown:
-                raise serializers.ValidationError({unknown[0]: f"Unrecognized request argument supplied: {unknown[0]}"})
+                name = unknown[0][:MAX_NAME_CHARS]  # the error quotes it: a megabyte-long key stays out
+                raise serializers.ValidationError({name: f"Unrecognized request argument supplied: {name}"})
         return super().to_internal_value(data)
 
 
@@ -58,15 +61,15 @@ class SamplingRequestSerializer(StrictSerializer):
     user = StrictCharField(required=False, max_length=256, allow_blank=True)
     logit_bias = serializers.DictField(required=False, allow_null=True, allow_empty=True)
     # vLLM's extra sampling parameters.
-    top_k = StrictIntegerField(required=False, allow_null=True, min_value=-1)
+    top_k = StrictIntegerField(required=False, allow_null=True, min_value=-1, max_value=MAX_TOKEN_ID)  # vocab: services
     min_p = StrictFloatField(required=False, allow_null=True, min_value=0, max_value=1)
     repetition_penalty = StrictFloatField(required=False, allow_null=True, min_value=0.01, max_value=10)
     min_tokens = StrictIntegerField(required=False, min_value=0, default=0)
     ignore_eos = StrictBooleanField(required=False, default=False)
     skip_special_tokens = StrictBooleanField(required=False, default=True)
     include_stop_str_in_output = StrictBooleanField(required=False, default=False)
-    stop_token_ids = serializers.ListField(child=StrictIntegerField(min_value=0), required=False, allow_null=True,
-                                           max_length=64)
+    stop_token_ids = serializers.ListField(child=StrictIntegerField(min_value=0, max_value=MAX_TOKEN_ID),
+                                           required=False, allow_null=True, max_length=64)
 
     def validate_top_p(self, value):
         if value is not None and value <= 0:
@@ -90,7 +93,7 @@ class CompletionRequestSerializer(SamplingRequestSerializer):
     logprobs = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=MAX_LOGPROBS)
     echo = StrictBooleanField(required=False, default=False)
     best_of = StrictIntegerField(required=False, allow_null=True, min_value=1, max_value=MAX_N)
-    suffix = StrictCharField(required=False, allow_null=True, allow_blank=True)
+    suffix = StrictCharField(required=False, allow_null=True, allow_blank=True, trim_whitespace=False)
 
     def validate_suffix(self, value):
         if value:
@@ -119,6 +122,8 @@ class MessageContentField(serializers.Field):
 
     def to_internal_value(self, data) -> str:
         if isinstance(data, str):
+            if not is_text(data):
+                raise serializers.ValidationError("Must be valid Unicode text (it holds a lone surrogate).")
             return data
         if isinstance(data, list):
             parts = ContentPartSerializer(data=data, many=True)
@@ -134,7 +139,7 @@ class MessageSerializer(StrictSerializer):
     role = serializers.ChoiceField(choices=["system", "developer", "user", "assistant", "tool"])
     content = MessageContentField()
     name = StrictCharField(required=False, max_length=64)
-    tool_call_id = StrictCharField(required=False)
+    tool_call_id = StrictCharField(required=False, max_length=256)
 
 
 class ResponseFormatSerializer(StrictSerializer):

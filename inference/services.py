@@ -1,19 +1,24 @@
 """One API call from validated input to settled usage: the business logic behind the views.
 
-`start_completion` / `start_chat` check the model and the key's caps, tokenize, admit the call
-(rate limits and quota, atomically in Redis) and return a `Call`; the view then streams or
-collects it and always `close()`s it, which settles the quota to the real token count and
-records usage, whether the call finished, failed, or the client went away.
+`start_completion` / `start_chat` check the model, refuse a tenant at its rate limits, check what
+needs no tokenizing (characters, token ids against the vocabulary), tokenize off the event loop,
+check the key's caps, admit the call (rate limits and quota, atomically in Redis) and return a
+`Call` (a call refused after authentication counts against requests per minute all the same);
+the view then streams or collects it and always `close()`s it, which settles the quota to the
+real token count and records usage, whether the call finished, failed, or the client went away.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 from django.conf import settings
+from redis.exceptions import RedisError
+from rest_framework.exceptions import APIException
 
 from engine.service.client import EngineUnavailable
 from engine.service.protocol import Usage
@@ -23,14 +28,19 @@ from inference.engine_client import get_engine_client, prompt_tokenizers
 from inference.errors import OpenAIError
 from inference.formats import ChatFormat, CompletionFormat, _Format
 from inference.generation import EngineFailed, GenerationPlan, generate, total_usage
+from inference.prompt_limits import chat_chars, check_text_length, check_token_ids
 from inference.prompt_tokenizer import PromptError, PromptTokenizer
 from inference.request_cleanup import close_when_request_ends
 from inference.sampling import sampling_fields
+from inference.tokenizing import off_loop
 from tenants.admission import AdmissionRefused, admit
 from tenants.models import ApiKey
+from tenants.request_gate import count_refused, refuse_early
 from tenants.selectors import effective_limits, model_allowed
 from tenants.services import usage_event
 from tenants.usage_buffer import buffer_usage, ensure_usage_flusher
+
+logger = logging.getLogger(__name__)
 
 ENGINE_ERRORS = {  # engine error code -> (HTTP status, OpenAI error type)
     "invalid_request": (400, "invalid_request_error"),
@@ -108,36 +118,88 @@ class Call:
 
 
 async def start_completion(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -> Call:
-    tokenizer = await _tokenizer_for(api_key, data["model"])
-    with _prompt_errors("prompt"):
-        prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in data["prompt"]]
-        texts = [p if isinstance(p, str) else _decode(tokenizer, p) for p in data["prompt"]] if data["echo"] else []
-        token_texts = [[_decode(tokenizer, [t]) for t in p] for p in prompts] if data["echo"] else []
-    max_tokens = _max_tokens(api_key, tokenizer, prompts, data.get("max_tokens"), default=16)
-    logprobs = data.get("logprobs")
-    prompt_logprobs = logprobs if data["echo"] else None
-    if max_tokens == 0:  # echo only (the serializer checks): the engine scores the prompt, samples nothing
-        prompt_logprobs = logprobs or 0
-    fields = sampling_fields(data, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-    plan = _plan(api_key, data, "cmpl", prompts, fields, texts)
-    plan.priority += priority_offset  # batch jobs run behind interactive calls
-    fmt = CompletionFormat(plan, echo=data["echo"], logprobs=logprobs, prompt_token_texts=token_texts,
-                           include_usage=_include_usage(data))
-    return await _admit(api_key, "completions", plan, fmt)
+    async with refusal_counted(api_key):
+        await _refuse_early(api_key, "completions")  # before any work: at its limits, a tenant costs no more
+        tokenizer = await _tokenizer_for(api_key, data["model"])
+        limits = effective_limits(api_key=api_key)
+        for prompt in data["prompt"]:
+            if isinstance(prompt, str):
+                check_text_length(tokenizer, limits, len(prompt), "prompt")
+        check_token_ids(tokenizer, limits, data["prompt"], data)
+        with _prompt_errors("prompt"):
+            prompts, texts, token_texts = await off_loop(_encode_completion, tokenizer, data["prompt"], data["echo"])
+        max_tokens = _max_tokens(api_key, tokenizer, prompts, data.get("max_tokens"), default=16)
+        logprobs = data.get("logprobs")
+        prompt_logprobs = logprobs if data["echo"] else None
+        if max_tokens == 0:  # echo only (the serializer checks): the engine scores the prompt, samples nothing
+            prompt_logprobs = logprobs or 0
+        fields = sampling_fields(data, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        plan = _plan(api_key, data, "cmpl", prompts, fields, texts)
+        plan.priority += priority_offset  # batch jobs run behind interactive calls
+        fmt = CompletionFormat(plan, echo=data["echo"], logprobs=logprobs, prompt_token_texts=token_texts,
+                               include_usage=_include_usage(data))
+        return await _admit(api_key, "completions", plan, fmt)
 
 
 async def start_chat(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -> Call:
-    tokenizer = await _tokenizer_for(api_key, data["model"])
-    messages = [dict(m) for m in data["messages"]]
-    with _prompt_errors("messages"):
-        prompts = [tokenizer.encode_chat(messages)]
-    requested = data.get("max_completion_tokens") or data.get("max_tokens")
-    max_tokens = _max_tokens(api_key, tokenizer, prompts, requested, default=None)
-    top = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
-    plan = _plan(api_key, data, "chatcmpl", prompts, sampling_fields(data, max_tokens=max_tokens, logprobs=top), [])
-    plan.priority += priority_offset
-    return await _admit(api_key, "chat.completions", plan,
-                        ChatFormat(plan, top_logprobs=top, include_usage=_include_usage(data)))
+    async with refusal_counted(api_key):
+        await _refuse_early(api_key, "chat.completions")
+        tokenizer = await _tokenizer_for(api_key, data["model"])
+        limits = effective_limits(api_key=api_key)
+        messages = [dict(m) for m in data["messages"]]
+        check_text_length(tokenizer, limits, chat_chars(messages), "messages")
+        check_token_ids(tokenizer, limits, [], data)
+        with _prompt_errors("messages"):
+            prompts = [await off_loop(tokenizer.encode_chat, messages)]
+        requested = data.get("max_completion_tokens") or data.get("max_tokens")
+        max_tokens = _max_tokens(api_key, tokenizer, prompts, requested, default=None)
+        top = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
+        plan = _plan(api_key, data, "chatcmpl", prompts, sampling_fields(data, max_tokens=max_tokens, logprobs=top),
+                     [])
+        plan.priority += priority_offset
+        return await _admit(api_key, "chat.completions", plan,
+                            ChatFormat(plan, top_logprobs=top, include_usage=_include_usage(data)))
+
+
+def _encode_completion(tokenizer: PromptTokenizer, prompts: list, echo: bool):
+    """Token ids of each prompt and, for echo, its text and each token's text (in the tokenizer pool)."""
+    ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    texts = [p if isinstance(p, str) else _decode(tokenizer, p) for p in prompts] if echo else []
+    token_texts = [[_decode(tokenizer, [t]) for t in p] for p in ids] if echo else []
+    return ids, texts, token_texts
+
+
+async def _refuse_early(api_key: ApiKey, endpoint: str) -> None:
+    try:
+        await refuse_early(redis=get_engine_client().redis, api_key=api_key, key_prefix=settings.ENGINE_KEY_PREFIX)
+    except AdmissionRefused as refused:
+        raise _refusal_error(api_key, endpoint, refused) from None
+
+
+@asynccontextmanager
+async def refusal_counted(api_key: ApiKey):
+    """A call refused after authentication counts against requests per minute, whatever refused it
+    (bad JSON, validation, caps, quota), so a tenant cannot make the server work for free; except
+    the rate limiter's own 429s, which cost nothing (refused before any work) and, counted, would
+    lock out a client that retries. Once per call, however many of these it passes through."""
+    try:
+        yield
+    except (OpenAIError, APIException) as error:
+        limited = isinstance(error, OpenAIError) and error.code == "rate_limit_exceeded"
+        if not limited and not getattr(error, "refusal_counted", False):
+            error.refusal_counted = True
+            try:
+                await count_refused(redis=get_engine_client().redis, api_key=api_key,
+                                    request_id=f"refused-{uuid.uuid4().hex}", key_prefix=settings.ENGINE_KEY_PREFIX)
+            except RedisError:  # the refusal itself is the answer; Redis trouble shows on the next call
+                logger.warning("could not count a refused call of API key %s", api_key.prefix)
+        raise
+
+
+def _refusal_error(api_key: ApiKey, endpoint: str, refused: AdmissionRefused) -> OpenAIError:
+    metrics.observe_refusal(endpoint=endpoint, tenant=api_key.tenant.name, code=refused.code)
+    return OpenAIError(refused.message, status=refused.status, type=refused.type, code=refused.code,
+                       headers=refused.headers)
 
 
 async def _tokenizer_for(api_key: ApiKey, model: str) -> PromptTokenizer:

@@ -39,7 +39,8 @@ class SpecialTokenGuard:
     def encode_chat(self, messages: list[dict], render: Callable[[list[dict]], str]) -> list[int]:
         """`render` turns messages into the template's text; every string field but `role` is the user's."""
         if self.pattern is None or not any(self._has_special(m) for m in messages):
-            return self.tokenizer.encode(render(messages), add_special_tokens=False).ids
+            # encode_batch lets go of the GIL (encode does not): the event loop runs meanwhile
+            return self.tokenizer.encode_batch([render(messages)], add_special_tokens=False)[0].ids
         marker = self._marker(messages)
         literals: list[str] = []
 
@@ -60,7 +61,7 @@ class SpecialTokenGuard:
         def plain_ids(piece: str) -> list[int]:
             if unmark is not None:
                 piece = unmark.sub(lambda m: literals[int(m.group(1))], piece)
-            return self.plain.encode(piece, add_special_tokens=False).ids if piece else []
+            return self.plain.encode_batch([piece], add_special_tokens=False)[0].ids if piece else []
 
         ids: list[int] = []
         position = 0

@@ -8,10 +8,11 @@ django_http = get_asgi_application()  # sets Django up before the routing import
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from inference.body_limit import BodySizeLimit  # noqa: E402
 from inference.request_cleanup import CloseWhenRequestEnds  # noqa: E402
 from inference.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter({
-    "http": CloseWhenRequestEnds(django_http),
+    "http": BodySizeLimit(CloseWhenRequestEnds(django_http)),
     "websocket": URLRouter(websocket_urlpatterns),
 })

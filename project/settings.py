@@ -4,7 +4,8 @@ Variables: DJANGO_DEBUG, DJANGO_SECRET_KEY, DJANGO_ALLOWED_HOSTS, DATABASE_URL,
 REDIS_URL, ENGINE_KEY_PREFIX, ENGINE_TIMEOUT_S, METRICS_TOKEN, CELERY_BROKER_URL, CELERY_QUEUE,
 BATCH_FILE_MAX_BYTES, BATCH_CONCURRENCY, LOG_LEVEL,
 DJANGO_SECURE_SSL_REDIRECT, DJANGO_HSTS_SECONDS, DATABASE_POOL_SIZE, API_KEY_CACHE_S,
-USAGE_FLUSH_MS (the README lists their defaults). Without DJANGO_SECRET_KEY, only a
+USAGE_FLUSH_MS, API_MAX_BODY_BYTES, TOKENIZER_THREADS,
+DJANGO_TRUST_X_FORWARDED_PROTO (the README lists their defaults). Without DJANGO_SECRET_KEY, only a
 DEBUG process starts, with a key derived from the checkout's path, so no secret
 is ever committed and sessions survive restarts in development.
 """
@@ -90,6 +91,11 @@ ENGINE_KEY_PREFIX = os.environ.get("ENGINE_KEY_PREFIX", "llm")  # must match `en
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")  # when set, /metrics wants `Bearer <token>`
 ENGINE_TIMEOUT_S = env_int("ENGINE_TIMEOUT_S", default=600)  # a request's deadline in the engine
 # The serving path needs no database: keys are cached (changes invalidate them at once, via Redis),
+# Without a token /metrics answers only with DEBUG on (403 otherwise): it names tenants and their volumes.
+# The largest request body (413 beyond it); batch file uploads get BATCH_FILE_MAX_BYTES instead.
+API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", default=8 * 1024 * 1024)
+# Threads per web process that tokenize prompts and render chat templates, off the event loop.
+TOKENIZER_THREADS = env_int("TOKENIZER_THREADS", default=4)
 # usage events are buffered in Redis and written in batches (tenants.key_cache, tenants.usage_buffer).
 API_KEY_CACHE_S = env_int("API_KEY_CACHE_S", default=30)  # the longest a process trusts a cached key
 USAGE_FLUSH_MS = env_int("USAGE_FLUSH_MS", default=500)  # how often buffered usage events are written
@@ -113,7 +119,7 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],  # API views name theirs; the admin uses sessions
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["inference.json_parsing.OrjsonParser"],  # no RecursionError, no lone surrogates
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "inference.errors.openai_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -133,9 +139,10 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
 }
 
-# Production hardening (`manage.py check --deploy` is clean with DEBUG off); behind a TLS proxy,
-# which must set X-Forwarded-Proto.
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Production hardening (`manage.py check --deploy` is clean with DEBUG off). X-Forwarded-Proto is
+# trusted only when DJANGO_TRUST_X_FORWARDED_PROTO says a proxy sets it (any client can send it).
+if env_bool("DJANGO_TRUST_X_FORWARDED_PROTO"):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG)
 SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", default=0 if DEBUG else 31_536_000)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG

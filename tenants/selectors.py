@@ -1,5 +1,6 @@
 """Reads of the tenants app (HackSoft style: selectors read, services write)."""
 import hmac
+import logging
 from datetime import date, datetime
 
 from django.db.models import F, QuerySet, Sum
@@ -12,6 +13,8 @@ from tenants.keys import hash_key, split_key
 from tenants.limits import EffectiveLimits
 from tenants.models import ApiKey, DailyUsage, Tenant, UsageEvent
 
+logger = logging.getLogger(__name__)
+
 
 def authenticate_api_key(*, raw_key: str) -> ApiKey:
     """The live key behind `raw_key`, or InvalidApiKey saying why not.
@@ -23,19 +26,23 @@ def authenticate_api_key(*, raw_key: str) -> ApiKey:
     """
     parts = split_key(raw_key) if isinstance(raw_key, str) else None
     if parts is None:
-        raise InvalidApiKey(InvalidApiKey.MALFORMED)
+        raise _refused("(malformed)", InvalidApiKey.MALFORMED)
     api_key = api_key_cache.get(prefix=parts[0], load=lambda: _api_key_with_tenant(prefix=parts[0]))
-    if api_key is None:
-        raise InvalidApiKey(InvalidApiKey.UNKNOWN)
-    if not hmac.compare_digest(api_key.hashed_key, hash_key(raw_key)):
-        raise InvalidApiKey(InvalidApiKey.UNKNOWN)
+    if api_key is None or not hmac.compare_digest(api_key.hashed_key, hash_key(raw_key)):
+        raise _refused(parts[0], InvalidApiKey.UNKNOWN)
     if api_key.revoked_at is not None:
-        raise InvalidApiKey(InvalidApiKey.REVOKED)
+        raise _refused(parts[0], InvalidApiKey.REVOKED)
     if api_key.expires_at is not None and api_key.expires_at <= timezone.now():
-        raise InvalidApiKey(InvalidApiKey.EXPIRED)
+        raise _refused(parts[0], InvalidApiKey.EXPIRED)
     if not api_key.tenant.is_active:
-        raise InvalidApiKey(InvalidApiKey.TENANT_INACTIVE)
+        raise _refused(parts[0], InvalidApiKey.TENANT_INACTIVE)
     return api_key
+
+
+def _refused(prefix: str, reason: str) -> InvalidApiKey:
+    """The reason goes to the log only: callers answer every refusal alike (no probing for revoked keys)."""
+    logger.info("API key %s refused: %s", prefix, reason)
+    return InvalidApiKey(reason)
 
 
 @release_connection_after

@@ -22,6 +22,7 @@ from tests.django.live_server import daphne_server
 from tests.service.conftest import Replica, redis_answers
 
 MODEL = BUNDLED_MODEL
+METRICS_TOKEN = "live-stack-metrics-token"  # the server runs with DEBUG off: /metrics wants a token
 
 
 @dataclass
@@ -66,7 +67,8 @@ def live(django_test_database, tmp_path_factory):
     try:
         replica.wait_ready()
         with daphne_server(log_path=stack.server_log, ready_path="/health",
-                           env={"REDIS_URL": redis_url, "ENGINE_KEY_PREFIX": prefix}) as base_url:
+                           env={"REDIS_URL": redis_url, "ENGINE_KEY_PREFIX": prefix,
+                                "METRICS_TOKEN": METRICS_TOKEN}) as base_url:
             stack.base_url = base_url
             yield stack
     finally:

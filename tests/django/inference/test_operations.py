@@ -1,7 +1,7 @@
 """/health, /metrics and the OpenAPI schema of the live server."""
 from __future__ import annotations
 
-from .conftest import MODEL
+from .conftest import METRICS_TOKEN, MODEL
 
 
 def test_health_names_the_engine(live):
@@ -16,7 +16,8 @@ def test_metrics_count_calls_tokens_and_engine_state(live):
                                                      max_tokens=4, temperature=0)
     tenant = live.tenant_of(key).name
     with live.http() as http:
-        text = http.get("/metrics").text
+        assert http.get("/metrics").status_code == 401  # it names tenants: never open in production
+        text = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert float(lines[f'llm_tenant_tokens_total{{direction="in",tenant="{tenant}"}}']) == reply.usage.prompt_tokens
     assert float(lines[f'llm_tenant_tokens_total{{direction="out",tenant="{tenant}"}}']) == \
