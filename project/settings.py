@@ -89,13 +89,13 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 ENGINE_KEY_PREFIX = os.environ.get("ENGINE_KEY_PREFIX", "llm")  # must match `engine serve --key-prefix`
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")  # when set, /metrics wants `Bearer <token>`
-ENGINE_TIMEOUT_S = env_int("ENGINE_TIMEOUT_S", default=600)  # a request's deadline in the engine
-# The serving path needs no database: keys are cached (changes invalidate them at once, via Redis),
 # Without a token /metrics answers only with DEBUG on (403 otherwise): it names tenants and their volumes.
 # The largest request body (413 beyond it); batch file uploads get BATCH_FILE_MAX_BYTES instead.
 API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", default=8 * 1024 * 1024)
 # Threads per web process that tokenize prompts and render chat templates, off the event loop.
 TOKENIZER_THREADS = env_int("TOKENIZER_THREADS", default=4)
+ENGINE_TIMEOUT_S = env_int("ENGINE_TIMEOUT_S", default=600)  # a request's deadline in the engine
+# The serving path needs no database: keys are cached (changes invalidate them at once, via Redis),
 # usage events are buffered in Redis and written in batches (tenants.key_cache, tenants.usage_buffer).
 API_KEY_CACHE_S = env_int("API_KEY_CACHE_S", default=30)  # the longest a process trusts a cached key
 USAGE_FLUSH_MS = env_int("USAGE_FLUSH_MS", default=500)  # how often buffered usage events are written
