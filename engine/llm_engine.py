@@ -110,6 +110,18 @@ class LLMEngine:
                 self.sequences.pop(child_id, None)
                 self.runner.sampler.forget(child_id)
 
+    def usage_so_far(self, request_id: str) -> tuple[int, int, int]:
+        """(prompt tokens computed, completion tokens, cached tokens) of an unfinished request, so one
+        stopped early (aborted, failed) is billed for the work done: the prompt counts as far as its
+        KV was computed (all of it once a token was sampled), however often it was preempted."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return 0, 0, 0
+        children = [sequence.request for sequence in state.sequences]
+        num_prompt = len(state.prompt_token_ids)
+        prompt = max(num_prompt if r.num_output_tokens else min(r.num_computed_tokens, num_prompt) for r in children)
+        return prompt, sum(r.num_output_tokens for r in children), children[0].num_cached_tokens
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 

@@ -2,6 +2,8 @@
 
 The call's choices are numbered as OpenAI numbers them: prompt `p`'s completion `i` is choice
 `p * n + i`. Leaving the iteration early (client gone) aborts every engine request still running.
+`usages` gets each prompt's usage as it goes, also from an error delta and from the replica's answer
+to an abort, so a call that fails or is left early is billed for the work the engine did.
 """
 from __future__ import annotations
 
@@ -39,29 +41,40 @@ class EngineFailed(RuntimeError):
         self.code = code
 
 
-async def generate(client: EngineClient, plan: GenerationPlan) -> AsyncIterator[tuple[int, OutputDelta]]:
+async def generate(client: EngineClient, plan: GenerationPlan,
+                   usages: dict[int, Usage] | None = None) -> AsyncIterator[tuple[int, OutputDelta]]:
     """(prompt index, delta) pairs as they arrive; raises EngineFailed on an engine error delta."""
-    streams = []
+    streams, usages = [], {} if usages is None else usages
     try:
         for request in plan.engine_requests():
             streams.append(await client.submit(request))
-        async for item in _merged(streams):
+        async for item in _merged(streams, usages):
             yield item
     finally:  # a stream never iterated (a later submit failed, say) is aborted here
-        for stream in streams:
+        for index, stream in enumerate(streams):
             await stream.aclose()
+            if stream.abort_usage is not None:
+                _record(usages, index, stream.abort_usage)
 
 
-async def _merged(streams) -> AsyncIterator[tuple[int, OutputDelta]]:
+def _record(usages: dict[int, Usage], index: int, usage: Usage) -> None:
+    """Usage only grows: an abort's answer never undoes tokens already reported."""
+    old = usages.get(index, Usage())
+    usages[index] = Usage(max(old.prompt_tokens, usage.prompt_tokens),
+                          max(old.completion_tokens, usage.completion_tokens),
+                          max(old.cached_tokens, usage.cached_tokens))
+
+
+async def _merged(streams, usages: dict[int, Usage]) -> AsyncIterator[tuple[int, OutputDelta]]:
     if len(streams) == 1:
-        async for delta in _checked(streams[0]):
+        async for delta in _checked(streams[0], 0, usages):
             yield 0, delta
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream) -> None:
         try:
-            async for delta in _checked(stream):
+            async for delta in _checked(stream, index, usages):
                 await queue.put((index, delta))
         except EngineFailed as error:
             await queue.put((index, error))
@@ -85,9 +98,10 @@ async def _merged(streams) -> AsyncIterator[tuple[int, OutputDelta]]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _checked(stream) -> AsyncIterator[OutputDelta]:
+async def _checked(stream, index: int, usages: dict[int, Usage]) -> AsyncIterator[OutputDelta]:
     try:
         async for delta in stream:
+            _record(usages, index, delta.usage)
             if delta.error:
                 raise EngineFailed(delta.error.get("code", "engine_error"), delta.error.get("message", ""))
             yield delta

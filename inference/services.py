@@ -81,7 +81,7 @@ class Call:
 
     async def _deltas(self):
         try:
-            async for prompt_index, delta in generate(get_engine_client(), self.plan):
+            async for prompt_index, delta in generate(get_engine_client(), self.plan, self.usages):
                 if delta.outputs and self.first_token_at is None:
                     self.first_token_at = time.monotonic()
                 self.usages[prompt_index] = delta.usage

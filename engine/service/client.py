@@ -24,16 +24,20 @@ import uuid
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, ResponseError
 
-from engine.service.protocol import EngineRequest, Heartbeat, ModelCard, OutputDelta, ProtocolError, decode_deltas, \
-    decode_heartbeat, decode_model_card, encode, error_delta
-from engine.service.transport import CLIENT_REFRESH_S, CLIENT_TTL_S, GROUP, STREAM_MAXLEN, Backoff, Keys
+from engine.service.protocol import EngineRequest, Heartbeat, ModelCard, OutputDelta, ProtocolError, Usage, \
+    decode_deltas, decode_heartbeat, decode_model_card, encode, error_delta
+from engine.service.transport import (
+    ABORTS_MAXLEN, ABORTS_TTL_S, CLIENT_REFRESH_S, CLIENT_TTL_S, GROUP, REQUEST_STREAM_TTL_S, STREAM_MAXLEN, Backoff,
+    Keys,
+)
 
 logger = logging.getLogger(__name__)
 REPLICAS_REFRESH_S = 1.0  # how stale the cached replica list may get
 REPLY_BLOCK_MS = 1000
 CLOSE_WAIT_S = 2.0
+ABORT_USAGE_WAIT_S = 2.0  # how long an aborted stream waits for its replica to say what the request cost
 
 
 class EngineUnavailable(RuntimeError):
@@ -52,6 +56,7 @@ class EngineClient:
         self.stall_check_s = stall_check_s
         self.client_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._waiting: dict[str, asyncio.Queue[OutputDelta]] = {}  # request id -> its deltas, in order
+        self._replies_read_to = (0, 0)  # id of the last reply entry handed out (see _reply_unread)
         self._replicas: dict[str, list[Heartbeat]] = {}
         self._replicas_at = float("-inf")
         self._tasks: list[asyncio.Task] = []
@@ -114,7 +119,9 @@ class EngineClient:
         return RequestStream(self, request, entry_id)
 
     async def abort(self, request_id: str) -> None:
-        await self.redis.xadd(self.keys.aborts, {"request_id": request_id}, maxlen=10_000, approximate=True)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await (pipe.xadd(self.keys.aborts, {"request_id": request_id}, maxlen=ABORTS_MAXLEN, approximate=True)
+                   .expire(self.keys.aborts, ABORTS_TTL_S).execute())
 
     # -- background tasks ---------------------------------------------------------------------------
 
@@ -156,6 +163,7 @@ class EngineClient:
                     if waiting is not None:  # else its stream already ended (aborted, say)
                         waiting.put_nowait(delta)
             last_id = entries[-1][0]
+            self._replies_read_to = _entry_id(last_id)
             try:  # read entries are of no more use: keep Redis small
                 await self._reader_redis.xdel(key, *(entry_id for entry_id, _ in entries))
             except (RedisError, OSError):
@@ -191,8 +199,13 @@ class EngineClient:
     # -- one request ----------------------------------------------------------------------------------
 
     async def _enqueue(self, request: EngineRequest) -> bytes:
-        return await self.redis.xadd(self.keys.requests(request.model), {"data": encode(request)},
-                                     maxlen=STREAM_MAXLEN, approximate=True)
+        """Replicas delete what they take; the expiry clears what nobody took once every deadline passed."""
+        stream = self.keys.requests(request.model)
+        ttl = max(REQUEST_STREAM_TTL_S, int(request.deadline - time.time()) + 60)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            entry_id, _ = await (pipe.xadd(stream, {"data": encode(request)}, maxlen=STREAM_MAXLEN, approximate=True)
+                                 .expire(stream, ttl).execute())
+        return entry_id
 
     async def _requeue(self, request: EngineRequest, entry_id: bytes) -> bytes:
         """Queue a request again whose replica died; its old entry goes first, so a replica that
@@ -202,7 +215,7 @@ class EngineClient:
             await pipe.xack(stream, GROUP, entry_id).xdel(stream, entry_id).execute()
         return await self._enqueue(request)
 
-    async def _stream(self, request: EngineRequest, entry_id: bytes) -> AsyncIterator[OutputDelta]:
+    async def _stream(self, request: EngineRequest, entry_id: bytes, on_abort_usage=None) -> AsyncIterator[OutputDelta]:
         deltas = self._waiting[request.request_id]
         replica_id, finished, stalls = None, False, 0
         next_seq, streamed = 0, False  # the seq the replica sends next; whether any token was yielded
@@ -257,8 +270,11 @@ class EngineClient:
         finally:
             if finished:
                 self._waiting.pop(request.request_id, None)
-            else:
-                await self._forget(request.request_id)
+            else:  # a replica that holds it answers the abort with what it cost
+                usage = await self._forget(request.request_id, wait_for_usage=replica_id is not None
+                                           or not deltas.empty())
+                if usage is not None and on_abort_usage is not None:
+                    on_abort_usage(usage)
 
     async def _check_stalled(self, request: EngineRequest, entry_id: bytes, replica_id: str | None,
                              stalls: int) -> tuple[tuple[str, str] | None, bytes]:
@@ -275,21 +291,53 @@ class EngineClient:
             return None, entry_id
         stream = self.keys.requests(request.model)
         if not await self.redis.xrange(stream, entry_id, entry_id):
+            # A replica deletes the entry it took right after writing its note: the note may be unread yet.
+            if not self._waiting[request.request_id].empty() or await self._reply_unread():
+                return None, entry_id
             logger.warning("request %s vanished from Redis before a replica took it; queueing it again",
                            request.request_id)
             entry_id = await self._enqueue(request)
         return None, entry_id
 
-    async def _forget(self, request_id: str) -> None:
-        """Stop waiting for a request nobody will read, and abort it."""
-        if self._waiting.pop(request_id, None) is not None:
-            await asyncio.shield(self._abort_quietly(request_id))
-
-    async def _abort_quietly(self, request_id: str) -> None:
+    async def _reply_unread(self) -> bool:
+        """Whether the reply stream holds entries the reader has not handed out yet."""
         try:
-            await self.abort(request_id)
-        except Exception as error:  # the client is going away anyway
-            logger.warning("could not abort %s: %s", request_id, error)
+            info = await self.redis.xinfo_stream(self.keys.reply(self.client_id))
+        except ResponseError:  # no stream: nothing was ever written to this client
+            return False
+        return _entry_id(info["last-generated-id"]) > self._replies_read_to
+
+    async def _forget(self, request_id: str, *, wait_for_usage: bool = False) -> Usage | None:
+        """Stop waiting for a request nobody will read, and abort it; with `wait_for_usage`, wait
+        briefly for the replica's last delta, whose usage says what the request cost (it is billed)."""
+        deltas = self._waiting.get(request_id)
+        if deltas is None:
+            return None
+        return await asyncio.shield(self._abort_quietly(request_id, deltas if wait_for_usage else None))
+
+    async def _abort_quietly(self, request_id: str, deltas: asyncio.Queue | None) -> Usage | None:
+        try:
+            try:
+                await self.abort(request_id)
+            except Exception as error:  # the client is going away anyway
+                logger.warning("could not abort %s: %s", request_id, error)
+                return None
+            if deltas is None:
+                return None
+            try:
+                async with asyncio.timeout(ABORT_USAGE_WAIT_S):
+                    while not (delta := await deltas.get()).finished:
+                        pass
+                return delta.usage
+            except TimeoutError:
+                return None
+        finally:
+            self._waiting.pop(request_id, None)
+
+
+def _entry_id(entry_id: bytes | str) -> tuple[int, int]:
+    millis, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(millis), int(seq or 0)
 
 
 class RequestStream:
@@ -298,7 +346,12 @@ class RequestStream:
 
     def __init__(self, client: EngineClient, request: EngineRequest, entry_id: bytes) -> None:
         self.request_id = request.request_id
-        self._client, self._deltas, self._started = client, client._stream(request, entry_id), False
+        self.abort_usage: Usage | None = None  # what a request closed early cost, when its replica said so
+        self._client, self._started = client, False
+        self._deltas = client._stream(request, entry_id, self._set_abort_usage)
+
+    def _set_abort_usage(self, usage: Usage) -> None:
+        self.abort_usage = usage
 
     def __aiter__(self) -> RequestStream:
         return self

@@ -161,7 +161,7 @@ def _build(cls, payload: dict, types: dict):
         raise ProtocolError(f"{cls.__name__}: {error}") from error
 
 
-def decode_request(data: bytes) -> EngineRequest:
+def decode_request(data: bytes, *, check_params: bool = True) -> EngineRequest:
     request = _build(EngineRequest, _unpack(data), {
         "request_id": str, "model": str, "tenant": str, "prompt": str, "prompt_token_ids": list, "params": dict,
         "priority": int, "deadline": (int, float), "stream": bool, "submitted_at": (int, float), "reply_to": str})
@@ -174,7 +174,8 @@ def decode_request(data: bytes) -> EngineRequest:
     if request.prompt_token_ids is not None and not all(
             isinstance(t, int) and not isinstance(t, bool) for t in request.prompt_token_ids):
         raise ProtocolError("EngineRequest.prompt_token_ids must be integers")
-    request.sampling_params()  # validate now, so a bad request never reaches the engine
+    if check_params:  # else the caller validates them (and can answer with invalid_request)
+        request.sampling_params()
     return request
 
 
@@ -211,6 +212,9 @@ def decode_model_card(data: bytes) -> ModelCard:
                                              "chat_template": str, "special_tokens": dict})
 
 
-def error_delta(request_id: str, seq: int, code: str, message: str, replica_id: str = "") -> OutputDelta:
-    return OutputDelta(request_id, seq, finished=True, error={"code": code, "message": message},
-                       replica_id=replica_id)
+def error_delta(request_id: str, seq: int, code: str, message: str, replica_id: str = "", *,
+                usage: Usage | None = None) -> OutputDelta:
+    """The last delta of a request that did not finish normally; `usage` is the work it cost (every
+    delta always carried a usage, so clients of this protocol version read it as they read any other)."""
+    return OutputDelta(request_id, seq, finished=True, usage=usage or Usage(),
+                       error={"code": code, "message": message}, replica_id=replica_id)

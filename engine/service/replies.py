@@ -24,8 +24,9 @@ class ReplyWriter:
 
     def flush(self, client: redis.Redis, stream: str, batch: list[tuple]) -> None:
         """`batch`: ("delta", client id, OutputDelta) and ("ack", entry id) items, in the order the
-        main thread made them. One XADD per client with everything for it, then the acks (an entry
-        is never acked while its client knows no replica that holds it): one round trip in all."""
+        main thread made them. One XADD per client with everything for it, then the acks and the
+        deletion of the acked entries (an entry is never acked while its client knows no replica
+        that holds it): one round trip in all."""
         by_client: dict[str, list[OutputDelta]] = defaultdict(list)
         acks = []
         for kind, *item in batch:
@@ -38,8 +39,9 @@ class ReplyWriter:
                 self.recent_finals.append((time.monotonic(), reply_to, delta))
         pipe = client.pipeline(transaction=False)
         self._add(pipe, by_client)
-        for entry_id in acks:
-            pipe.xack(stream, GROUP, entry_id)
+        if acks:  # taken: the entry is of no more use (a crash before this leaves it pending, to reclaim)
+            pipe.xack(stream, GROUP, *acks)
+            pipe.xdel(stream, *acks)
         pipe.execute()
         while self.recent_finals and self.recent_finals[0][0] < time.monotonic() - RESEND_FINALS_S:
             self.recent_finals.popleft()

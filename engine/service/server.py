@@ -32,7 +32,9 @@ from engine.service.protocol import (
     encode, error_delta,
 )
 from engine.service.replies import ClientWatch, ReplyWriter
-from engine.service.transport import GROUP, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, STREAM_MAXLEN, Backoff, Keys
+from engine.service.transport import (
+    DEAD_LETTER_BYTES, DEAD_LETTER_MAXLEN, GROUP, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, Backoff, Keys,
+)
 
 logger = logging.getLogger(__name__)
 MODEL_CARD_CHECK_S = 10.0  # how often the writer makes sure the model card is still in Redis
@@ -161,9 +163,9 @@ class EngineServer:
                 request.request_id, 0, "deadline_exceeded", "the deadline passed before an engine took the request",
                 self.replica_id))
             return
-        params = request.sampling_params().clone(output_kind=RequestOutputKind.DELTA)
         prompt = request.prompt if request.prompt is not None else {"prompt_token_ids": request.prompt_token_ids}
         try:
+            params = request.sampling_params().clone(output_kind=RequestOutputKind.DELTA)
             self.engine.add_request(request.request_id, prompt, params, priority=request.priority,
                                     cache_salt=request.tenant or None, tenant=request.tenant or None)
         except ValueError as error:
@@ -248,10 +250,14 @@ class EngineServer:
             self._end_with_error(request_id, code, message)
 
     def _end_with_error(self, request_id: str, code: str, message: str) -> None:
-        """Stop an accepted request in the engine (its KV blocks are freed) and tell its client why."""
+        """Stop an accepted request in the engine (its KV blocks are freed) and tell its client why,
+        with the tokens it cost so far."""
         progress = self.in_flight[request_id]
+        prompt, completion, cached = self.engine.usage_so_far(request_id)  # what the work cost: it is billed
+        usage = Usage(prompt, max(completion, progress.completion_tokens), cached)
         self.engine.abort_request(request_id)
-        self._send(progress.reply_to, error_delta(request_id, progress.next_seq, code, message, self.replica_id))
+        self._send(progress.reply_to, error_delta(request_id, progress.next_seq, code, message, self.replica_id,
+                                                  usage=usage))
         self._finish(request_id)
 
     def _send(self, reply_to: str, delta: OutputDelta) -> None:
@@ -336,14 +342,20 @@ class EngineServer:
                 raise
 
     def _take(self, client: redis.Redis, stream: str, entry_id: bytes, fields: dict) -> None:
+        request = None
         try:
-            request = decode_request(fields.get(b"data", b""))
+            request = decode_request(fields.get(b"data", b""), check_params=False)
+            request.sampling_params()
         except ProtocolError as error:
             logger.warning("dead-lettering malformed request %s: %s", entry_id, error)
-            client.xadd(self.keys.dead_letter, {"stream": stream, "entry_id": entry_id,
-                                                "data": fields.get(b"data", b""), "reason": str(error)},
-                        maxlen=STREAM_MAXLEN, approximate=True)
-            client.xack(stream, GROUP, entry_id)
+            if request is not None:  # its client is told at once rather than waiting for its deadline
+                self._send(request.reply_to, error_delta(request.request_id, 0, "invalid_request", str(error),
+                                                         self.replica_id))
+            pipe = client.pipeline(transaction=False)
+            pipe.xadd(self.keys.dead_letter, {"stream": stream, "entry_id": entry_id, "reason": str(error)[:1000],
+                                              "data": fields.get(b"data", b"")[:DEAD_LETTER_BYTES]},
+                      maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+            pipe.xack(stream, GROUP, entry_id).xdel(stream, entry_id).execute()
             return
         self.incoming.put((entry_id, request))
         self.wakeup.set()

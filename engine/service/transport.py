@@ -1,17 +1,22 @@
 """Redis Streams layout shared by engine replicas and clients (no torch here).
 
 - `{prefix}:requests:{model}`: one stream per model; replicas read it through the consumer group
-  `engines`, each only as much as it has room for, so load spreads by itself.
+  `engines`, each only as much as it has room for, so load spreads by itself. A replica deletes an
+  entry once it has taken it (with the ack), so the stream holds only requests not yet taken; it
+  expires REQUEST_STREAM_TTL_S (at least the newest request's deadline) after the last request.
 - `{prefix}:reply:{client_id}`: one stream per client (a web process, a Celery worker), named in
   each request it sends; an entry carries every delta of one engine step for that client, so a web
   process reads all its streams' output with one XREAD, and an engine writes a step with one XADD
-  per client. The client deletes entries once read; the stream expires after OUTPUT_TTL_S unused.
+  per client. The client deletes entries once read; the stream is capped at REPLY_MAXLEN entries
+  and expires after OUTPUT_TTL_S unused (a client that died leaves nothing behind for long).
 - `{prefix}:client:{client_id}`: a client's liveness key, refreshed every CLIENT_REFRESH_S with a
   CLIENT_TTL_S expiry; replicas abort the requests of a client whose key is gone (its process died).
-- `{prefix}:aborts`: request ids to abort; every replica reads all of it.
+- `{prefix}:aborts`: request ids to abort; every replica reads all of it (capped, and it expires
+  after ABORTS_TTL_S without an abort).
 - `{prefix}:hb:{model}:{replica}`: a replica's latest Heartbeat, expiring after HEARTBEAT_TTL_S.
 - `{prefix}:model:{model}`: the model's ModelCard (tokenizer and chat template for the web side).
-- `{prefix}:deadletter`: messages that did not validate, with the reason.
+- `{prefix}:deadletter`: messages that did not validate, with the reason (the last DEAD_LETTER_MAXLEN,
+  each cut to DEAD_LETTER_BYTES).
 """
 
 from __future__ import annotations
@@ -19,8 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GROUP = "engines"
-OUTPUT_TTL_S = 600
-REPLY_MAXLEN = 100_000  # entries (steps) a client may fall behind before its oldest are dropped
+OUTPUT_TTL_S = 300
+REPLY_MAXLEN = 10_000  # entries (steps) a client may fall behind before its oldest are dropped
+REQUEST_STREAM_TTL_S = 3600
+ABORTS_MAXLEN = 10_000
+ABORTS_TTL_S = 3600
+DEAD_LETTER_MAXLEN = 1000
+DEAD_LETTER_BYTES = 4096
 CLIENT_TTL_S = 5
 CLIENT_REFRESH_S = 1.0
 HEARTBEAT_TTL_S = 5
