@@ -10,12 +10,11 @@ Frames to the client: {"type": "chunk", "id", "data": <chunk>}, {"type": "done",
 from __future__ import annotations
 
 import asyncio
-import json
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from inference import services
+from inference import json_parsing, services
 from inference.authentication import api_key_from_header, authenticate
 from inference.errors import OpenAIError, openai_error_or_raise
 from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer, validated
@@ -41,7 +40,7 @@ class InferenceConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs) -> None:
         try:
-            content = json.loads(text_data if text_data is not None else bytes_data)
+            content = json_parsing.loads(text_data if text_data is not None else bytes_data)  # no RecursionError
         except (ValueError, TypeError):
             return await self._error(None, OpenAIError("Each frame must be a JSON object.", code="invalid_json"))
         return await self.receive_json(content)
