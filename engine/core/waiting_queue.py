@@ -62,11 +62,12 @@ class _PriorityClass:
 
     def remove(self, request: Request, *, admitted: bool) -> None:
         queue = self.tenants[request.tenant]
-        was_first = queue.requests[0] is request
-        if was_first:
-            del queue.requests[0]
-        else:
-            queue.requests.remove(request)
+        requests = queue.requests
+        position = bisect.bisect_left(requests, request.arrival_time, key=_arrival)
+        while requests[position] is not request:  # past others that arrived at the same time
+            position += 1
+        del requests[position]
+        was_first = position == 0
         self.size -= 1
         if admitted:
             self.virtual_time = max(self.virtual_time, queue.tag)
@@ -85,15 +86,18 @@ class _PriorityClass:
         parked: list[_TenantQueue] = []  # tenants all of whose requests were passed over
         try:
             while (queue := self._first()) is not None:
-                position = passed.get(queue.tenant, 0)
-                if position >= len(queue.requests):
+                requests, position = queue.requests, passed.get(queue.tenant, 0)
+                while position < len(requests):
+                    request = requests[position]
+                    yield request
+                    if position < len(requests) and requests[position] is request:
+                        position += 1  # passed over: no tag changed, so this tenant is still first
+                    else:
+                        break  # admitted (its tenant's tag grew) or removed: pick again
+                else:
                     heapq.heappop(self.heap)
                     parked.append(queue)
-                    continue
-                request = queue.requests[position]
-                yield request
-                if position < len(queue.requests) and queue.requests[position] is request:
-                    passed[queue.tenant] = position + 1
+                passed[queue.tenant] = position
         finally:
             for queue in parked:
                 if self.tenants.get(queue.tenant) is queue:
