@@ -224,16 +224,23 @@ class ModelRunner:
         return output
 
     def _prompt_logprobs(self, request: Request, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
-        """Logprob of each next prompt token this chunk predicts (row p predicts token p + 1)."""
+        """Logprob of each next prompt token this chunk predicts (row p predicts token p + 1).
+
+        Full-vocabulary logits for a whole chunk (8192 positions x 128k vocab in float32: 4 GiB, twice
+        with the log-softmax) could run the device out of memory, so they are computed at most
+        max_num_seqs positions at a time: no more than sampling a full batch needs."""
         start = request.num_computed_tokens
         count = min(hidden.shape[0], request.num_prompt_tokens - 1 - start)
         if count <= 0:
             return
-        logits = self.compute_logits(hidden[:count])
-        if not self.is_driver:
-            return
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
         num = request.sampling_params.prompt_logprobs
         targets = request.prompt_token_ids[start + 1:start + 1 + count]
-        entries = [top_logprobs(logprobs[i], targets[i], num) for i in range(count)]
-        output.prompt_logprobs[request.request_id] = (start + 1, entries)
+        entries, rows = [], self.config.max_num_seqs
+        for first in range(0, count, rows):  # every rank runs the same slices (the logits are gathered)
+            logits = self.compute_logits(hidden[first:min(first + rows, count)])
+            if self.is_driver:
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                entries += [top_logprobs(logprobs[i], targets[first + i], num) for i in range(logprobs.shape[0])]
+            del logits
+        if self.is_driver:
+            output.prompt_logprobs[request.request_id] = (start + 1, entries)
