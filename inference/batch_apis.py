@@ -5,6 +5,8 @@ lookup is scoped to the caller's tenant: another tenant's id is a 404, as if it 
 """
 from __future__ import annotations
 
+import uuid
+
 from adrf.views import APIView
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -17,10 +19,12 @@ from rest_framework.parsers import MultiPartParser
 from inference import batch_selectors, batch_services
 from inference.authentication import ApiKeyAuthentication
 from inference.batch_input import BATCH_ENDPOINTS
+from inference.engine_client import get_engine_client
 from inference.errors import OpenAIError
 from inference.fields import StrictCharField
 from inference.models import Batch, File, FilePurpose
 from inference.serializers import StrictSerializer, validated
+from inference.upload_rate import take_upload
 
 OPENAI_OBJECT = OpenApiResponse(description="OpenAI's file or batch object")
 
@@ -61,12 +65,13 @@ class FileListCreateApi(APIView):
         if upload.size > settings.BATCH_FILE_MAX_BYTES:
             raise OpenAIError(f"The file is {upload.size} bytes; at most {settings.BATCH_FILE_MAX_BYTES} are allowed.",
                               status=413, param="file", code="file_too_large")
+        await take_upload(redis=get_engine_client().redis, tenant=request.auth.tenant, upload_id=uuid.uuid4().hex)
         content = upload.read()
         try:
             content.decode("utf-8")
         except UnicodeDecodeError:
             raise OpenAIError("The file must be UTF-8 encoded JSONL.", param="file", code="invalid_file") from None
-        file = await sync_to_async(batch_services.create_file)(
+        file = await sync_to_async(batch_services.upload_file)(
             tenant=request.auth.tenant, purpose=data["purpose"], filename=upload.name, content=content)
         return JsonResponse(file_object(file))
 
@@ -175,7 +180,7 @@ def _timestamp(value) -> int | None:
 def file_object(file: File) -> dict:
     purpose = FilePurpose.BATCH_OUTPUT if file.purpose == FilePurpose.BATCH_ERROR else file.purpose  # OpenAI's name
     return {"id": file.id, "object": "file", "bytes": file.bytes, "created_at": _timestamp(file.created_at),
-            "expires_at": None, "filename": file.filename, "purpose": str(purpose), "status": "processed",
+            "expires_at": _timestamp(file.expires_at), "filename": file.filename, "purpose": str(purpose), "status": "processed",
             "status_details": None}
 
 

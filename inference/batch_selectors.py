@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 from django.db.models import Q, QuerySet
+from django.utils import timezone
 
 from inference.models import Batch, File
 from tenants.models import Tenant
 
 
+def live_files(*, tenant: Tenant) -> QuerySet[File]:
+    """The tenant's files not past their expiry: an expired file is gone (404) before it is deleted."""
+    return File.objects.filter(tenant=tenant).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
+
+
 def get_file(*, tenant: Tenant, file_id: str) -> File | None:
     """The file's metadata (its content is left in the database)."""
-    return File.objects.defer("content").filter(tenant=tenant, id=file_id).first()
+    return live_files(tenant=tenant).defer("content").filter(id=file_id).first()
 
 
 def get_file_content(*, tenant: Tenant, file_id: str) -> bytes | None:
-    content = File.objects.filter(tenant=tenant, id=file_id).values_list("content", flat=True).first()
+    content = live_files(tenant=tenant).filter(id=file_id).values_list("content", flat=True).first()
     return None if content is None else bytes(content)
 
 

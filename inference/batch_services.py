@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import transaction
+from django.db.models import Sum
 from django.utils import timezone
 
+from inference.batch_selectors import live_files
+from inference.errors import OpenAIError
 from inference.models import Batch, BatchStatus, File
 from tenants.models import ApiKey, Tenant
 
@@ -17,8 +21,35 @@ COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
 
 
 def create_file(*, tenant: Tenant, purpose: str, filename: str, content: bytes) -> File:
+    """A file that expires after FILES_RETENTION_DAYS (a batch's own output and error files too)."""
     return File.objects.create(tenant=tenant, purpose=purpose, filename=filename, bytes=len(content),
-                               content=content)
+                               content=content,
+                               expires_at=timezone.now() + timedelta(days=settings.FILES_RETENTION_DAYS))
+
+
+@transaction.atomic
+def upload_file(*, tenant: Tenant, purpose: str, filename: str, content: bytes) -> File:
+    """`create_file` within the tenant's storage cap (FILES_MAX_BYTES_PER_TENANT), or a 400.
+
+    The tenant's row is locked while its files are summed and the new one written, so parallel
+    uploads are counted one after another and cannot pass the cap together (PostgreSQL; SQLite
+    writes one transaction at a time anyway). A batch's output is never refused: it counts here."""
+    Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+    used = live_files(tenant=tenant).aggregate(total=Sum("bytes"))["total"] or 0
+    if used + len(content) > settings.FILES_MAX_BYTES_PER_TENANT:
+        raise OpenAIError(f"Storing this file ({len(content)} bytes) would take tenant {tenant.name!r} past its "
+                          f"storage limit of {settings.FILES_MAX_BYTES_PER_TENANT} bytes ({used} in use). Delete "
+                          "files you no longer need, or wait for them to expire.", param="file",
+                          code="storage_limit_exceeded")
+    return create_file(tenant=tenant, purpose=purpose, filename=filename, content=content)
+
+
+def delete_expired_files(*, chunk: int = 500) -> int:
+    """Delete files past their expiry (a beat task); batches keep the ids of their deleted files."""
+    deleted = 0
+    while ids := list(File.objects.filter(expires_at__lte=timezone.now()).values_list("id", flat=True)[:chunk]):
+        deleted += File.objects.filter(id__in=ids).delete()[0]
+    return deleted
 
 
 def delete_file(*, file: File) -> None:
@@ -60,7 +91,22 @@ def resume_unfinished_batches() -> int:
     return len(ids)
 
 
-def _enqueue(batch_id: str) -> None:
+def requeue_after_slice(*, tenant_id: int, batch_id: str, again_in_s: float | None) -> None:
+    """After a slice of `batch_id` freed one of its tenant's slots: queue the tenant's other
+    unfinished batches, the ones after it first (round robin by id, as many as may run at once),
+    then the batch itself (`again_in_s` later; None: it ended). All go behind what other tenants
+    queued meanwhile; those that find the slots taken return at once."""
+    others = list(Batch.objects.filter(tenant_id=tenant_id, status__in=[BatchStatus.VALIDATING,
+                                                                        BatchStatus.IN_PROGRESS])
+                  .exclude(id=batch_id).order_by("id").values_list("id", flat=True))
+    turn = [other for other in others if other > batch_id] + [other for other in others if other < batch_id]
+    for other in turn[:settings.BATCH_SLOTS_PER_TENANT]:
+        _enqueue(other)
+    if again_in_s is not None:
+        _enqueue(batch_id, countdown=again_in_s)
+
+
+def _enqueue(batch_id: str, countdown: float = 0) -> None:
     from inference.tasks import run_batch  # tasks import the runner, which imports these services' models
 
-    transaction.on_commit(lambda: run_batch.delay(batch_id))
+    transaction.on_commit(lambda: run_batch.apply_async(args=[batch_id], countdown=countdown or None))

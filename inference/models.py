@@ -34,6 +34,8 @@ class File(models.Model):
     bytes = models.PositiveBigIntegerField()
     content = models.BinaryField()
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Past this the file answers 404 and a beat task deletes it (FILES_RETENTION_DAYS); null: never.
+    expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
 
     class Meta:
         ordering = ["-created_at"]

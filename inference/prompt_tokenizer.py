@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from functools import lru_cache
 
 from jinja2.exceptions import TemplateError
@@ -81,13 +82,15 @@ class PromptTokenizerCache:
 
     def __init__(self) -> None:
         self.entries: dict[str, tuple[float, PromptTokenizer]] = {}
-        self.locks: dict[str, asyncio.Lock] = {}
+        # Per event loop: an asyncio.Lock belongs to one loop, and Celery threads each run their own.
+        self.locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     async def get(self, client, model: str) -> PromptTokenizer | None:
         cached = self.entries.get(model)
         if cached and time.monotonic() - cached[0] < CARD_TTL_S:
             return cached[1]
-        async with self.locks.setdefault(model, asyncio.Lock()):  # one fetch for a burst of calls
+        locks = self.locks.setdefault(asyncio.get_running_loop(), {})
+        async with locks.setdefault(model, asyncio.Lock()):  # one fetch for a burst of calls
             cached = self.entries.get(model)
             if cached and time.monotonic() - cached[0] < CARD_TTL_S:
                 return cached[1]

@@ -17,6 +17,12 @@ def resume_batches() -> int:
     return batch_services.resume_unfinished_batches()
 
 
+@shared_task(ignore_result=True)
+def delete_expired_files() -> int:
+    """Delete files past their retention (beat, hourly); they already answer 404."""
+    return batch_services.delete_expired_files()
+
+
 @worker_ready.connect
 def _resume_after_start(sender=None, **kwargs) -> None:
     # After the lease of a worker that just died has expired, so its batches are free to take.

@@ -2,7 +2,9 @@
 
 Variables: DJANGO_DEBUG, DJANGO_SECRET_KEY, DJANGO_ALLOWED_HOSTS, DATABASE_URL,
 REDIS_URL, ENGINE_KEY_PREFIX, ENGINE_TIMEOUT_S, METRICS_TOKEN, CELERY_BROKER_URL, CELERY_QUEUE,
-BATCH_FILE_MAX_BYTES, BATCH_CONCURRENCY, LOG_LEVEL,
+BATCH_FILE_MAX_BYTES, BATCH_CONCURRENCY, BATCH_SLICE_S, BATCH_SLOTS_PER_TENANT, WS_AUTH_TIMEOUT_S,
+WS_MAX_PER_TENANT, WS_MAX_PER_PROCESS, FILES_MAX_BYTES_PER_TENANT, FILES_MAX_UPLOADS_PER_HOUR,
+FILES_RETENTION_DAYS, LOG_LEVEL,
 DJANGO_SECURE_SSL_REDIRECT, DJANGO_HSTS_SECONDS, DATABASE_POOL_SIZE, API_KEY_CACHE_S,
 USAGE_FLUSH_MS, API_MAX_BODY_BYTES, TOKENIZER_THREADS,
 DJANGO_TRUST_X_FORWARDED_PROTO (the README lists their defaults). Without DJANGO_SECRET_KEY, only a
@@ -108,12 +110,26 @@ CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE", f"{ENGINE_KEY_PREFIX}
 CELERY_BEAT_SCHEDULE = {
     "roll-up-usage": {"task": "tenants.tasks.roll_up_recent_usage", "schedule": 300.0},
     "resume-batches": {"task": "inference.tasks.resume_batches", "schedule": 60.0},
+    "delete-expired-files": {"task": "inference.tasks.delete_expired_files", "schedule": 3600.0},
 }
 
 # Batch API: upload size cap, lines in flight per batch, and how far below interactive calls they run.
 BATCH_FILE_MAX_BYTES = env_int("BATCH_FILE_MAX_BYTES", default=100 * 1024 * 1024)
 BATCH_CONCURRENCY = env_int("BATCH_CONCURRENCY", default=16)
 BATCH_PRIORITY_OFFSET = 10  # engine priority: lower runs first
+# Fairness between tenants: a worker runs a batch for one slice, then queues it again behind the
+# others; a tenant runs at most this many batches at once (inference.lease_semaphore).
+BATCH_SLICE_S = env_int("BATCH_SLICE_S", default=30)
+BATCH_SLOTS_PER_TENANT = env_int("BATCH_SLOTS_PER_TENANT", default=1)
+
+# Websockets (/v1/ws): authenticate within this long, and at most this many open per tenant and per process.
+WS_AUTH_TIMEOUT_S = env_int("WS_AUTH_TIMEOUT_S", default=5)
+WS_MAX_PER_TENANT = env_int("WS_MAX_PER_TENANT", default=16)
+WS_MAX_PER_PROCESS = env_int("WS_MAX_PER_PROCESS", default=1000)
+# Files: storage per tenant, uploads per tenant per hour, and how long a file lives (batch outputs too).
+FILES_MAX_BYTES_PER_TENANT = env_int("FILES_MAX_BYTES_PER_TENANT", default=1024 * 1024 * 1024)
+FILES_MAX_UPLOADS_PER_HOUR = env_int("FILES_MAX_UPLOADS_PER_HOUR", default=100)
+FILES_RETENTION_DAYS = env_int("FILES_RETENTION_DAYS", default=30)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],  # API views name theirs; the admin uses sessions

@@ -177,8 +177,18 @@ def _rate_limited(decision: RateLimitDecision, *, api_key: ApiKey) -> AdmissionR
         code="rate_limit_exceeded",
         type="tokens" if decision.refused_limit == "tokens" else "requests",
         message=message,
-        headers={"Retry-After": str(retry), **decision.headers()},
+        headers={**_retry_headers(decision), **decision.headers()},
     )
+
+
+def _retry_headers(decision: RateLimitDecision) -> dict[str, str]:
+    """A request larger than the limit itself can never be admitted: no Retry-After, and
+    `x-should-retry: false` (which the openai SDK honours), so clients and batch runners stop."""
+    limits = decision.limits
+    if (decision.refused_limit == "tokens" and decision.tokens > limits.tokens_per_minute
+            or decision.refused_limit == "sequences" and decision.sequences > limits.max_sequences_in_flight):
+        return {"x-should-retry": "false"}
+    return {"Retry-After": str(decision.retry_after)}
 
 
 def _out_of_quota(exc: QuotaExceeded, *, headers: dict[str, str]) -> AdmissionRefused:
