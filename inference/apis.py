@@ -17,6 +17,7 @@ from inference.errors import OpenAIError, expected_error
 from inference.metrics_access import check_metrics_access
 from inference.selectors import live_replicas, redis_is_reachable, served_models
 from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer, validated
+from inference.tokenizing import off_loop
 
 logger = logging.getLogger(__name__)
 OPENAI_RESPONSE = OpenApiResponse(description="OpenAI's response object, or an SSE stream of chunks with stream=true")
@@ -82,7 +83,7 @@ class CompletionsApi(APIView):
     @extend_schema(summary="Create a completion", request=CompletionRequestSerializer, responses=OPENAI_RESPONSE)
     async def post(self, request):
         async with services.refusal_counted(request.auth):
-            data = validated(CompletionRequestSerializer, request.data)
+            data = await off_loop(validated, CompletionRequestSerializer, request.data)  # 1,024 messages: ~0.15 s
             call = await services.start_completion(api_key=request.auth, data=data)
         return await _respond(call, data["stream"])
 
@@ -94,7 +95,7 @@ class ChatCompletionsApi(APIView):
                    responses=OPENAI_RESPONSE)
     async def post(self, request):
         async with services.refusal_counted(request.auth):
-            data = validated(ChatCompletionRequestSerializer, request.data)
+            data = await off_loop(validated, ChatCompletionRequestSerializer, request.data)  # 1,024 messages: ~0.15 s
             call = await services.start_chat(api_key=request.auth, data=data)
         return await _respond(call, data["stream"])
 

@@ -1,4 +1,4 @@
-"""Tokenizing and chat-template rendering on a small thread pool, never on the event loop.
+"""Tokenizing, chat-template rendering and validating large bodies on a small thread pool, not on the event loop.
 
 One event loop serves every call of a web process: a large prompt tokenized on it (hundreds of
 milliseconds for a long chat) would stall every other tenant's stream on that process. The pool

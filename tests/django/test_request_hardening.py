@@ -66,6 +66,8 @@ RAW = [  # (id, path, raw JSON body, param the 400 names or None)
      b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop_token_ids": [18446744073709551616]}',
      "stop_token_ids[0]"),
     ("prompt id 2^64", COMPLETIONS, b'{"model": "m", "prompt": [1, 18446744073709551616]}', "prompt"),
+    ("prompt ids with a boolean", COMPLETIONS, b'{"model": "m", "prompt": [1, true]}', "prompt"),
+    ("prompt id 2^31", COMPLETIONS, b'{"model": "m", "prompt": [[1], [2147483648]]}', "prompt"),
     ("prompt id 2^40 with echo", COMPLETIONS, b'{"model": "m", "prompt": [1, 1099511627776], "echo": true}', "prompt"),
     ("max_tokens 10^30", CHAT, b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": '
      + b"1" + b"0" * 30 + b"}", "max_tokens"),
