@@ -12,6 +12,7 @@ from engine.config import BUNDLED_MODEL, EngineConfig
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.special_token_guard import SpecialTokenGuard
 
 
 class LLM:
@@ -63,15 +64,17 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
              ) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to one conversation or a list of them, then generate."""
+        """Apply the tokenizer's chat template to one conversation or a list of them, then generate.
+        Special-token strings typed into a message are text, as on the API (engine.special_token_guard)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
-        prompts = []
-        for conversation in conversations:
-            ids = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=True,
-                                                add_generation_prompt=add_generation_prompt)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            prompts.append({"prompt_token_ids": list(ids)})
+        guard = SpecialTokenGuard(tokenizer.backend_tokenizer)  # content never makes a control token
+
+        def render(conversation: list[dict]) -> str:
+            return tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+
+        prompts = [{"prompt_token_ids": guard.encode_chat(c, render)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -6,7 +6,7 @@ tokenizer JSON, and the chat template renders in a Jinja sandbox, as transformer
 
 Special tokens: a completion's text prompt is the caller's own raw model input (there is no other
 party's turn in it to forge), so special strings in it are parsed, as vLLM and the engine do; chat
-message content never produces a special token (inference.special_token_guard), only the template does.
+message content never produces a special token (engine.special_token_guard), only the template does.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from engine.service.protocol import ModelCard
-from inference.special_token_guard import SpecialTokenGuard
+from engine.special_token_guard import SpecialTokenGuard
 
 CARD_TTL_S = 30.0  # how long a fetched card is trusted before it is read from Redis again
 

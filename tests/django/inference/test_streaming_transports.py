@@ -37,6 +37,23 @@ def test_sse_disconnect_aborts_the_engine_request(live):
                "the engine to drop the aborted request")
 
 
+def test_a_client_gone_during_prefill_is_billed_the_prompt_tokens_computed(live):
+    """The engine computed (part of) the prompt before the client left: that work is billed, not 0."""
+    key = live.new_key()
+    prompt = list(range(1000, 5000))  # 4,000 token ids: several prefill chunks on the CPU engine
+    with live.http() as http:
+        with http.stream("POST", "/v1/completions", json={**LONG, "prompt": prompt, "stream": True},
+                         headers={"Authorization": f"Bearer {key}"}) as response:
+            assert response.status_code == 200
+            # leaving now, before any token, closes the connection while the prompt is computed
+    tenant = live.tenant_of(key)
+    event = wait_until(lambda: UsageEvent.objects.filter(tenant=tenant).first(), 30, "the usage event")
+    assert event.status == "cancelled" and event.completion_tokens == 0, (event.status, event.completion_tokens)
+    assert 0 < event.prompt_tokens <= len(prompt)
+    wait_until(lambda: (beat := live.replica.heartbeat()) and beat.num_running == 0, 30,
+               "the engine to drop the aborted request")
+
+
 def test_a_client_gone_before_the_stream_starts_frees_its_holds(live):
     """The client disconnects while the response headers are being sent, so Django cancels the
     request before the SSE generator has started and its `finally` never runs: the request's
