@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 MAX_N = 256  # completions per prompt
 MAX_INT32 = 2**31 - 1  # counts and token ids: what an int32 tensor holds
 SEED_RANGE = (-(2**63), 2**63 - 1)  # torch.Generator.manual_seed takes int64 (plus n for the children)
-MAX_LOGPROBS = 20  # vLLM's default max_logprobs: top entries per position
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
@@ -101,8 +100,9 @@ class SamplingParams:
                     f"must be <= max_tokens={self.max_tokens}, got {self.min_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            check_field(value is None or _is_count(value, 0, MAX_LOGPROBS), name,
-                        f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+            # The engine bounds them by the vocabulary (full-vocabulary logprobs are a use); the API by 20.
+            check_field(value is None or _is_count(value, 0, MAX_INT32), name,
+                        f"must be an integer in [0, {MAX_INT32}], got {value!r}")
         check_field(isinstance(self.output_kind, RequestOutputKind), "output_kind", "must be a RequestOutputKind")
 
     @property
