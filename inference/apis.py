@@ -3,6 +3,7 @@
 The OpenAI-compatible views are adrf (async DRF) APIViews so DRF parses, authenticates and
 documents them (drf-spectacular) while streaming runs on the event loop.
 """
+import asyncio
 import logging
 
 import orjson
@@ -24,19 +25,34 @@ OPENAI_RESPONSE = OpenApiResponse(description="OpenAI's response object, or an S
 
 
 class HealthApi(APIView):
-    """`GET /health`: web up, Redis reachable, and at least one live engine for every known model.
+    """`GET /health`: liveness of this web process, 200 whenever it serves requests at all.
 
-    200 when all hold, 503 otherwise (`status: degraded`), with the details either way.
+    It checks nothing else on purpose: a process manager restarts what fails it, and restarting web
+    processes fixes neither Redis nor an engine that is still loading. Load balancers want `/ready`.
+    """
+
+    @extend_schema(exclude=True)
+    async def get(self, request):
+        return JsonResponse({"status": "ok"})
+
+
+class ReadyApi(APIView):
+    """`GET /ready`: whether this process can serve a call: Redis answers and every model any replica
+    ever published has a live replica (at least one model). 200 `ok` or 503 `degraded`, with details.
+
+    Its 503 is an expected answer while engines load, polled every few seconds: not an ERROR log line.
     """
 
     @extend_schema(exclude=True)
     async def get(self, request):
         engines = await live_replicas(client=get_engine_client())
-        redis_ok = redis_is_reachable()
-        healthy = redis_ok and all(engines.values())
-        body = {"status": "ok" if healthy else "degraded", "redis": redis_ok,
+        redis_ok = await asyncio.to_thread(redis_is_reachable)
+        ready = redis_ok and bool(engines) and all(engines.values())
+        body = {"status": "ok" if ready else "degraded", "redis": redis_ok,
                 "engines": {model: len(beats) for model, beats in sorted(engines.items())}}
-        return JsonResponse(body, status=200 if healthy else 503)
+        response = JsonResponse(body, status=200 if ready else 503)
+        response._has_been_logged = True  # Django's log_response skips it (else "ERROR ... Service Unavailable")
+        return response
 
 
 class MetricsApi(APIView):

@@ -7,6 +7,8 @@ busy database pool a 503 with `Retry-After` (as do the SSE and websocket paths, 
 from __future__ import annotations
 
 from django.http import JsonResponse
+from django.views import defaults
+from django.views.decorators.csrf import csrf_exempt
 from psycopg_pool import PoolTimeout, TooManyRequests
 from redis.exceptions import RedisError
 from rest_framework import exceptions
@@ -79,9 +81,28 @@ def _first_error(detail, path: str = "") -> tuple[str | None, str]:
     return (path or None), (f"Invalid value for '{path}': {message}" if path else message)
 
 
+@csrf_exempt  # an unknown URL is a 404 on every method, not CSRF's 403 page for a POST
 def not_found(request, exception=None) -> JsonResponse:
     """Unknown /v1/ URLs answer in OpenAI's shape too (whatever DEBUG says)."""
     return OpenAIError(f"Invalid URL ({request.method} {request.path})", status=404, code="unknown_url").response()
+
+
+HTML_PREFIXES = ("/admin/", "/dashboard/", "/accounts/")  # pages for people in a browser
+
+
+def page_not_found(request, exception=None):
+    """handler404 (DEBUG off): OpenAI's shape for API clients, Django's page for the admin and dashboard."""
+    if request.path.startswith(HTML_PREFIXES):
+        return defaults.page_not_found(request, exception)
+    return not_found(request, exception)
+
+
+def method_not_allowed(request, allowed: list[str]) -> JsonResponse:
+    """405 with `Allow`, in OpenAI's shape: a wrong method can never succeed, so it is said before auth."""
+    error = OpenAIError(f"Method {request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}.",
+                        status=405, code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
+    metrics.observe_error(status=405)
+    return error.response()
 
 
 def server_busy() -> OpenAIError:

@@ -7,3 +7,4 @@ urlpatterns = [
     path("dashboard/", include("tenants.dashboard.urls")),
     path("", include("inference.urls")),
 ]
+handler404 = "inference.errors.page_not_found"  # DEBUG off: API clients get OpenAI's shape (/v1/ always does)

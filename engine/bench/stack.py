@@ -108,7 +108,7 @@ class LaunchedStack:
         port = free_port()
         self._spawn("web", self._web_command(port), env)
         self.base_url = f"http://127.0.0.1:{port}"
-        self._wait_for(self._healthy, f"{self.base_url}/health to report an engine for {self.model}")
+        self._wait_for(self._healthy, f"{self.base_url}/ready to report an engine for {self.model}")
 
     def _start_redis(self) -> None:
         server = shutil.which("redis-server") or shutil.which("valkey-server")
@@ -142,7 +142,7 @@ class LaunchedStack:
         import httpx2 as httpx  # here: the service bench uses this module too, with no HTTP client
 
         try:
-            response = httpx.get(f"{self.base_url}/health", timeout=2)
+            response = httpx.get(f"{self.base_url}/ready", timeout=2)
         except httpx.HTTPError:
             return False
         return response.status_code == 200 and response.json()["engines"].get(self.model, 0) > 0

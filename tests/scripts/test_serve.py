@@ -35,7 +35,7 @@ def test_serve_starts_everything_and_ctrl_c_stops_it(tmp_path: Path):
         def healthy():
             assert serve.poll() is None, log.read_text()[-3000:]
             try:
-                response = httpx.get(f"{base}/health", timeout=2)
+                response = httpx.get(f"{base}/ready", timeout=2)
             except httpx.HTTPError:
                 return False
             return response.status_code == 200 and response.json()["engines"]

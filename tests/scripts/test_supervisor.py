@@ -65,7 +65,7 @@ class Stack:
                 [sys.executable, "-m", "project.supervisor", "--workers", "2", "--port", str(self.port)],
                 cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         self.replica.wait_ready()
-        wait_until(self.healthy, 120, "the workers to answer /health with the engine", interval=0.3)
+        wait_until(self.healthy, 120, "the workers to answer /ready with the engine", interval=0.3)
 
     def stop(self) -> None:
         if self.supervisor is None:
@@ -85,7 +85,7 @@ class Stack:
     def healthy(self) -> bool:
         assert self.supervisor.poll() is None, f"the supervisor exited:\n{self.log()[-3000:]}"
         with contextlib.suppress(httpx.HTTPError):
-            response = httpx.get(f"{self.base_url}/health", timeout=2)
+            response = httpx.get(f"{self.base_url}/ready", timeout=2)
             return response.status_code == 200 and bool(response.json()["engines"])
         return False
 

@@ -66,7 +66,7 @@ def live(django_test_database, tmp_path_factory):
     stack = LiveStack("", redis_url, prefix, replica, logs / "daphne.log")
     try:
         replica.wait_ready()
-        with daphne_server(log_path=stack.server_log, ready_path="/health",
+        with daphne_server(log_path=stack.server_log, ready_path="/ready",
                            env={"REDIS_URL": redis_url, "ENGINE_KEY_PREFIX": prefix,
                                 "METRICS_TOKEN": METRICS_TOKEN}) as base_url:
             stack.base_url = base_url

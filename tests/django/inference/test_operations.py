@@ -1,13 +1,13 @@
-"""/health, /metrics and the OpenAPI schema of the live server."""
+"""/health, /ready, /metrics and the OpenAPI schema of the live server."""
 from __future__ import annotations
 
 from .conftest import METRICS_TOKEN, MODEL
 
 
-def test_health_names_the_engine(live):
+def test_ready_names_the_engine_and_health_is_liveness(live):
     with live.http() as http:
-        body = http.get("/health").json()
-    assert body == {"status": "ok", "redis": True, "engines": {MODEL: 1}}
+        assert http.get("/ready").json() == {"status": "ok", "redis": True, "engines": {MODEL: 1}}
+        assert http.get("/health").json() == {"status": "ok"}
 
 
 def test_metrics_count_calls_tokens_and_engine_state(live):
