@@ -153,6 +153,11 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    # Each request once: Django's defaults give "django" a console handler of its own (runserver's
+    # access lines and django.request's printed twice), and django.request's 4xx warnings repeat the
+    # access log (5xx errors stay: they carry the traceback).
+    "loggers": {"django": {"handlers": [], "level": os.environ.get("LOG_LEVEL", "INFO"), "propagate": True},
+                "django.request": {"level": "ERROR"}},
 }
 
 # Production hardening (`manage.py check --deploy` is clean with DEBUG off). X-Forwarded-Proto is
