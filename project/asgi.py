@@ -9,9 +9,11 @@ django_http = get_asgi_application()  # sets Django up before the routing import
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from inference.body_limit import BodySizeLimit  # noqa: E402
+from inference.reason_phrases import complete_reason_phrases  # noqa: E402
 from inference.request_cleanup import CloseWhenRequestEnds  # noqa: E402
 from inference.routing import websocket_urlpatterns  # noqa: E402
 
+complete_reason_phrases()  # daphne's status lines: "429 Too Many Requests", not "429 Unknown Status"
 application = ProtocolTypeRouter({
     "http": BodySizeLimit(CloseWhenRequestEnds(django_http)),
     "websocket": URLRouter(websocket_urlpatterns),
