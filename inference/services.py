@@ -50,8 +50,10 @@ ENGINE_ERRORS = {  # engine error code -> (HTTP status, OpenAI error type)
 
 
 class Call:
-    def __init__(self, *, api_key: ApiKey, endpoint: str, plan: GenerationPlan, fmt: _Format, admission) -> None:
+    def __init__(self, *, api_key: ApiKey, endpoint: str, plan: GenerationPlan, fmt: _Format, admission,
+                 user: str = "") -> None:
         self.api_key, self.endpoint, self.plan, self.format, self.admission = api_key, endpoint, plan, fmt, admission
+        self.user = user  # OpenAI's end-user id, kept on the usage event (abuse tracing, per-user billing)
         self.usages: dict[int, Usage] = {}
         self.started = time.monotonic()
         self.first_token_at: float | None = None
@@ -112,7 +114,8 @@ class Call:
             api_key=self.api_key, request_id=self.plan.request_id, model=self.plan.model, endpoint=self.endpoint,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             cached_tokens=usage.cached_tokens, status=self.status, error_code=self.error_code,
-            latency_ms=int((now - self.started) * 1000), ttft_ms=None if ttft is None else int(ttft * 1000))
+            latency_ms=int((now - self.started) * 1000), ttft_ms=None if ttft is None else int(ttft * 1000),
+            user=self.user)
         ensure_usage_flusher()
         await buffer_usage(redis=get_engine_client().redis, key_prefix=settings.ENGINE_KEY_PREFIX, event=event)
 
@@ -138,7 +141,7 @@ async def start_completion(*, api_key: ApiKey, data: dict, priority_offset: int 
         plan.priority += priority_offset  # batch jobs run behind interactive calls
         fmt = CompletionFormat(plan, echo=data["echo"], logprobs=logprobs, prompt_token_texts=token_texts,
                                include_usage=_include_usage(data))
-        return await _admit(api_key, "completions", plan, fmt)
+        return await _admit(api_key, "completions", plan, fmt, user=data.get("user") or "")
 
 
 async def start_chat(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -> Call:
@@ -158,7 +161,8 @@ async def start_chat(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -
                      [])
         plan.priority += priority_offset
         return await _admit(api_key, "chat.completions", plan,
-                            ChatFormat(plan, top_logprobs=top, include_usage=_include_usage(data)))
+                            ChatFormat(plan, top_logprobs=top, include_usage=_include_usage(data)),
+                            user=data.get("user") or "")
 
 
 def _encode_completion(tokenizer: PromptTokenizer, prompts: list, echo: bool):
@@ -270,7 +274,7 @@ def _include_usage(data: dict) -> bool:
     return bool(data.get("stream") and (data.get("stream_options") or {}).get("include_usage"))
 
 
-async def _admit(api_key: ApiKey, endpoint: str, plan: GenerationPlan, fmt: _Format) -> Call:
+async def _admit(api_key: ApiKey, endpoint: str, plan: GenerationPlan, fmt: _Format, user: str = "") -> Call:
     prompt_tokens = sum(len(p) for p in plan.prompts)
     # Recorded before it is admitted: a process killed at any moment leaves its holds on record.
     forget = await register_call(get_engine_client(), request_id=plan.request_id, api_key_id=api_key.pk)
@@ -285,6 +289,6 @@ async def _admit(api_key: ApiKey, endpoint: str, plan: GenerationPlan, fmt: _For
         raise OpenAIError(refused.message, status=refused.status, type=refused.type, code=refused.code,
                           headers=refused.headers) from None
     admission.on_settle = forget
-    call = Call(api_key=api_key, endpoint=endpoint, plan=plan, fmt=fmt, admission=admission)
+    call = Call(api_key=api_key, endpoint=endpoint, plan=plan, fmt=fmt, admission=admission, user=user)
     close_when_request_ends(call.close)  # in case the client leaves before the response starts
     return call

@@ -118,6 +118,7 @@ class UsageEvent(models.Model):
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+    user = models.CharField(max_length=256, blank=True, default="")  # OpenAI's `user` field: the caller's end user
 
     class Meta:
         ordering = ["-created_at"]

@@ -168,6 +168,7 @@ def usage_event(
     error_code: str = "",
     latency_ms: int | None = None,
     ttft_ms: int | None = None,
+    user: str = "",
 ) -> UsageEvent:
     """The (unsaved) usage event of a request that ends now; a bad status is a ValueError here,
     where the call is, not a row the usage flush cannot write."""
@@ -175,7 +176,7 @@ def usage_event(
         tenant_id=api_key.tenant_id, api_key=api_key, request_id=request_id, model=model,
         endpoint=endpoint, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
         cached_tokens=cached_tokens, status=UsageStatus(status), error_code=error_code,
-        latency_ms=latency_ms, ttft_ms=ttft_ms,
+        latency_ms=latency_ms, ttft_ms=ttft_ms, user=user,
     )
 
 
