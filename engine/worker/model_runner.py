@@ -25,6 +25,7 @@ from engine.layers.sampler import Sampler, top_logprobs
 from engine.models.registry import get_model_class
 from engine.request import Request
 from engine.weights import ModelSource, load_weights_into
+from engine.worker.cpu_kv_budget import available_memory_bytes, cpu_kv_cache_bytes, kv_bytes_per_token
 from engine.worker.cuda_graphs import CudaGraphRunner
 from engine.worker.input_buffers import InputBuffers
 
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 _DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
                 "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-CPU_DEFAULT_KV_BYTES = 4 << 30
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,10 +118,13 @@ class ModelRunner:
         logits = parallel_state.all_gather_last_dim(self.model.compute_logits(hidden_states))
         return logits[:, :self.model_config.vocab_size]
 
-    def _kv_bytes_per_block(self) -> int:
+    def _kv_bytes_per_token(self) -> int:
         layer = self.attention_layers[0]
-        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
-        return per_token * self.block_size * len(self.attention_layers)
+        return kv_bytes_per_token(len(self.attention_layers), layer.num_kv_heads, layer.head_dim,
+                                  self.dtype.itemsize)
+
+    def _kv_bytes_per_block(self) -> int:
+        return self._kv_bytes_per_token() * self.block_size
 
     def _decide_num_blocks(self) -> int:
         if self.config.num_gpu_blocks_override:
@@ -131,11 +134,22 @@ class ModelRunner:
         elif self.device.type == "cuda":
             budget = self._cuda_kv_budget()
         else:
-            budget = CPU_DEFAULT_KV_BYTES
+            budget = self._cpu_kv_budget()
         num_blocks = budget // self._kv_bytes_per_block()
         if num_blocks < 2:
             raise ValueError(f"KV cache budget of {budget} bytes holds fewer than 2 blocks")
         return int(num_blocks)
+
+    def _cpu_kv_budget(self) -> int:
+        """Enough for max_num_seqs full sequences, within this rank's share of a quarter of free memory."""
+        available = available_memory_bytes()
+        budget = cpu_kv_cache_bytes(self._kv_bytes_per_token(), self.block_size, self.config.max_num_seqs,
+                                    self.max_model_len, available // parallel_state.tp_world_size())
+        logger.info("CPU KV cache %.2f GiB (%d tokens) for max_num_seqs=%d x max_model_len=%d, of %.2f GiB "
+                    "available; --kv-cache-memory-bytes overrides", budget / 2**30,
+                    budget // self._kv_bytes_per_token(), self.config.max_num_seqs, self.max_model_len,
+                    available / 2**30)
+        return budget
 
     def _cuda_kv_budget(self) -> int:
         """gpu_memory_utilization of the card, minus weights and the peak of a full-budget forward."""
