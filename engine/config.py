@@ -23,7 +23,7 @@ class EngineConfig:
     long_prefill_token_threshold: int | None = None  # chunk size of a long prefill while others wait
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
-    kv_cache_memory_bytes: int | None = None  # CPU default: seqs x len, <= 25% of free memory
+    kv_cache_memory_bytes: int | None = None  # CPU default: seqs x len, <= 10% of free memory
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-DEFAULT_MEMORY_FRACTION = 0.25
+DEFAULT_MEMORY_FRACTION = 0.10  # each engine process (tests and benchmarks run several) holds it all, resident
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_size: int) -> int:

@@ -5,7 +5,12 @@ import logging
 import pytest
 
 from engine import LLM
-from engine.worker.cpu_kv_budget import available_memory_bytes, cpu_kv_cache_bytes, kv_bytes_per_token
+from engine.worker.cpu_kv_budget import (
+    DEFAULT_MEMORY_FRACTION,
+    available_memory_bytes,
+    cpu_kv_cache_bytes,
+    kv_bytes_per_token,
+)
 
 GiB = 2**30
 SMOLLM2_FP32 = kv_bytes_per_token(num_layers=30, num_kv_heads=3, head_dim=64, dtype_size=4)
@@ -27,8 +32,8 @@ def test_a_large_workload_is_capped_by_the_share_of_available_memory():
     available = 8 * GiB
     budget = cpu_kv_cache_bytes(SMOLLM2_FP32, block_size=16, max_num_seqs=256, max_model_len=8192,
                                 available_bytes=available)
-    assert budget <= available * 0.25
-    assert budget > available * 0.25 - 16 * SMOLLM2_FP32  # whole blocks, as many as fit
+    assert budget <= available * DEFAULT_MEMORY_FRACTION
+    assert budget > available * DEFAULT_MEMORY_FRACTION - 16 * SMOLLM2_FP32  # whole blocks, as many as fit
     assert budget % (16 * SMOLLM2_FP32) == 0
     half = cpu_kv_cache_bytes(SMOLLM2_FP32, 16, 256, 8192, available, fraction=0.5)
     assert half > budget
@@ -36,10 +41,10 @@ def test_a_large_workload_is_capped_by_the_share_of_available_memory():
 
 def test_too_little_memory_for_one_full_sequence_is_a_clear_error():
     one_sequence = (8192 // 16 + 1) * 16 * SMOLLM2_FP32
-    just_enough = cpu_kv_cache_bytes(SMOLLM2_FP32, 16, 256, 8192, available_bytes=4 * one_sequence)
+    just_enough = cpu_kv_cache_bytes(SMOLLM2_FP32, 16, 256, 8192, available_bytes=4 * one_sequence, fraction=0.25)
     assert just_enough == one_sequence
     with pytest.raises(ValueError, match="max_model_len=8192.*kv_cache_memory_bytes"):
-        cpu_kv_cache_bytes(SMOLLM2_FP32, 16, 256, 8192, available_bytes=4 * one_sequence - 1)
+        cpu_kv_cache_bytes(SMOLLM2_FP32, 16, 256, 8192, available_bytes=4 * one_sequence - 1, fraction=0.25)
 
 
 def test_available_memory_is_read_from_the_machine():
