@@ -36,11 +36,11 @@ class PromptTokenizer:
         self.template = _compile(card.chat_template) if card.chat_template else None
         self.guard = SpecialTokenGuard(self.tokenizer) if self.tokenizer is not None else None
 
-    def encode(self, text: str) -> list[int]:
-        """A completion prompt: special tokens added as the engine adds them."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A completion prompt: special tokens added as the engine adds them (unless told not to: /tokenize)."""
         # encode_batch, not encode: it lets go of the GIL, so the event loop runs while a long prompt
         # is tokenized in the tokenizer pool (inference/tokenizing.py); `encode` holds it throughout.
-        return self._require_tokenizer().encode_batch([text], add_special_tokens=True)[0].ids
+        return self._require_tokenizer().encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if self.template is None:

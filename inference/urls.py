@@ -7,6 +7,7 @@ from inference.method_guard import methods_first
 from inference.apis import (
     ChatCompletionsApi, CompletionsApi, HealthApi, MetricsApi, ModelDetailApi, ModelListApi, ReadyApi,
 )
+from inference.tokenize_apis import DetokenizeApi, TokenizeApi
 from inference.batch_apis import (
     BatchCancelApi, BatchDetailApi, BatchListCreateApi, FileContentApi, FileDetailApi, FileListCreateApi,
 )
@@ -15,6 +16,8 @@ urlpatterns = [
     path("health", methods_first(HealthApi.as_view()), name="health"),
     path("ready", methods_first(ReadyApi.as_view()), name="ready"),
     path("metrics", methods_first(MetricsApi.as_view()), name="metrics"),
+    path("tokenize", methods_first(TokenizeApi.as_view()), name="tokenize"),  # vLLM serves these at the root
+    path("detokenize", methods_first(DetokenizeApi.as_view()), name="detokenize"),
     path("v1/models", methods_first(ModelListApi.as_view()), name="models"),
     path("v1/models/<path:model>", methods_first(ModelDetailApi.as_view()), name="model-detail"),
     path("v1/completions", methods_first(CompletionsApi.as_view()), name="completions"),
