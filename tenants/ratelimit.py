@@ -21,7 +21,7 @@ from tenants.models import ApiKey
 WINDOW_MS = 60_000
 LEASE_MS = 15 * 60_000  # longer than any request should run; only matters after a crash
 
-_admit_script = LuaScript("ratelimit_admit")
+_admit_script = LuaScript("ratelimit_admit", preludes=("ratelimit_window",))
 _release_script = LuaScript("ratelimit_release")
 
 

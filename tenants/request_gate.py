@@ -15,7 +15,7 @@ from tenants.models import ApiKey
 from tenants.ratelimit import WINDOW_MS, RateLimitDecision, RateLimitKeys
 from tenants.selectors import effective_limits
 
-_peek_script = LuaScript("ratelimit_peek")
+_peek_script = LuaScript("ratelimit_peek", preludes=("ratelimit_window",))
 _count_refused_script = LuaScript("ratelimit_count_refused")
 
 

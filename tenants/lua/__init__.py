@@ -7,10 +7,12 @@ from redis.exceptions import NoScriptError
 
 
 class LuaScript:
-    """A script from this folder, run by its sha and loaded into Redis on the first miss."""
+    """A script from this folder, run by its sha and loaded into Redis on the first miss. Redis
+    scripts cannot import, so shared functions come as `preludes`, files put before the script."""
 
-    def __init__(self, name: str):
-        self.source = (Path(__file__).parent / f"{name}.lua").read_text()
+    def __init__(self, name: str, *, preludes: tuple[str, ...] = ()):
+        folder = Path(__file__).parent
+        self.source = "".join((folder / f"{part}.lua").read_text() for part in (*preludes, name))
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(self, redis: Redis, *, keys: list[str], args: list) -> list:

@@ -15,25 +15,8 @@ local max_requests, max_tokens = tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_running = tonumber(ARGV[5])
 local window, lease = tonumber(ARGV[6]), tonumber(ARGV[7])
 local sequences, max_sequences = tonumber(ARGV[8]), tonumber(ARGV[9])
-local clock = redis.call('TIME')  -- one clock for every web worker
-local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
-local horizon = now - window
-
 -- Forget what left the window, and leases whose holder died without settling.
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', horizon)
-local total = tonumber(redis.call('GET', KEYS[4]) or '0')
-local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', horizon)
-for _, old in ipairs(gone) do
-  total = total - tonumber(redis.call('HGET', KEYS[3], old) or '0')
-  redis.call('HDEL', KEYS[3], old)
-end
-if #gone > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', horizon)
-  redis.call('SET', KEYS[4], total, 'KEEPTTL')
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
-local requests = redis.call('ZCARD', KEYS[1])
-local running = redis.call('ZCARD', KEYS[5])
+local now, requests, total, running = window_state(window)
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now)) do
   redis.call('HDEL', KEYS[7], dead)
 end
@@ -41,13 +24,6 @@ redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
 -- Holds are few (each is a request in flight, at most the limit), so summing them is cheap.
 local in_flight = 0
 for _, held in ipairs(redis.call('HVALS', KEYS[7])) do in_flight = in_flight + tonumber(held) end
-
--- ms until the newest entry of a log leaves the window (the limit is whole again)
-local function reset_in(log)
-  local newest = redis.call('ZRANGE', log, -1, -1, 'WITHSCORES')
-  if #newest == 0 then return 0 end
-  return tonumber(newest[2]) + window - now
-end
 
 -- ms until enough of the oldest token entries leave the window to free `need` tokens
 local function tokens_free_in(need)
@@ -77,7 +53,7 @@ if in_flight + sequences > max_sequences then
   refuse('sequences', 0)
 end
 if refused ~= '' then
-  return {0, refused, wait, requests, reset_in(KEYS[1]), total, reset_in(KEYS[2]), running, in_flight}
+  return {0, refused, wait, requests, reset_in(KEYS[1], window, now), total, reset_in(KEYS[2], window, now), running, in_flight}
 end
 
 redis.call('ZADD', KEYS[1], now, id)
