@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from engine.sampling_params import check_field
 
@@ -18,8 +18,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype (or bfloat16) on CUDA
     device: str = "auto"
     max_model_len: int | None = None  # default: the model's context length
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default 8192; longer prompts are chunked
+    max_num_seqs: int | None = None  # default: 1024 on CUDA (vLLM v1's on this class of card), 256 on the CPU
+    max_num_batched_tokens: int | None = None  # default: 16384 on CUDA, 8192 on the CPU; longer prompts are chunked
     long_prefill_token_threshold: int | None = None  # chunk size of a long prefill while others wait
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
@@ -32,6 +32,8 @@ class EngineConfig:
     skip_tokenizer_init: bool = False  # prompts must be token ids; outputs carry no text
     tensor_parallel_size: int = 1  # ranks (processes, one GPU each) that split every layer
     stream_interval: int = 1  # streamed (DELTA) outputs every N tokens (and the first, and the last)
+    # Plan step N+1 while the device runs step N (default: on with CUDA); greedy outputs are the same.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         self.dtype = str(self.dtype).replace("torch.", "")
@@ -51,10 +53,16 @@ class EngineConfig:
                     "tensor_parallel_size", f"must be a positive integer, got {self.tensor_parallel_size!r}")
         check_field(isinstance(self.stream_interval, int) and self.stream_interval > 0, "stream_interval",
                     f"must be a positive integer, got {self.stream_interval!r}")
-        check_field(isinstance(self.max_num_seqs, int) and self.max_num_seqs > 0, "max_num_seqs",
-               f"must be a positive integer, got {self.max_num_seqs!r}")
+        check_field(self.max_num_seqs is None or (isinstance(self.max_num_seqs, int) and self.max_num_seqs > 0),
+                    "max_num_seqs", f"must be a positive integer, got {self.max_num_seqs!r}")
         check_field(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
                "num_gpu_blocks_override", "must be at least 2")
+
+    def with_device_defaults(self, on_cuda: bool) -> "EngineConfig":
+        """The options left to the device filled in: a GPU runs far larger batches than a CPU."""
+        return replace(self, max_num_seqs=self.max_num_seqs or (1024 if on_cuda else 256),
+                       max_num_batched_tokens=self.max_num_batched_tokens or (16384 if on_cuda else 8192),
+                       async_scheduling=on_cuda if self.async_scheduling is None else self.async_scheduling)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -79,7 +87,7 @@ class SchedulerConfig:
         max_model_len = config.max_model_len or model_max_len
         if max_model_len > model_max_len:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's context length {model_max_len}")
-        batched = config.max_num_batched_tokens or 8192
+        batched = config.max_num_batched_tokens
         threshold = config.long_prefill_token_threshold or max(config.block_size, batched // 4)
         return cls(max_model_len, config.max_num_seqs, batched, min(threshold, batched))
 

@@ -1,7 +1,10 @@
 """The step-level engine: add requests, step, get incremental outputs, abort.
 
-The whole loop is three calls: `scheduler.schedule()`, `runner.execute()`, `scheduler.update()`;
-the rest turns tokens into RequestOutputs. The Redis service drives this same object.
+A step reads schedule -> execute -> update -> process: `scheduler.schedule()` plans it (the step
+contract), the runner(s) execute it, `scheduler.update()` takes in the sampled tokens, and the
+output processor turns them into RequestOutputs. With async scheduling (on by default on CUDA)
+execute is split: step N+1 is planned and launched while the device still runs step N, and step
+N is then updated and processed. The Redis service drives this same object.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from collections.abc import Iterable
 from engine.config import EngineConfig, SchedulerConfig
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.scheduler import Scheduler
-from engine.output_processor import RequestState, SequenceState
+from engine.core.scheduler_output import SchedulerOutput
+from engine.errors import EngineDeadError
+from engine.output_processor import OutputProcessor, RequestState, SequenceState
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus, child_request_id
 from engine.sampling_params import SamplingParams
@@ -29,10 +34,10 @@ PromptType = str | list[int] | dict
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from engine.worker.model_runner import ModelRunner  # torch lives behind this import
+        from engine.worker.model_runner import ModelRunner, resolve_device  # torch lives behind this import
 
         started = time.perf_counter()
-        self.config = config
+        self.config = config = config.with_device_defaults(resolve_device(config.device).type == "cuda")
         self.source = source = resolve_model(config.model)
         self.model_config = load_model_config(source)
         self.scheduler_config = SchedulerConfig.resolve(config, model_context_length(self.model_config))
@@ -57,12 +62,13 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config)
         self.vocab_size = self.model_config.vocab_size
-        self.requests: dict[str, RequestState] = {}
-        self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}
+        self.output_processor = OutputProcessor(self.tokenizer, config.stream_interval)
+        self.async_scheduling = config.async_scheduling
+        self._in_flight: tuple[SchedulerOutput, object] | None = None  # launched, not yet fetched
         self.failed_requests: dict[str, str] = {}  # dropped by a failed step, until take_failed_requests()
-        logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, in %.1fs", source.name,
-                    self.runner.device, self.runner.dtype, self.runner.num_blocks, config.block_size,
-                    time.perf_counter() - started)
+        logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, async scheduling %s, in %.1fs",
+                    source.name, self.runner.device, self.runner.dtype, self.runner.num_blocks, config.block_size,
+                    "on" if self.async_scheduling else "off", time.perf_counter() - started)
 
     @property
     def max_model_len(self) -> int:
@@ -75,7 +81,7 @@ class LLMEngine:
                     tenant: str | None = None) -> None:
         """`tenant` names who asked: waiting requests are admitted fairly between tenants within a
         priority (None, the offline default, is one tenant)."""
-        if request_id in self.requests:
+        if request_id in self.output_processor.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
         prompt_text, prompt_ids = self._tokenize(prompt)
@@ -92,29 +98,23 @@ class LLMEngine:
                               cache_salt=cache_salt, parent_id=None if n == 1 else request_id, index=index,
                               tenant=tenant)
             sequences.append(SequenceState(request, self.tokenizer))
-        state = RequestState(request_id, prompt_text, prompt_ids, params, sequences)
-        self.requests[request_id] = state
+        self.output_processor.add(RequestState(request_id, prompt_text, prompt_ids, params, sequences))
         for sequence in sequences:
-            self.sequences[sequence.request.request_id] = (state, sequence)
             self.scheduler.add_request(sequence.request)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stop requests now; their KV blocks are free before the next step."""
         for request_id in [request_ids] if isinstance(request_ids, str) else list(request_ids):
-            state = self.requests.pop(request_id, None)
-            if state is None:
-                continue
-            child_ids = [seq.request.request_id for seq in state.sequences]
-            self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
-            for child_id in child_ids:
-                self.sequences.pop(child_id, None)
-                self.runner.sampler.forget(child_id)
+            state = self.output_processor.drop(request_id)
+            if state is not None:
+                child_ids = [seq.request.request_id for seq in state.sequences]
+                self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
 
     def usage_so_far(self, request_id: str) -> tuple[int, int, int]:
         """(prompt tokens computed, completion tokens, cached tokens) of an unfinished request, so one
         stopped early (aborted, failed) is billed for the work done: the prompt counts as far as its
         KV was computed (all of it once a token was sampled), however often it was preempted."""
-        state = self.requests.get(request_id)
+        state = self.output_processor.requests.get(request_id)
         if state is None:
             return 0, 0, 0
         children = [sequence.request for sequence in state.sequences]
@@ -123,55 +123,52 @@ class LLMEngine:
         return prompt, sum(r.num_output_tokens for r in children), children[0].num_cached_tokens
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.requests)
+        return len(self.output_processor.requests)
 
     # -- the loop -----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if not self.async_scheduling or self.scheduler.num_requests_reading_history:
+            # Penalties read every token on the host: no step is planned ahead of the last.
+            return self._complete_in_flight() + self._run_step(self.scheduler.schedule())
         scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty():
+            return self._complete_in_flight() if self._in_flight else self._run_step(scheduler_output)
+        try:
+            launched = self._launch(scheduler_output)
+        except EngineDeadError:
+            raise
+        except Exception:  # the step in flight ends first; then this one runs again in parts, alone
+            return self._complete_in_flight() + self._run_step(scheduler_output)
+        outputs = self._complete_in_flight()
+        self._in_flight = (scheduler_output, launched)
+        return outputs
+
+    def _run_step(self, scheduler_output: SchedulerOutput) -> list[RequestOutput]:
+        """Run a step to the end, isolating the requests that make it fail (engine/step_isolation.py)."""
         if scheduler_output.is_empty():
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("no waiting request fits the KV cache; this is a bug (add_request checks it)")
             return []
-        runner_output, culprits = execute_isolating_faults(self._execute, scheduler_output)
-        self._fail(culprits)
+        runner_output, culprits = execute_isolating_faults(self._execute, scheduler_output, self.scheduler.requests)
+        return self._process(scheduler_output, runner_output, culprits)
+
+    def _complete_in_flight(self) -> list[RequestOutput]:
+        if self._in_flight is None:
+            return []
+        scheduler_output, launched = self._in_flight
+        self._in_flight = None
+        return self._process(scheduler_output, self._fetch(launched), [])
+
+    def _process(self, scheduler_output: SchedulerOutput, runner_output, culprits) -> list[RequestOutput]:
+        self._fail(scheduler_output, culprits)
         finished = {r.request_id for r in self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)}
-
-        touched: dict[str, RequestState] = {}
-        for request, _ in scheduler_output.scheduled:
-            state, sequence = self.sequences.get(request.request_id, (None, None))
-            if state is None:
-                continue
-            if request.request_id in runner_output.prompt_logprobs:
-                state.add_prompt_logprobs(*runner_output.prompt_logprobs[request.request_id],
-                                         self.tokenizer if state.params.detokenize else None)
-            token_id = runner_output.sampled_token_ids.get(request.request_id)
-            is_finished = request.request_id in finished
-            if token_id is None and not is_finished:
-                continue  # a prefill chunk
-            touched[state.request_id] = state
-            stopped = token_id is not None and sequence.append(
-                token_id, runner_output.logprobs.get(request.request_id), is_finished)
-            if stopped and not is_finished:
-                self.scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_STOPPED)
-                is_finished = True
-            if is_finished:  # a stop string wins over a length cap reached on the same token
-                sequence.finish(RequestStatus.FINISHED_STOPPED if stopped else request.status)
-                self._forget_sequence(request.request_id)
-
-        outputs, interval = [], self.config.stream_interval
-        for state in touched.values():
-            if interval > 1 and not state.stream_due(interval):
-                continue  # its tokens wait for the next output (DELTA outputs carry all since the last)
-            output = state.make_output()
-            if output is not None:
-                outputs.append(output)
-            if state.finished:
-                self.requests.pop(state.request_id, None)
-        return outputs
+        processed = self.output_processor.process(scheduler_output.num_scheduled_tokens, runner_output, finished)
+        self.scheduler.finish_requests(processed.stopped_req_ids, RequestStatus.FINISHED_STOPPED)
+        return processed.outputs
 
     def take_failed_requests(self) -> dict[str, str]:
         """Requests a step dropped because running them raised (request id -> why), since the last call.
@@ -180,19 +177,27 @@ class LLMEngine:
         return failed
 
     def _execute(self, scheduler_output):
-        if self.workers is None:
-            return self.runner.execute(scheduler_output)
-        return self.workers.execute(self.runner, scheduler_output)
+        return self._fetch(self._launch(scheduler_output))
 
-    def _fail(self, culprits) -> None:
+    def _launch(self, scheduler_output):
+        if self.workers is None:
+            return self.runner.launch(scheduler_output)
+        return self.workers.launch(self.runner, scheduler_output)
+
+    def _fetch(self, launched):
+        if self.workers is None:
+            return self.runner.fetch(launched)
+        return self.workers.fetch(self.runner, launched)
+
+    def _fail(self, scheduler_output: SchedulerOutput, culprits) -> None:
         """Abort the requests (with all their `n` siblings) whose part of a step raised."""
-        if not culprits:
-            return
-        for request, error in culprits:
-            state, _ = self.sequences.get(request.request_id, (None, None))
-            if state is None:
+        for request_id, error in culprits:
+            request = self.scheduler.requests.get(request_id)
+            state, _ = self.output_processor.sequences.get(request_id, (None, None))
+            if request is None or state is None:
                 continue
-            forget_uncomputed_blocks(self.kv_cache_manager, request)
+            computed = request.num_computed_tokens - scheduler_output.num_scheduled_tokens[request_id]
+            forget_uncomputed_blocks(self.kv_cache_manager, request, computed)
             self.failed_requests[state.request_id] = f"the engine failed while running the request ({error!r})"
             self.abort_request(state.request_id)
 
@@ -212,10 +217,6 @@ class LLMEngine:
         }
 
     # -- helpers ------------------------------------------------------------------------------------
-
-    def _forget_sequence(self, request_id: str) -> None:
-        self.sequences.pop(request_id, None)
-        self.runner.sampler.forget(request_id)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):

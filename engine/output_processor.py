@@ -1,10 +1,13 @@
 """Turns sampled tokens into what users see: text deltas, stop strings, logprobs, RequestOutputs.
 
 One `SequenceState` per generated sequence (detokenizer, text, logprobs); one `RequestState` per
-user request, which gathers its `n` sequences into a single RequestOutput.
+user request, which gathers its `n` sequences into a single RequestOutput; the `OutputProcessor`
+holds them all and turns each step's tokens into outputs (vLLM v1's output processor).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.request import Request, RequestStatus
@@ -114,6 +117,69 @@ class RequestState:
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
             outputs=outputs, finished=finished, prompt_logprobs=self.prompt_logprobs,
             num_cached_tokens=self.sequences[0].request.num_cached_tokens)
+
+
+@dataclass
+class ProcessedOutputs:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    stopped_req_ids: list[str] = field(default_factory=list)  # ended by a stop string: the scheduler finishes them
+
+
+class OutputProcessor:
+    """Every unfinished user request, by its id and by the id of each of its sequences."""
+
+    def __init__(self, tokenizer, stream_interval: int) -> None:
+        self.tokenizer = tokenizer
+        self.stream_interval = stream_interval
+        self.requests: dict[str, RequestState] = {}
+        self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}
+
+    def add(self, state: RequestState) -> None:
+        self.requests[state.request_id] = state
+        for sequence in state.sequences:
+            self.sequences[sequence.request.request_id] = (state, sequence)
+
+    def drop(self, request_id: str) -> RequestState | None:
+        """Forget a request (aborted): no more outputs."""
+        state = self.requests.pop(request_id, None)
+        if state is not None:
+            for sequence in state.sequences:
+                self.sequences.pop(sequence.request.request_id, None)
+        return state
+
+    def process(self, scheduled_ids, runner_output, finished_ids: set[str]) -> ProcessedOutputs:
+        """One step's tokens (and prompt logprobs) for the sequences in `scheduled_ids`, of which
+        `finished_ids` the scheduler has finished."""
+        result, touched = ProcessedOutputs(), {}
+        for sequence_id in scheduled_ids:
+            state, sequence = self.sequences.get(sequence_id, (None, None))
+            if state is None:
+                continue
+            if sequence_id in runner_output.prompt_logprobs:
+                state.add_prompt_logprobs(*runner_output.prompt_logprobs[sequence_id],
+                                         self.tokenizer if state.params.detokenize else None)
+            token_id = runner_output.sampled_token_ids.get(sequence_id)
+            is_finished = sequence_id in finished_ids
+            if token_id is None and not is_finished:
+                continue  # a prefill chunk
+            touched[state.request_id] = state
+            stopped = token_id is not None and sequence.append(
+                token_id, runner_output.logprobs.get(sequence_id), is_finished)
+            if stopped and not is_finished:
+                result.stopped_req_ids.append(sequence_id)
+            if is_finished or stopped:  # a stop string wins over a length cap reached on the same token
+                sequence.finish(RequestStatus.FINISHED_STOPPED if stopped else sequence.request.status)
+                self.sequences.pop(sequence_id, None)
+        interval = self.stream_interval
+        for state in touched.values():
+            if interval > 1 and not state.stream_due(interval):
+                continue  # its tokens wait for the next output (DELTA outputs carry all since the last)
+            output = state.make_output()
+            if output is not None:
+                result.outputs.append(output)
+            if state.finished:
+                self.requests.pop(state.request_id, None)
+        return result
 
 
 def to_logprob_dict(entries: list[tuple[int, float, int]], tokenizer) -> dict[int, Logprob]:

@@ -37,8 +37,9 @@ _FINISH_REASONS = {
 class Request:
     """One sequence. `n > 1` becomes n Requests that share a `parent_id`.
 
-    There is no prefill phase: `num_computed_tokens` counts the tokens whose KV is in the cache,
-    and each step computes some of the rest (all tokens are "prompt" again after a preemption).
+    There is no prefill phase: `num_computed_tokens` counts the tokens whose KV is in the cache
+    once the steps scheduled so far have run, and each step computes some of the rest (all tokens
+    are "prompt" again after a preemption).
     """
 
     def __init__(
@@ -65,7 +66,9 @@ class Request:
         self.tenant = tenant  # who asked: the scheduler shares admissions fairly between tenants
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # advanced when a step is scheduled (its KV is written by then)
+        # Tokens that steps in flight will sample (async scheduling): scheduled on, not yet known.
+        self.num_output_placeholders = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
@@ -81,6 +84,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.all_token_ids) + self.num_output_placeholders
 
     @property
     def num_output_tokens(self) -> int:

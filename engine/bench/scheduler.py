@@ -49,8 +49,7 @@ def run(num_requests: int, num_tenants: int, steps: int, seed: int, n: int = 1) 
         started = time.process_time()
         output = scheduler.schedule()
         timings.append(time.process_time() - started)
-        sampled = {r.request_id: 10 + step % 50 for r, n in output.scheduled
-                   if r.num_computed_tokens + n == r.num_tokens}
+        sampled = {request_id: 10 + step % 50 for request_id in output.sampling_req_ids}
         scheduler.update(output, sampled)
     timings_ms = sorted(t * 1000 for t in timings)
     return {"requests": num_requests, "tenants": num_tenants, "n": n, "add_all_ms": round(add_s * 1000, 1),

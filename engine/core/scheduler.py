@@ -10,16 +10,21 @@ hold another tenant's small call behind it (issue 15), so waiting requests are a
 between tenants (engine/core/waiting_queue.py), running ones get the token budget round-robin over
 tenants, and preemption takes the latest sequence of the tenant with the most running at the worst
 priority. Requests without a tenant are one tenant: then it is plain (priority, arrival) order.
+
+The output is the step contract (scheduler_output.py). Progress advances when a step is planned,
+so with async scheduling the next step can be planned while this one runs: a request that samples
+holds a placeholder for its unknown token, which the next step computes from the device.
 """
 
 from __future__ import annotations
 
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import attrgetter
 
 from engine.config import SchedulerConfig
 from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.core.waiting_queue import WaitingQueue
 from engine.request import Request, RequestStatus, child_request_id
 
@@ -27,18 +32,13 @@ _by_priority_and_arrival = attrgetter("priority", "arrival_time")  # Request.sor
 
 
 @dataclass
-class SchedulerOutput:
-    # Requests in batch order with the number of tokens each computes this step.
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)
-    block_ids: dict[str, list[int]] = field(default_factory=dict)
-    preempted: list[Request] = field(default_factory=list)
+class ScheduledRequest:
+    """The scheduler's own record of a request in a step that has not been updated yet."""
 
-    @property
-    def total_num_scheduled_tokens(self) -> int:
-        return sum(num for _, num in self.scheduled)
-
-    def is_empty(self) -> bool:
-        return not self.scheduled
+    request: Request
+    num_new: int
+    samples: bool
+    end: int  # num_computed_tokens once the step has run
 
 
 class Scheduler:
@@ -51,12 +51,20 @@ class Scheduler:
         self.num_preemptions = 0
         self.peak_kv_blocks = 0  # most blocks held by running requests at the end of any step
         self.peak_kv_token_utilization = 1.0  # live tokens / allocated slots at that peak
+        self._next_step_id = 0
+        self._in_flight: dict[int, list[ScheduledRequest]] = {}  # step id -> its requests, until update()
+        self._num_blocks_sent: dict[str, int] = {}  # blocks the runner holds for each running request
+        self._finished_ids: set[str] = set()  # since the last step: the runner forgets them
+        # Unfinished requests whose sampling reads their whole history on the host (penalties): the
+        # engine plans no step ahead of their last token (no async scheduling while there are any).
+        self.num_requests_reading_history = 0
 
     # -- queue management ---------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.waiting.add(request)
+        self.num_requests_reading_history += request.sampling_params.needs_penalties
 
     def finish_requests(self, request_ids, status: RequestStatus) -> list[Request]:
         """Abort or stop requests wherever they are; their blocks return to the pool now."""
@@ -65,10 +73,7 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.is_finished():
                 continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
+            self._take_out(request)
             self._finish(request, status)
             finished.append(request)
         return finished
@@ -79,41 +84,76 @@ class Scheduler:
     # -- one step -----------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        output = SchedulerOutput()
+        """Plan one step and advance the progress of every request in it (vLLM v1): the next
+        schedule() may run before this step's tokens are known (async scheduling), and must not
+        plan the same tokens again."""
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
         budget = self.config.max_num_batched_tokens
         self._order_running()
-        scheduled_ids: set[str] = set()
 
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = self._num_tokens_to_schedule(request, budget)
+            if num_new <= 0:  # waiting for a step in flight (its last token, or its end)
+                index += 1
+                continue
             while self.kv_cache_manager.allocate_slots(request, num_new) is None:
                 victim = self.running.pop()  # see _order_running
                 self._preempt(victim)
-                output.preempted.append(victim)
+                preempted.append(victim)
                 if victim is request:
                     break
             else:
-                output.scheduled.append((request, num_new))
-                scheduled_ids.add(request.request_id)
+                scheduled.append((request, num_new))
                 budget -= num_new
                 index += 1
                 continue
             break
+        num_running_scheduled = len(scheduled)
+        if not preempted:
+            self._admit_waiting(scheduled, budget)
+        return self._make_output(scheduled, num_running_scheduled, preempted)
 
-        if not output.preempted:
-            budget = self._admit_waiting(output, budget)
-
-        for request, _ in output.scheduled:
-            output.block_ids[request.request_id] = self.kv_cache_manager.get_block_ids(request.request_id)
+    def _make_output(self, scheduled: list[tuple[Request, int]], num_running_scheduled: int,
+                     preempted: list[Request]) -> SchedulerOutput:
+        output = SchedulerOutput(step_id=self._next_step_id, finished_req_ids=self._finished_ids,
+                                 preempted_req_ids=[r.request_id for r in preempted])
+        self._next_step_id += 1
+        self._finished_ids = set()
+        records = []
+        for position, (request, num_new) in enumerate(scheduled):
+            request_id = request.request_id
+            block_ids = self.kv_cache_manager.get_block_ids(request_id)
+            if position < num_running_scheduled:
+                sent = self._num_blocks_sent[request_id]
+                output.cached_requests.append(CachedRequestData(request_id, sent, block_ids[sent:],
+                                                                request.num_computed_tokens))
+            else:
+                output.new_requests.append(NewRequestData(
+                    request_id, request.prompt_token_ids, request.output_token_ids, request.sampling_params,
+                    request.index, block_ids, request.num_computed_tokens))
+            self._num_blocks_sent[request_id] = len(block_ids)
+            output.num_scheduled_tokens[request_id] = num_new
+            request.num_computed_tokens += num_new
+            samples = (request.num_computed_tokens == request.num_tokens_with_placeholders
+                       and not request.is_prefill_only)
+            if samples:
+                request.num_output_placeholders += 1
+                output.sampling_req_ids.add(request_id)
+            records.append(ScheduledRequest(request, num_new, samples, request.num_computed_tokens))
+        if records:
+            self._in_flight[output.step_id] = records
         return output
 
-    def _admit_waiting(self, output: SchedulerOutput, budget: int) -> int:
+    def _admit_waiting(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
         with closing(self.waiting.in_admission_order()) as candidates:
             for request in candidates:
                 if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                     break
+                if request.num_output_placeholders:  # preempted while a step in flight samples for it
+                    continue
                 sibling = self._sibling_with_prompt(request)
                 if sibling is False:  # an earlier sibling is still computing the shared prompt
                     continue
@@ -129,36 +169,44 @@ class Scheduler:
                     request.num_cached_tokens = num_computed
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
-                output.scheduled.append((request, num_new))
+                scheduled.append((request, num_new))
                 budget -= num_new
-        return budget
 
     def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
-        """Advance progress after the model ran; append sampled tokens; return finished requests."""
+        """Take in a step's sampled tokens (one per request that samples); return finished requests.
+        A request may have finished since (aborted, or stopped by an earlier step's token): its
+        token is dropped."""
         finished = []
-        for request, num_new in output.scheduled:
-            if request.is_finished():  # aborted while the step ran
+        for record in self._in_flight.pop(output.step_id, ()):
+            request = record.request
+            if record.samples:
+                request.num_output_placeholders -= 1
+            if request.is_finished():
                 continue
-            request.num_computed_tokens += num_new
             token_id = sampled_token_ids.get(request.request_id)
             if token_id is not None:
                 request.append_output_token(token_id)
                 status = self._check_stop(request, token_id)
-            elif request.is_prefill_only and request.num_computed_tokens == request.num_tokens:
+            elif request.is_prefill_only and record.end == request.num_tokens:
                 status = RequestStatus.FINISHED_LENGTH_CAPPED  # max_tokens=0: the prompt is scored
             else:
-                continue  # a partial prefill chunk: nothing to sample yet
+                continue  # a partial prefill chunk, or a step that failed for this request
             if status is not None:
-                self.running.remove(request)
+                self._take_out(request)
                 self._finish(request, status)
                 finished.append(request)
         self._record_kv_usage()
         return finished
 
+    def steps_in_flight(self) -> int:
+        return len(self._in_flight)
+
     # -- helpers ------------------------------------------------------------------------------------
 
     def _num_tokens_to_schedule(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
+        if request.num_output_placeholders and self._reaches_a_limit(request):
+            return 0  # the token in flight is its last: it finishes when that step is updated
+        remaining = request.num_tokens_with_placeholders - request.num_computed_tokens
         if remaining > 1:
             others = len(self.waiting) + len(self.running) - 1
             remaining = min(remaining, self._prefill_chunk_limit(others))
@@ -182,6 +230,12 @@ class Scheduler:
             return False
         return first
 
+    def _reaches_a_limit(self, request: Request) -> bool:
+        max_tokens = request.sampling_params.max_tokens
+        num_outputs = request.num_output_tokens + request.num_output_placeholders
+        return ((max_tokens is not None and num_outputs >= max_tokens)
+                or request.num_tokens_with_placeholders >= self.config.max_model_len)
+
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens:
@@ -194,8 +248,15 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None
 
+    def _take_out(self, request: Request) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
+        self._num_blocks_sent.pop(request.request_id, None)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -206,6 +267,9 @@ class Scheduler:
         request.status = status
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
+        self.num_requests_reading_history -= request.sampling_params.needs_penalties
+        self._num_blocks_sent.pop(request.request_id, None)
+        self._finished_ids.add(request.request_id)  # the runner forgets it (and its sampler state)
 
     def _order_running(self) -> None:
         """By priority, then round-robin over tenants (each tenant's k-th oldest sequence before

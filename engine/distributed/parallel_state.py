@@ -110,6 +110,13 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return tensor
 
 
+def broadcast_from_driver(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank (in place): the tokens only rank 0 samples."""
+    if _world_size > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
 def all_gather_last_dim(tensor: torch.Tensor) -> torch.Tensor:
     """Every rank's `tensor`, concatenated along the last dimension in rank order."""
     if _world_size == 1:

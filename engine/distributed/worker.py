@@ -1,8 +1,10 @@
 """Ranks 1..N-1: processes that run the same ModelRunner steps as rank 0 on their own shard.
 
-Rank 0 owns the scheduler. Each step it sends every worker a compact description of the step over
-a pipe (not a collective: a pipe may wait idle for hours, and breaks at once when either end dies);
-then all ranks run the step's forward together, meeting in the collectives, and only rank 0 samples.
+Rank 0 owns the scheduler. Each step it sends every worker the step contract (SchedulerOutput)
+over a pipe (not a collective: a pipe may wait idle for hours, and breaks at once when either end
+dies); every rank keeps its own request states from it, all ranks run the step's forward together,
+meeting in the collectives, and rank 0 samples and broadcasts the tokens. A worker launches each
+step before fetching the previous one, as rank 0 does under async scheduling.
 A worker that dies or raises takes the engine down: a watchdog thread on rank 0 sees it at once,
 records the error and, on NCCL, aborts the group so a collective waiting on the dead peer fails
 (gloo fails by itself once the peer's socket closes); rank 0 then raises that clear error. Should
@@ -19,9 +21,8 @@ import os
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from contextlib import contextmanager
 from multiprocessing.connection import wait
-from types import SimpleNamespace
 
 from engine.distributed import parallel_state
 from engine.errors import EngineDeadError
@@ -33,46 +34,6 @@ logger = logging.getLogger(__name__)
 STUCK_STEP_GRACE_S = 30.0
 
 
-@dataclass
-class TokenWindow:
-    """The tokens a step computes, indexed by their positions in the whole sequence."""
-
-    start: int
-    token_ids: list[int]
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.token_ids[index.start - self.start:index.stop - self.start]
-        return self.token_ids[index - self.start]
-
-
-@dataclass
-class RequestView:
-    """What a worker's ModelRunner reads of a Request (sampling is rank 0's business)."""
-
-    request_id: str
-    num_computed_tokens: int
-    num_tokens: int
-    num_prompt_tokens: int
-    is_prefill_only: bool
-    num_preemptions: int
-    all_token_ids: TokenWindow
-    sampling_params: SimpleNamespace
-
-
-def describe_step(scheduler_output) -> SimpleNamespace:
-    """The part of a SchedulerOutput the workers need, with only this step's tokens."""
-    scheduled = []
-    for request, num_new in scheduler_output.scheduled:
-        start = request.num_computed_tokens
-        view = RequestView(request.request_id, start, request.num_tokens, request.num_prompt_tokens,
-                           request.is_prefill_only, request.num_preemptions,
-                           TokenWindow(start, request.all_token_ids[start:start + num_new]),
-                           SimpleNamespace(prompt_logprobs=request.sampling_params.prompt_logprobs))
-        scheduled.append((view, num_new))
-    return SimpleNamespace(scheduled=scheduled, block_ids=scheduler_output.block_ids)
-
-
 def worker_main(rank: int, world_size: int, port: int, steps, runner_args: tuple) -> None:
     """A worker's whole life: join the group, load its shard, run steps until told to stop."""
     from engine.worker.model_runner import ModelRunner
@@ -82,8 +43,12 @@ def worker_main(rank: int, world_size: int, port: int, steps, runner_args: tuple
     try:
         parallel_state.init_tensor_parallel(rank, world_size, port, config.device)
         runner = ModelRunner(*runner_args)
+        previous = None
         while (step := steps.recv()) is not None:
-            runner.execute(step)
+            launched = runner.launch(step)
+            if previous is not None:
+                runner.fetch(previous)
+            previous = launched
     except EOFError:
         os._exit(0)  # rank 0 is gone: leaving the group would wait on it
     except BaseException:
@@ -126,18 +91,26 @@ class TensorParallelWorkers:
             self.shutdown()
             raise
 
-    def execute(self, runner, scheduler_output):
-        """Run one step on every rank; rank 0's runner returns the sampled tokens."""
+    def launch(self, runner, scheduler_output):
+        """Start one step on every rank; rank 0's runner returns the launched step."""
         if self.error is None:
             self._find_dead_worker(wait_s=0)
         if self.error is not None:
             raise EngineDeadError(self.error)
+        with self._stepping():
+            for pipe in self.pipes:
+                pipe.send(scheduler_output)
+            return runner.launch(scheduler_output)
+
+    def fetch(self, runner, launched):
+        with self._stepping():
+            return runner.fetch(launched)
+
+    @contextmanager
+    def _stepping(self):
         self._step_started = time.monotonic()
         try:
-            step = describe_step(scheduler_output)
-            for pipe in self.pipes:
-                pipe.send(step)
-            return runner.execute(scheduler_output)
+            yield
         except Exception as error:
             # The ranks are out of step now: whatever happened, this engine cannot go on.
             self._find_dead_worker(wait_s=5.0)

@@ -4,6 +4,11 @@ Order, as in vLLM: raw logprobs (if asked) -> penalties -> min_tokens mask -> gr
 temperature -> top-k / top-p / min-p -> sample. Sampling uses the exponential race
 (argmax of p / q with q ~ Exp(1)), which draws exactly from p; a seeded request draws its q from
 its own generator, so its output does not depend on what else is in the batch.
+
+`sample()` never waits for the device (async scheduling queues the next step behind it): every
+per-row parameter goes to the device without a sync, and the tokens stay there until `resolve()`.
+Penalties are the exception (they read each request's history on the host); the engine plans
+such steps without async scheduling.
 """
 
 from __future__ import annotations
@@ -22,6 +27,30 @@ class SamplerOutput:
     logprobs: list[list[tuple[int, float, int]] | None]
 
 
+@dataclass
+class DeviceSample:
+    """Sampled tokens still on the device, with what their logprobs need."""
+
+    token_ids: torch.Tensor  # [rows] int64
+    raw_logprobs: torch.Tensor | None  # [rows, vocab] when any row asked for logprobs
+    num_logprobs: list[int | None]
+
+    def resolve(self, token_ids: list[int] | None = None) -> SamplerOutput:
+        """To host lists (waits for the device unless `token_ids` were already read)."""
+        token_list = self.token_ids.tolist() if token_ids is None else token_ids
+        logprobs = [None] * len(token_list)
+        for row, num in enumerate(self.num_logprobs):
+            if num is not None:
+                logprobs[row] = top_logprobs(self.raw_logprobs[row], token_list[row], num)
+        return SamplerOutput(token_list, logprobs)
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the device's queued work (a pageable
+    copy is staged at once; a blocking one would first wait for the stream)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 class Sampler:
     def __init__(self, seed: int, device: torch.device) -> None:
         self.device = device
@@ -31,29 +60,28 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self.request_generators.pop(request_id, None)
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        return self.sample(logits, requests).resolve()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> DeviceSample:
         logits = logits.to(torch.float32, copy=True)  # penalties and masks write in place
         params = [r.sampling_params for r in requests]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        num_logprobs = [p.logprobs for p in params]
+        wants_logprobs = any(num is not None for num in num_logprobs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
 
         self._apply_penalties(logits, requests)
         self._mask_stop_tokens_before_min(logits, requests)
-        greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)
         token_ids = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
-            random_rows = (~greedy).nonzero().flatten().tolist()
-            sampled = self._sample(logits[random_rows], [requests[i] for i in random_rows])
-            token_ids[random_rows] = sampled
-        token_list = token_ids.tolist()
-
-        logprobs = [None] * len(requests)
-        if raw_logprobs is not None:
-            for row, wanted in enumerate(want_logprobs):
-                if wanted:
-                    logprobs[row] = top_logprobs(raw_logprobs[row], token_list[row], params[row].logprobs)
-        return SamplerOutput(token_list, logprobs)
+        random_rows = [row for row, p in enumerate(params) if not p.is_greedy]
+        if len(random_rows) == len(requests):
+            token_ids = self._sample(logits, requests)
+        elif random_rows:
+            rows = to_device(random_rows, torch.long, logits.device)
+            token_ids.index_copy_(0, rows, self._sample(logits.index_select(0, rows),
+                                                        [requests[i] for i in random_rows]))
+        return DeviceSample(token_ids, raw_logprobs, num_logprobs)
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
         for row, request in enumerate(requests):
@@ -63,13 +91,13 @@ class Sampler:
             vocab = logits.shape[-1]
             if p.repetition_penalty != 1.0:
                 seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-                seen[torch.tensor(request.all_token_ids, device=logits.device)] = True
+                seen[to_device(request.all_token_ids, torch.long, logits.device)] = True
                 row_logits = logits[row]
                 penalized = torch.where(row_logits > 0, row_logits / p.repetition_penalty,
                                         row_logits * p.repetition_penalty)
                 logits[row] = torch.where(seen, penalized, row_logits)
             if request.output_token_ids and (p.frequency_penalty or p.presence_penalty):
-                output = torch.tensor(request.output_token_ids, device=logits.device)
+                output = to_device(request.output_token_ids, torch.long, logits.device)
                 counts = torch.bincount(output, minlength=vocab)[:vocab].to(logits.dtype)
                 logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
@@ -81,11 +109,12 @@ class Sampler:
                 stop_ids = [t for t in (*p.all_stop_token_ids, *p.stop_token_ids) if t < logits.shape[-1]]
                 if p.ignore_eos:
                     stop_ids = [t for t in p.stop_token_ids if t < logits.shape[-1]]
-                logits[row, stop_ids] = float("-inf")
+                if stop_ids:
+                    logits[row].index_fill_(0, to_device(stop_ids, torch.long, logits.device), float("-inf"))
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        temperature = to_device([p.temperature for p in params], torch.float32, logits.device)
         logits = logits / temperature[:, None]
         if any(p.top_k or p.top_p < 1.0 or p.min_p > 0 for p in params):
             logits = filter_logits(logits, [p.top_k for p in params], [p.top_p for p in params],
@@ -113,14 +142,14 @@ def filter_logits(logits: torch.Tensor, top_k: list[int], top_p: list[float], mi
     device = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device)
+    k = to_device([kk if kk > 0 else vocab for kk in top_k], torch.long, device)
     remove = ranks[None, :] >= k[:, None]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
-    p = torch.tensor(top_p, device=device, dtype=probs.dtype)
+    p = to_device(top_p, probs.dtype, device)
     mass_before = probs.cumsum(dim=-1) - probs  # the top token always stays
     remove |= mass_before >= p[:, None]
-    m = torch.tensor(min_p, device=device, dtype=probs.dtype)
+    m = to_device(min_p, probs.dtype, device)
     remove |= probs < (m[:, None] * probs[:, :1])
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)

@@ -50,7 +50,7 @@ class CudaGraphRunner:
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
-            inputs = self.buffers.prepare([], {}, [], padded_seqs=size)
+            inputs = self.buffers.prepare([], [], padded_seqs=size)
             with set_forward_context(inputs.metadata):
                 self.model(inputs.input_ids, inputs.positions)  # compiles the Triton kernels outside capture
                 torch.cuda.synchronize()

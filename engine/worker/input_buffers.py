@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from engine.layers.attention import AttentionMetadata
-from engine.request import Request
+from engine.worker.request_states import CachedRequestState
 
 NULL_SLOT = 0  # slot 0 of the null block 0, which no request owns: padded rows write there
 
@@ -40,6 +40,10 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     sample_rows: torch.Tensor  # rows of the hidden states whose next token is sampled
+    # Token rows whose input is not on the host yet (the previous step sampled it), and the request
+    # each belongs to: the runner fills them from the device (async scheduling).
+    unknown_token_rows: list[int]
+    unknown_token_requests: list[str]
 
 
 class InputBuffers:
@@ -53,36 +57,44 @@ class InputBuffers:
         self.seq_lens = _Buffer((max_num_seqs,), torch.int32, device)
         self.block_tables = _Buffer((max_num_seqs, -(-max_model_len // block_size)), torch.int32, device)
         self.sample_rows = _Buffer((max_num_seqs,), torch.long, device)
-        # Per block-table row: (request, its preemption count, blocks written). A request only gains
-        # blocks until it is freed or preempted, so while it keeps its row a step writes the new ones.
-        self.row_owners: list[tuple[Request, int, int] | None] = [None] * max_num_seqs
+        # Per block-table row: (request state, blocks written). A state only gains blocks (a preempted
+        # request comes back as a new state), so while it keeps its row a step writes the new ones.
+        self.row_owners: list[tuple[CachedRequestState, int] | None] = [None] * max_num_seqs
+        self.block_table_writes = 0  # rows (re)written, counted for tests
         # The pinned buffers must not be refilled while the last step's copies may still read them.
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
 
-    def prepare(self, batch: list[tuple[Request, int]], block_ids: dict[str, list[int]], sample_rows: list[int],
+    def prepare(self, batch: list[tuple[CachedRequestState, int]], sample_rows: list[int],
                 padded_seqs: int | None = None) -> StepInputs:
         """Fill and copy the inputs of `batch` (decodes first). `padded_seqs` pads an all-decode batch
         with dummy decodes up to a CUDA graph's size and sizes the decode launch for any length."""
         if self.copied is not None and not self.copied.query():
-            self.copied.synchronize()  # only after a step that sampled nothing (sampling waits for the device)
+            self.copied.synchronize()  # the last step's copies may still read the pinned buffers
         ids, positions, seq_lens, tables = self.input_ids.np, self.positions.np, self.seq_lens.np, self.block_tables.np
         query_start_loc = [0]
         num_decodes = 0
-        for row, (request, num_new) in enumerate(batch):
-            start, token = request.num_computed_tokens, query_start_loc[-1]
+        unknown_rows, unknown_requests = [], []
+        for row, (state, num_new) in enumerate(batch):
+            start, token = state.num_computed_tokens, query_start_loc[-1]
+            known = min(num_new, len(state.all_token_ids) - start)
             if num_new == 1:
-                ids[token] = request.all_token_ids[start]
-                positions[token] = start
                 num_decodes += 1
+                positions[token] = start
             else:
-                ids[token:token + num_new] = request.all_token_ids[start:start + num_new]
                 positions[token:token + num_new] = np.arange(start, start + num_new)
-            blocks, owner = block_ids[request.request_id], self.row_owners[row]
-            same = owner is not None and owner[0] is request and owner[1] == request.num_preemptions
-            written = owner[2] if same else 0
+            if known == 1 == num_new:
+                ids[token] = state.all_token_ids[start]
+            elif known > 0:
+                ids[token:token + known] = state.all_token_ids[start:start + known]
+            if known < num_new:  # only a decode's one token can be in flight
+                unknown_rows.append(token + num_new - 1)
+                unknown_requests.append(state.request_id)
+            blocks, owner = state.block_ids, self.row_owners[row]
+            written = owner[1] if owner is not None and owner[0] is state else 0
             if written < len(blocks):
                 tables[row, written:len(blocks)] = blocks[written:]
-                self.row_owners[row] = (request, request.num_preemptions, len(blocks))
+                self.row_owners[row] = (state, len(blocks))
+                self.block_table_writes += 1
             seq_lens[row] = start + num_new
             query_start_loc.append(token + num_new)
         num_seqs, num_tokens = len(batch), query_start_loc[-1]
@@ -103,7 +115,7 @@ class InputBuffers:
             decode_max_blocks=-(-decode_max_seq_len // self.block_size), decode_max_seq_len=decode_max_seq_len,
             seq_lens_cpu=seq_lens[:num_seqs].tolist(), query_start_loc_cpu=query_start_loc)
         inputs = StepInputs(metadata, self.input_ids.copy(num_tokens), self.positions.copy(num_tokens),
-                            self.sample_rows.copy(len(sample_rows)))
+                            self.sample_rows.copy(len(sample_rows)), unknown_rows, unknown_requests)
         if self.copied is not None:
             self.copied.record()
         return inputs

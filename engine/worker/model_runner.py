@@ -1,10 +1,13 @@
 """Owns the model and the KV cache on one device; turns a SchedulerOutput into sampled tokens.
 
-Each step: flatten the scheduled tokens of all requests (decodes first) into `input_ids`,
-`positions` and `slot_mapping` (see input_buffers.py), run the model (replaying a CUDA graph when
-every request decodes one token, see cuda_graphs.py), compute logits only where a token is sampled
-(or prompt logprobs are wanted), and sample. Reading the sampled tokens is the step's one wait
-for the device.
+Each step: bring the runner's request states up to date from the step contract
+(request_states.py), flatten the scheduled tokens of all requests (decodes first) into
+`input_ids`, `positions` and `slot_mapping` (see input_buffers.py), run the model (replaying a
+CUDA graph when every request decodes one token, see cuda_graphs.py), compute logits only where a
+token is sampled (or prompt logprobs are wanted), and sample. `launch()` queues all that on the
+device without waiting; `fetch()` waits for the sampled tokens, the step's one wait for the
+device. Async scheduling launches step N+1 before fetching step N: a token step N samples is fed
+to step N+1 on the device.
 
 Under tensor parallelism every rank runs the same step on its shard of the model (see
 engine/distributed/); the logits are gathered on every rank, and only rank 0 (the driver) samples.
@@ -18,16 +21,16 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import EngineConfig
-from engine.core.scheduler import SchedulerOutput
+from engine.core.scheduler_output import SchedulerOutput
 from engine.distributed import parallel_state
 from engine.layers.attention import Attention, AttentionMetadata, set_forward_context
-from engine.layers.sampler import Sampler, top_logprobs
+from engine.layers.sampler import DeviceSample, Sampler, to_device, top_logprobs
 from engine.models.registry import get_model_class
-from engine.request import Request
 from engine.weights import ModelSource, load_weights_into
 from engine.worker.cpu_kv_budget import available_memory_bytes, cpu_kv_cache_bytes, kv_bytes_per_token
 from engine.worker.cuda_graphs import CudaGraphRunner
-from engine.worker.input_buffers import InputBuffers
+from engine.worker.input_buffers import InputBuffers, StepInputs
+from engine.worker.request_states import CachedRequestState, RequestStates
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,17 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list[list[tuple[int, float, int]]]]] = field(default_factory=dict)
 
 
+@dataclass
+class LaunchedStep:
+    """A step queued on the device; `fetch()` turns it into a ModelRunnerOutput."""
+
+    output: ModelRunnerOutput  # prompt logprobs are in already
+    sampling: list[tuple[CachedRequestState, int]] = field(default_factory=list)  # (request, its token's position)
+    sample: DeviceSample | None = None  # rank 0 only
+    host_tokens: torch.Tensor | None = None  # the sampled tokens, copied to the host when `ready`
+    ready: torch.cuda.Event | None = None
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config, source: ModelSource, max_model_len: int,
                  max_num_batched_tokens: int) -> None:
@@ -79,6 +93,13 @@ class ModelRunner:
         self.num_blocks = self._agree(self._decide_num_blocks())
         self._allocate_kv_cache(self.num_blocks)
         self.sampler = Sampler(config.seed, self.device)
+        self.states = RequestStates()
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None  # the last launched step's tokens
+        on_cuda = self.device.type == "cuda"
+        # Two steps at most are between launch and fetch: one pinned buffer each, used in turn.
+        self._host_tokens = [torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=on_cuda)
+                             for _ in range(2 if on_cuda else 0)]
+        self._launches = 0
         self.inputs = InputBuffers(max_num_batched_tokens, config.max_num_seqs, max_model_len, self.block_size,
                                    self.device)
         self.cuda_graphs = None
@@ -201,43 +222,93 @@ class ModelRunner:
 
     # -- one step -----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        batch = sorted(scheduler_output.scheduled, key=lambda item: item[1] != 1)  # decodes first
-        sample_rows, sample_requests, row = [], [], -1
-        for request, num_new in batch:
+        return self.fetch(self.launch(scheduler_output))
+
+    @torch.inference_mode()
+    def launch(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
+        for request_id in self.states.apply(scheduler_output):
+            self.sampler.forget(request_id)
+        sampling_ids = scheduler_output.sampling_req_ids
+        batch = sorted(((self.states[request_id], num_new)
+                        for request_id, num_new in scheduler_output.num_scheduled_tokens.items()),
+                       key=lambda item: item[1] != 1)  # decodes first
+        sample_rows, row = [], -1
+        launched = LaunchedStep(ModelRunnerOutput())
+        for state, num_new in batch:
             row += num_new
-            if request.num_computed_tokens + num_new == request.num_tokens and not request.is_prefill_only:
+            if state.request_id in sampling_ids:
                 sample_rows.append(row)
-                sample_requests.append(request)
+                launched.sampling.append((state, state.num_computed_tokens + num_new))
         num_tokens = row + 1
         graph_size = None
         if self.cuda_graphs is not None and num_tokens == len(batch):
             graph_size = self.cuda_graphs.padded_size(num_tokens)
-        inputs = self.inputs.prepare(batch, scheduler_output.block_ids, sample_rows, graph_size)
+        inputs = self.inputs.prepare(batch, sample_rows, graph_size)
+        if inputs.unknown_token_rows:
+            self._feed_sampled_tokens(inputs)
         if graph_size is not None:
             hidden = self.cuda_graphs.replay(graph_size)
         else:
             with set_forward_context(inputs.metadata):
                 hidden = self.model(inputs.input_ids, inputs.positions)
 
-        output = ModelRunnerOutput()
         starts = inputs.metadata.query_start_loc_cpu
-        for seq, (request, _) in enumerate(batch):
-            if request.sampling_params.prompt_logprobs is not None:
-                self._prompt_logprobs(request, hidden[starts[seq]:starts[seq + 1]], output)
+        for seq, (state, _) in enumerate(batch):
+            if state.sampling_params.prompt_logprobs is not None:
+                self._prompt_logprobs(state, hidden[starts[seq]:starts[seq + 1]], launched.output)
         if sample_rows:
-            logits = self.compute_logits(hidden.index_select(0, inputs.sample_rows))
-            if not self.is_driver:
-                return output
-            sampled = self.sampler(logits, sample_requests)
-            for request, token_id, logprobs in zip(sample_requests, sampled.token_ids, sampled.logprobs):
-                output.sampled_token_ids[request.request_id] = token_id
+            self._sample(hidden.index_select(0, inputs.sample_rows), launched)
+        return launched
+
+    def _sample(self, hidden: torch.Tensor, launched: LaunchedStep) -> None:
+        """Sample on rank 0, share the tokens with every rank, start their copy to the host."""
+        logits = self.compute_logits(hidden)
+        if self.is_driver:
+            launched.sample = self.sampler.sample(logits, [state for state, _ in launched.sampling])
+            tokens = launched.sample.token_ids
+        else:
+            tokens = torch.empty(len(launched.sampling), dtype=torch.long, device=self.device)
+        tokens = parallel_state.broadcast_from_driver(tokens)
+        self._last_sampled = (tokens, {state.request_id: i for i, (state, _) in enumerate(launched.sampling)})
+        if self.device.type != "cuda":
+            launched.host_tokens = tokens
+            return
+        self._launches += 1
+        launched.host_tokens = self._host_tokens[self._launches % 2][:tokens.shape[0]]
+        launched.host_tokens.copy_(tokens, non_blocking=True)
+        launched.ready = torch.cuda.Event()
+        launched.ready.record()
+
+    def _feed_sampled_tokens(self, inputs: StepInputs) -> None:
+        """Write the tokens the last launched step samples into this step's inputs, on the device."""
+        tokens, row_of = self._last_sampled or (None, {})
+        missing = [r for r in inputs.unknown_token_requests if r not in row_of]
+        if missing:
+            raise RuntimeError(f"the input token of {missing} is neither known nor sampled by the last step")
+        rows = to_device(inputs.unknown_token_rows, torch.long, self.device)
+        source = to_device([row_of[r] for r in inputs.unknown_token_requests], torch.long, self.device)
+        inputs.input_ids.index_copy_(0, rows, tokens.index_select(0, source))
+
+    def fetch(self, launched: LaunchedStep) -> ModelRunnerOutput:
+        """Wait for a launched step's tokens; record them in the request states; rank 0's output."""
+        output = launched.output
+        if not launched.sampling:
+            return output
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        token_ids = launched.host_tokens.tolist()
+        for (state, position), token_id in zip(launched.sampling, token_ids):
+            state.set_sampled(position, token_id)
+        if launched.sample is not None:
+            sampled = launched.sample.resolve(token_ids)
+            for (state, _), token_id, logprobs in zip(launched.sampling, token_ids, sampled.logprobs):
+                output.sampled_token_ids[state.request_id] = token_id
                 if logprobs is not None:
-                    output.logprobs[request.request_id] = logprobs
+                    output.logprobs[state.request_id] = logprobs
         return output
 
-    def _prompt_logprobs(self, request: Request, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
+    def _prompt_logprobs(self, request: CachedRequestState, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
         """Logprob of each next prompt token this chunk predicts (row p predicts token p + 1).
 
         Full-vocabulary logits for a whole chunk (8192 positions x 128k vocab in float32: 4 GiB, twice

@@ -22,15 +22,17 @@ def tiny_llama_dir(tmp_path_factory):
     return path, model.eval()
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda-graphs", "eager"])
-def test_greedy_matches_transformers_on_cuda(tiny_llama_dir, enforce_eager):
+@pytest.mark.parametrize("enforce_eager, async_scheduling", [(False, True), (False, False), (True, True)],
+                         ids=["cuda-graphs", "cuda-graphs-sync", "eager"])
+def test_greedy_matches_transformers_on_cuda(tiny_llama_dir, enforce_eager, async_scheduling):
     """Requests finish at different steps, so decode batches shrink from 4 to 1 (3 replays the graph
-    of 4, padded); the 700-token prompt spreads its decode attention over several splits."""
+    of 4, padded); the 700-token prompt spreads its decode attention over several splits. With async
+    scheduling each decode's input token comes from the previous step on the device."""
     path, hf = tiny_llama_dir
     torch.backends.cuda.matmul.allow_tf32 = False
     hf = hf.to("cuda")
     llm = LLM(model=str(path), dtype="float32", device="cuda", skip_tokenizer_init=True, block_size=16,
-              num_gpu_blocks_override=128, enforce_eager=enforce_eager)
+              num_gpu_blocks_override=128, enforce_eager=enforce_eager, async_scheduling=async_scheduling)
     assert (llm.llm_engine.runner.cuda_graphs is None) == enforce_eager
     lengths, max_tokens = (5, 40, 130, 700, 1), (12, 3, 9, 6, 1)
     prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(length)] for i, length in enumerate(lengths)]

@@ -56,37 +56,34 @@ def test_bf16_graph_logits_match_eager():
         assert ((graph - eager).norm() / eager.norm()).item() < 1e-2
 
 
-class SamplerAllowingSync:
-    """The engine's sampler, run with the sync check off: reading the sampled tokens must wait."""
-
-    def __init__(self, sampler) -> None:
-        self.sampler = sampler
-
-    def __call__(self, logits, requests):
-        torch.cuda.set_sync_debug_mode("default")
-        try:
-            return self.sampler(logits, requests)
-        finally:
-            torch.cuda.set_sync_debug_mode("error")
-
-    def __getattr__(self, name):
-        return getattr(self.sampler, name)
-
-
 @pytest.mark.gpu
 @cuda_only
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda-graphs", "eager"])
 def test_a_step_waits_for_the_device_only_to_read_sampled_tokens(enforce_eager):
-    """torch raises on any synchronising call while sync debug mode is "error"; the sampler alone
-    runs with it off, since reading the sampled tokens must wait."""
+    """torch raises on any synchronising call while sync debug mode is "error"; `fetch()` alone runs
+    with it off, since reading the sampled tokens must wait. So launching a step (inputs, the
+    forward, greedy and random sampling, feeding the last step's tokens) never waits: that is what
+    lets async scheduling plan the next step while the device runs this one."""
     llm = LLM(model="dummy:smollm2-135m", dtype="bfloat16", skip_tokenizer_init=True, max_model_len=1024,
-              max_num_seqs=8, num_gpu_blocks_override=256, enforce_eager=enforce_eager)
+              max_num_seqs=8, num_gpu_blocks_override=256, enforce_eager=enforce_eager, async_scheduling=True)
     runner = llm.llm_engine.runner
-    runner.sampler = SamplerAllowingSync(runner.sampler)
+    fetch = runner.fetch
+
+    def fetch_allowing_sync(launched):
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return fetch(launched)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    runner.fetch = fetch_allowing_sync
     prompts = [{"prompt_token_ids": list(range(100, 100 + n))} for n in (7, 40, 90)]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=3, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=1.0, min_p=0.05, max_tokens=6, ignore_eos=True)]
     torch.cuda.set_sync_debug_mode("error")
     try:
-        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(len(o.outputs[0].token_ids) == 6 for o in outputs)

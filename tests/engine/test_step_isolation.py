@@ -19,9 +19,10 @@ SEEDED = SamplingParams(temperature=0.9, seed=1234, max_tokens=12, ignore_eos=Tr
 BAD_TOP_K = 2**63
 
 
-@pytest.fixture(scope="module")
-def engine():
-    return LLM(dtype="float32", num_gpu_blocks_override=256).llm_engine
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def engine(request):
+    """With async scheduling the fault surfaces while launching a step planned ahead of the last."""
+    return LLM(dtype="float32", num_gpu_blocks_override=256, async_scheduling=request.param).llm_engine
 
 
 def run(engine, *, bad: list[str] = (), bad_after_steps: int = 0) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -36,7 +37,7 @@ def run(engine, *, bad: list[str] = (), bad_after_steps: int = 0) -> tuple[dict[
     while engine.has_unfinished_requests():
         if steps == bad_after_steps:
             for name in bad:
-                engine.requests[name].params.top_k = BAD_TOP_K  # past validation
+                engine.output_processor.requests[name].params.top_k = BAD_TOP_K  # past validation
         for output in engine.step():
             tokens[output.request_id] = list(output.outputs[0].token_ids)
         failed.update(engine.take_failed_requests())
@@ -73,6 +74,6 @@ def test_the_offline_api_names_the_failed_request(engine):
     llm = LLM.__new__(LLM)
     llm.llm_engine = engine
     engine.add_request("x", "Hello", SamplingParams(temperature=0.8, max_tokens=4))
-    engine.requests["x"].params.top_k = BAD_TOP_K
+    engine.output_processor.requests["x"].params.top_k = BAD_TOP_K
     with pytest.raises(RuntimeError, match="1 request\\(s\\) failed: x"):
         llm._run_engine(["x"], use_tqdm=False)

@@ -52,6 +52,15 @@ def test_two_ranks_match_one(tiny_hf_checkpoint, variant):
 
 
 @pytest.mark.slow
+def test_two_ranks_with_async_scheduling_match_one_rank_without(tiny_hf_checkpoint):
+    """Async scheduling under tensor parallelism: each rank feeds the token rank 0 sampled (and
+    broadcast) in step N into step N+1 on its own device, launching N+1 before fetching N."""
+    folder, _ = tiny_hf_checkpoint("llama")
+    expected = generate(folder, 1, prompts(), **TINY, async_scheduling=False)
+    assert_same_generations(expected, generate(folder, 2, prompts(), **TINY, async_scheduling=True))
+
+
+@pytest.mark.slow
 def test_four_ranks_replicate_two_kv_heads(tiny_hf_checkpoint):
     """4 query heads and 2 KV heads over 4 ranks: each KV head lives on two ranks."""
     folder, hf_model = tiny_hf_checkpoint("llama")

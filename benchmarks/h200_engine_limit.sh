@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The engine-limit figures (issue 16) on one H200 (the device tool's nvidia-h200), new defaults
+# (async scheduling, max_num_seqs 1024, max_num_batched_tokens 16384) against the previous
+# configuration (no async scheduling, 256 sequences, 8192 tokens) in the same call.
+# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency ... (each part takes minutes).
+set -uo pipefail
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+model=(--model dummy:llama-3.1-8b --dtype bfloat16 --max-model-len 4096)
+previous=(--no-async-scheduling --max-num-seqs 256 --max-num-batched-tokens 8192)
+bench() {  # name, then the bench arguments
+    local name=$1
+    shift
+    echo "== $name: python -m engine.bench $*"
+    python3 -m engine.bench "$@" --json "$OUT/$name.json" 2>&1 | grep -v "^INFO" | tail -3
+}
+for part in "$@"; do
+    case $part in
+        tests) python3 -m pytest -q -m gpu tests/engine tests/kernels -p no:cacheprovider 2>&1 | tail -15 ;;
+        uniform)
+            bench uniform_new throughput "${model[@]}" --num-prompts 1000 --input-len 256 --output-len 256 --ignore-eos
+            bench uniform_previous throughput "${model[@]}" --num-prompts 1000 --input-len 256 --output-len 256 \
+                --ignore-eos "${previous[@]}" ;;
+        mixed)
+            bench mixed_new throughput "${model[@]}" --num-prompts 1000 --input-len 16-1024 --output-len 16-512 --ignore-eos
+            bench mixed_previous throughput "${model[@]}" --num-prompts 1000 --input-len 16-1024 --output-len 16-512 \
+                --ignore-eos "${previous[@]}" ;;
+        latency)
+            bench latency_new latency "${model[@]}" --input-len 32 --output-len 128 --batch-size 1 \
+                --num-iters-warmup 3 --num-iters 5
+            bench latency_previous latency "${model[@]}" --input-len 32 --output-len 128 --batch-size 1 \
+                --num-iters-warmup 3 --num-iters 5 --no-async-scheduling ;;
+        *) echo "unknown part $part" >&2; exit 2 ;;
+    esac
+done
