@@ -74,19 +74,30 @@ def _default_next_token(request: Request) -> int:
 
 @pytest.fixture
 def fake_step():
-    """`fake_step(scheduler, next_token=...) -> (scheduler_output, finished_requests)`.
+    """`fake_step(scheduler, next_token=...) -> (scheduler_output, finished_requests)`: one
+    synchronous step (schedule, then update before the next schedule).
 
-    Plays the model runner: a request gets a sampled token exactly when this step computes its
-    last known token (`num_computed_tokens + num_new == num_tokens`), as ModelRunner.execute does.
+    Plays the model runner: it samples a token for exactly the requests in
+    `output.sampling_req_ids`, as ModelRunner does. `next_token(request)` sees the request as
+    schedule() left it (`num_computed_tokens` already advanced past this step's tokens). When no
+    step was in flight, the scheduler's choice of who samples is checked against the rule it must
+    follow: a request samples when this step computes its last known token.
     """
 
     def step(scheduler: Scheduler, next_token=_default_next_token):
+        synchronous = scheduler.steps_in_flight() == 0
         output = scheduler.schedule()
+        assert output.sampling_req_ids <= output.num_scheduled_tokens.keys()
         sampled = {}
-        for request, num_new in output.scheduled:
+        for request_id, num_new in output.num_scheduled_tokens.items():  # batch order
             assert num_new >= 1
-            if request.num_computed_tokens + num_new == request.num_tokens and not request.is_prefill_only:
-                sampled[request.request_id] = next_token(request)
+            request = scheduler.requests[request_id]
+            if synchronous:
+                computes_last_token = request.num_computed_tokens == request.num_tokens
+                assert (request_id in output.sampling_req_ids) == (
+                    computes_last_token and not request.is_prefill_only), (request, output)
+            if request_id in output.sampling_req_ids:
+                sampled[request_id] = next_token(request)
         finished = scheduler.update(output, sampled)
         return output, finished
 

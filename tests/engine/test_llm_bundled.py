@@ -93,7 +93,7 @@ def record_schedules(llm: LLM):
 
     def schedule():
         output = original()
-        steps.append([(request.request_id, num) for request, num in output.scheduled])
+        steps.append(list(output.num_scheduled_tokens.items()))
         return output
 
     scheduler.schedule = schedule
@@ -512,6 +512,7 @@ def test_stream_interval_sends_every_nth_token_and_the_same_text(llm, monkeypatc
     prompt = "Write a list of four animals, one per line:\n"
     reference = generate_one(llm, prompt, greedy(max_tokens=30, ignore_eos=True)).outputs[0]
     monkeypatch.setattr(engine.config, "stream_interval", 4)
+    monkeypatch.setattr(engine.output_processor, "stream_interval", 4)  # it holds its own copy since construction
     engine.add_request("every-4", prompt, greedy(max_tokens=30, ignore_eos=True, output_kind=RequestOutputKind.DELTA))
     deltas = run_engine(engine)
     assert [len(o.outputs[0].token_ids) for o in deltas] == [1, 3] + [4] * 6 + [2]  # first, every 4th, last

@@ -9,7 +9,7 @@ from engine.request import RequestStatus, child_request_id
 
 
 def scheduled_tokens(output):
-    return {request.request_id: num for request, num in output.scheduled}
+    return dict(output.num_scheduled_tokens)
 
 
 def assert_all_blocks_free(scheduler):
@@ -24,11 +24,17 @@ def test_single_request_prefills_then_decodes_to_max_tokens(make_scheduler, make
     request = make_request("r", range(1, 11), max_tokens=3)
     scheduler.add_request(request)
     output, finished = fake_step(scheduler)
-    assert scheduled_tokens(output) == {"r": 10}
+    assert scheduled_tokens(output) == {"r": 10} and output.sampling_req_ids == {"r"}
     assert request.num_computed_tokens == 10 and request.num_output_tokens == 1
-    assert output.block_ids["r"] == scheduler.kv_cache_manager.get_block_ids("r")
+    assert request.num_output_placeholders == 0
+    [new] = output.new_requests
+    assert new.req_id == "r" and new.num_computed_tokens == 0 and new.prompt_token_ids == list(range(1, 11))
+    assert new.block_ids == scheduler.kv_cache_manager.get_block_ids("r")
+    assert output.cached_requests == []
     output, _ = fake_step(scheduler)
     assert scheduled_tokens(output) == {"r": 1}
+    assert output.new_requests == [] and [c.req_id for c in output.cached_requests] == ["r"]
+    assert output.cached_requests[0].num_computed_tokens == 10
     _, finished = fake_step(scheduler)
     assert finished == [request]
     assert request.status == RequestStatus.FINISHED_LENGTH_CAPPED
@@ -45,7 +51,7 @@ def test_token_budget_and_max_num_seqs_are_respected_every_step(make_scheduler, 
         scheduler.add_request(request)
     for output in run_to_completion(scheduler):
         assert 0 < output.total_num_scheduled_tokens <= 32
-        assert len(output.scheduled) <= 3
+        assert len(output.num_scheduled_tokens) <= 3
     assert all(r.num_output_tokens == r.sampling_params.max_tokens for r in requests)
     assert_all_blocks_free(scheduler)
 
@@ -92,10 +98,11 @@ def test_preemption_picks_the_worst_running_request_and_it_later_completes(
     assert scheduler.kv_cache_manager.num_free_blocks == 0
 
     output, _ = fake_step(scheduler)  # token 8 (position 7) still fits in the second block
-    assert not output.preempted
+    assert not output.preempted_req_ids
     # Position 8 of each sequence needs a third block: someone has to go, and it is "worst".
     output, _ = fake_step(scheduler)
-    assert [r.request_id for r in output.preempted][0] == "worst"
+    assert output.preempted_req_ids[0] == "worst"
+    assert "worst" not in scheduled_tokens(output)
     assert worst.status == RequestStatus.PREEMPTED
     assert worst.num_computed_tokens == 0 and worst in scheduler.waiting
     assert "worst" not in scheduler.kv_cache_manager.req_to_blocks
@@ -119,7 +126,7 @@ def test_preemption_among_equal_priorities_takes_the_latest_arrival(make_schedul
     fake_step(scheduler)
     fake_step(scheduler)
     output, _ = fake_step(scheduler)
-    assert output.preempted and output.preempted[0].request_id == "r2"
+    assert output.preempted_req_ids and output.preempted_req_ids[0] == "r2"
     assert "r2" not in scheduled_tokens(output)
 
 
@@ -128,20 +135,28 @@ def test_recompute_after_preemption_covers_prompt_and_generated_tokens(make_sche
     requests = [make_request(f"r{i}", range(10 * i + 1, 10 * i + 8), max_tokens=8) for i in range(3)]
     for request in requests:
         scheduler.add_request(request)
+    by_id = {r.request_id: r for r in requests}
     victim = None
     for _ in range(20):
         output, _ = fake_step(scheduler)
-        if output.preempted:
-            victim = output.preempted[0]
+        if output.preempted_req_ids:
+            victim = by_id[output.preempted_req_ids[0]]
             num_tokens_when_preempted = victim.num_tokens
             break
     assert victim is not None
     for _ in range(50):
-        output, _ = fake_step(scheduler)
+        output = scheduler.schedule()
         if victim.request_id in scheduled_tokens(output):
             break
+        scheduler.update(output, {request_id: 10 for request_id in output.sampling_req_ids})
     # Readmitted: all its tokens (prompt and output so far) are computed again before it samples.
     assert scheduled_tokens(output)[victim.request_id] == num_tokens_when_preempted
+    assert victim.request_id in output.sampling_req_ids
+    # The runner forgot it when it was preempted: it comes back as a new request, with its outputs.
+    [new] = [data for data in output.new_requests if data.req_id == victim.request_id]
+    assert new.num_computed_tokens == 0 and victim.num_tokens == num_tokens_when_preempted
+    assert new.prompt_token_ids + new.output_token_ids == victim.all_token_ids
+    scheduler.update(output, {request_id: 10 for request_id in output.sampling_req_ids})
     assert victim.num_tokens == num_tokens_when_preempted + 1
 
 
@@ -152,9 +167,9 @@ def test_lower_priority_value_is_admitted_first(make_scheduler, make_request, ru
         scheduler.add_request(make_request(name, range(1, 9), priority=priority, max_tokens=2))
     order = []
     for output in run_to_completion(scheduler):
-        for request, _ in output.scheduled:
-            if request.request_id not in order:
-                order.append(request.request_id)
+        for request_id in output.num_scheduled_tokens:
+            if request_id not in order:
+                order.append(request_id)
     assert order == ["interactive", "interactive-2", "standard", "batch"]
 
 
@@ -164,7 +179,7 @@ def test_equal_priorities_are_first_come_first_served(make_scheduler, make_reque
         scheduler.add_request(make_request(name, range(1, 5), max_tokens=2))
     order = []
     for output in run_to_completion(scheduler):
-        order.extend(r.request_id for r, _ in output.scheduled if r.request_id not in order)
+        order.extend(request_id for request_id in output.num_scheduled_tokens if request_id not in order)
     assert order == ["a", "b", "c"]
 
 

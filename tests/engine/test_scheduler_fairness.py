@@ -14,9 +14,9 @@ from engine.request import RequestStatus, child_request_id
 
 def step_admitting(scheduler, fake_step):
     """One step; the requests it admitted (were waiting before it), in admission order."""
-    waiting = {request.request_id for request in scheduler.waiting}
+    waiting = {request.request_id: request for request in scheduler.waiting}
     output, _ = fake_step(scheduler)
-    return output, [request for request, _ in output.scheduled if request.request_id in waiting]
+    return output, [waiting[request_id] for request_id in output.num_scheduled_tokens if request_id in waiting]
 
 
 @pytest.mark.parametrize("num_flood_tenants", [1, 3])
@@ -94,9 +94,10 @@ def test_preemption_takes_the_latest_sequence_of_the_tenant_with_the_most_runnin
     assert scheduler.kv_cache_manager.num_free_blocks == 0
     fake_step(scheduler)
     output, _ = fake_step(scheduler)  # position 8 needs a third block for everyone
-    assert output.preempted and output.preempted[0] is big[2], output.preempted
-    preempted = {r.request_id for out in run_to_completion(scheduler) for r in out.preempted} | {
-        r.request_id for r in output.preempted}
+    assert output.preempted_req_ids and output.preempted_req_ids[0] == big[2].request_id, output.preempted_req_ids
+    assert big[2].status == RequestStatus.PREEMPTED
+    preempted = {r for out in run_to_completion(scheduler) for r in out.preempted_req_ids} | set(
+        output.preempted_req_ids)
     assert "small" not in preempted and small.num_preemptions == 0
     for request in (*big, small):
         assert request.status == RequestStatus.FINISHED_LENGTH_CAPPED and request.num_output_tokens == 6
@@ -113,7 +114,8 @@ def test_preemption_still_takes_the_worst_priority_first(make_scheduler, make_re
     fake_step(scheduler)
     fake_step(scheduler)
     output, _ = fake_step(scheduler)
-    assert output.preempted and output.preempted[0] is batch
+    assert output.preempted_req_ids and output.preempted_req_ids[0] == batch.request_id
+    assert batch.status == RequestStatus.PREEMPTED
 
 
 def test_siblings_and_prefix_sharing_work_while_another_tenant_is_admitted(
