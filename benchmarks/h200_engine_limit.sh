@@ -2,7 +2,7 @@
 # The engine-limit figures (issue 16) on one H200 (the device tool's nvidia-h200), new defaults
 # (async scheduling, max_num_seqs 1024, max_num_batched_tokens 16384) against the previous
 # configuration (no async scheduling, 256 sequences, 8192 tokens) in the same call.
-# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency ... (each part takes minutes).
+# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile ... (each part takes minutes).
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -32,6 +32,15 @@ for part in "$@"; do
                 --num-iters-warmup 3 --num-iters 5
             bench latency_previous latency "${model[@]}" --input-len 32 --output-len 128 --batch-size 1 \
                 --num-iters-warmup 3 --num-iters 5 --no-async-scheduling ;;
+        profile)
+            for flags in "" "--no-async-scheduling"; do
+                echo "== profile 1000 x 256/256 $flags"
+                python3 -m engine.bench.step_profile "${model[@]}" --num-prompts 1000 --input-len 256 \
+                    --output-len 256 $flags 2>&1 | grep -v "^INFO"
+            done
+            echo "== profile batch 1, 32/128"
+            python3 -m engine.bench.step_profile "${model[@]}" --num-prompts 1 --input-len 32 --output-len 128 \
+                --window 40 2>&1 | grep -v "^INFO" ;;
         *) echo "unknown part $part" >&2; exit 2 ;;
     esac
 done

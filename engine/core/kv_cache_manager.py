@@ -25,8 +25,12 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.block_pool.get_num_free_blocks()
 
-    def get_block_ids(self, request_id: str) -> list[int]:
-        return [block.block_id for block in self.req_to_blocks.get(request_id, ())]
+    def get_block_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """The ids of a request's blocks from `start` on (a running request's new ones)."""
+        return [block.block_id for block in self.req_to_blocks.get(request_id, ())[start:]]
+
+    def num_blocks_of(self, request_id: str) -> int:
+        return len(self.req_to_blocks.get(request_id, ()))
 
     def get_computed_blocks(self, request: Request, sibling: Request | None = None
                             ) -> tuple[list[KVCacheBlock], int]:

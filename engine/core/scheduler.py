@@ -55,6 +55,7 @@ class Scheduler:
         self._in_flight: dict[int, list[ScheduledRequest]] = {}  # step id -> its requests, until update()
         self._num_blocks_sent: dict[str, int] = {}  # blocks the runner holds for each running request
         self._finished_ids: set[str] = set()  # since the last step: the runner forgets them
+        self._preempted_ids: list[str] = []
         # Unfinished requests whose sampling reads their whole history on the host (penalties): the
         # engine plans no step ahead of their last token (no async scheduling while there are any).
         self.num_requests_reading_history = 0
@@ -118,23 +119,25 @@ class Scheduler:
 
     def _make_output(self, scheduled: list[tuple[Request, int]], num_running_scheduled: int,
                      preempted: list[Request]) -> SchedulerOutput:
-        output = SchedulerOutput(step_id=self._next_step_id, finished_req_ids=self._finished_ids,
-                                 preempted_req_ids=[r.request_id for r in preempted])
+        self._preempted_ids += [r.request_id for r in preempted]
+        output = SchedulerOutput(step_id=self._next_step_id)
         self._next_step_id += 1
-        self._finished_ids = set()
+        if scheduled:  # an empty step never reaches the runner: what it should forget waits for the next
+            output.finished_req_ids, output.preempted_req_ids = self._finished_ids, self._preempted_ids
+            self._finished_ids, self._preempted_ids = set(), []
         records = []
+        manager = self.kv_cache_manager
         for position, (request, num_new) in enumerate(scheduled):
             request_id = request.request_id
-            block_ids = self.kv_cache_manager.get_block_ids(request_id)
             if position < num_running_scheduled:
                 sent = self._num_blocks_sent[request_id]
-                output.cached_requests.append(CachedRequestData(request_id, sent, block_ids[sent:],
-                                                                request.num_computed_tokens))
+                output.cached_requests.append(CachedRequestData(
+                    request_id, sent, manager.get_block_ids(request_id, sent), request.num_computed_tokens))
             else:
                 output.new_requests.append(NewRequestData(
-                    request_id, request.prompt_token_ids, request.output_token_ids, request.sampling_params,
-                    request.index, block_ids, request.num_computed_tokens))
-            self._num_blocks_sent[request_id] = len(block_ids)
+                    request_id, request.prompt_token_ids, list(request.output_token_ids), request.sampling_params,
+                    request.index, manager.get_block_ids(request_id), request.num_computed_tokens))
+            self._num_blocks_sent[request_id] = manager.num_blocks_of(request_id)
             output.num_scheduled_tokens[request_id] = num_new
             request.num_computed_tokens += num_new
             samples = (request.num_computed_tokens == request.num_tokens_with_placeholders

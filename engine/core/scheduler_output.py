@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from engine.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)
 class NewRequestData:
     """Everything a runner needs for a request it does not hold."""
 
@@ -30,7 +30,7 @@ class NewRequestData:
     num_computed_tokens: int  # served by the prefix cache: this step computes from here
 
 
-@dataclass
+@dataclass(slots=True)
 class CachedRequestData:
     """A request the runner already holds: its blocks from `first_new_block` on, and its progress."""
 

@@ -16,13 +16,15 @@ from kernels import triton_or_reference
 from kernels.paged_attention_ref import paged_decode_attention, reshape_and_cache, varlen_paged_prefill_attention
 
 
-def _decode(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len: int):
-    """The Triton kernel on CUDA; the torch reference on the CPU (no Triton needed there)."""
+def _decode(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len: int, out: torch.Tensor):
+    """The Triton kernel on CUDA, writing straight into `out` (a copy would be one more launch per
+    layer, which batch-1 decoding feels); the torch reference on the CPU (no Triton needed there)."""
     if query.device.type == "cuda":
         from kernels.paged_decode_attention import paged_decode_attention as triton_decode
 
-        return triton_decode(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len)
-    return paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
+        triton_decode(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len, out=out)
+    else:
+        out.copy_(paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale))
 
 
 @dataclass
@@ -75,10 +77,9 @@ class Attention(nn.Module):
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes:
-            out[:num_decodes] = _decode(
-                query[:num_decodes], self.key_cache, self.value_cache,
-                meta.block_tables[:num_decodes, :meta.decode_max_blocks], meta.seq_lens[:num_decodes], self.scale,
-                max_seq_len=meta.decode_max_seq_len)
+            _decode(query[:num_decodes], self.key_cache, self.value_cache,
+                    meta.block_tables[:num_decodes, :meta.decode_max_blocks], meta.seq_lens[:num_decodes], self.scale,
+                    max_seq_len=meta.decode_max_seq_len, out=out[:num_decodes])
         if num_decodes < len(meta.seq_lens_cpu):
             self._prefill(query, meta, out)
         return out
