@@ -65,10 +65,14 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> DeviceSample:
-        logits = logits.to(torch.float32, copy=True)  # penalties and masks write in place
         params = [r.sampling_params for r in requests]
         num_logprobs = [p.logprobs for p in params]
         wants_logprobs = any(num is not None for num in num_logprobs)
+        if not wants_logprobs and all(_plain_greedy(r) for r in requests):
+            # Nothing to adjust: the argmax of the model's own dtype is the argmax of its float32 copy,
+            # without writing (and reading) a float32 copy of batch x vocabulary logits.
+            return DeviceSample(logits.argmax(dim=-1), None, num_logprobs)
+        logits = logits.to(torch.float32, copy=True)  # penalties and masks write in place
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
 
         self._apply_penalties(logits, requests)
@@ -134,6 +138,11 @@ class Sampler:
             generator = torch.Generator(device=self.device).manual_seed(seed + request.index)
             self.request_generators[request.request_id] = generator
         return generator
+
+
+def _plain_greedy(request) -> bool:
+    p = request.sampling_params
+    return p.is_greedy and not p.needs_penalties and request.num_output_tokens >= p.min_tokens
 
 
 def filter_logits(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Submit, stream and abort through Redis against one real engine replica shared by the module
 (`python -m engine serve` with the bundled model, max_model_len 128), using the real EngineClient.
 
-The offline reference for greedy parity is an in-process `LLM` on the same bundled model; every
-request here runs alone, so the replica's batch matches the reference's.
+The replica runs with async scheduling (the GPU default; off by default on the CPU), so streaming,
+stop strings, aborts and deadlines are all checked with a step planned ahead of the last. The
+offline reference for greedy parity is an in-process `LLM` on the same bundled model without it;
+every request here runs alone, so the replica's batch matches the reference's.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ pytestmark = pytest.mark.timeout(240)
 def replica_process(module_service):
     """The shared replica, started (not yet ready) so that it loads while the test process loads
     its offline reference."""
-    return module_service.start_replica(REPLICA_ID, "--max-model-len", str(MAX_MODEL_LEN), wait=False)
+    return module_service.start_replica(REPLICA_ID, "--max-model-len", str(MAX_MODEL_LEN), "--async-scheduling",
+                                        wait=False)
 
 
 @pytest.fixture(scope="module")
