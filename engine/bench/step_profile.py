@@ -41,7 +41,7 @@ def main() -> None:
     import torch
 
     from engine.llm import LLM
-    from engine.sampling_params import SamplingParams
+    from engine.sampling_params import RequestOutputKind, SamplingParams
 
     options = asdict(engine_config_from_args(args))
     options["skip_tokenizer_init"] = True
@@ -54,7 +54,7 @@ def main() -> None:
     for i, request in enumerate(requests):
         engine.add_request(str(i), {"prompt_token_ids": request.prompt_token_ids},
                            SamplingParams(temperature=0.0, max_tokens=request.max_tokens, ignore_eos=True,
-                                          detokenize=False))
+                                          detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY))
     steps, started, profiled = 0, time.perf_counter(), None
     while engine.has_unfinished_requests():
         if steps == len(requests) // 4 and profiled is None:  # past the prefills: steady decoding

@@ -4,7 +4,10 @@ A decode step launches hundreds of small kernels; launched one by one from Pytho
 than the GPU needs to run them. Captured once at start-up, a whole forward pass replays as one
 launch. The graphs read the runner's persistent device input buffers, so a step only copies its
 inputs in; a batch between two buckets is padded up to the larger (padded rows write to the null
-block, and their outputs are ignored). Steps with prefills, and larger batches, run eagerly.
+block, and their outputs are ignored). Steps with prefills run eagerly.
+
+Graphs go up to max_num_seqs (1024 on CUDA by default): an eager decode step of 1,000 sequences
+spends ~15 ms of host time launching ~450 kernels, more than async scheduling can hide.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from engine.worker.input_buffers import InputBuffers
 
 logger = logging.getLogger(__name__)
 
-MAX_CAPTURE_SIZE = 512
+MAX_CAPTURE_SIZE = 1024
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """vLLM's buckets: 1, 2, 4, then every multiple of 8, up to max_num_seqs (and at most 512)."""
+    """vLLM's buckets, 1, 2, 4, then every multiple of 8 up to 256; then coarser (every 16 up to 512,
+    every 32 up to 1024: padding stays under 7% and capture time in check), up to max_num_seqs."""
     limit = min(max_num_seqs, MAX_CAPTURE_SIZE)
-    sizes = [size for size in (1, 2, 4, *range(8, limit + 1, 8)) if size <= limit]
+    buckets = (1, 2, 4, *range(8, 257, 8), *range(272, 513, 16), *range(544, 1025, 32))
+    sizes = [size for size in buckets if size <= limit]
     return sizes if sizes[-1] == limit else [*sizes, limit]
 
 

@@ -13,7 +13,8 @@ def test_capture_sizes_are_vllm_buckets():
     assert capture_sizes(256) == [1, 2, 4, *range(8, 257, 8)]
     assert capture_sizes(3) == [1, 2, 3]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
-    assert capture_sizes(4096)[-1] == 512
+    assert capture_sizes(1024) == [1, 2, 4, *range(8, 257, 8), *range(272, 513, 16), *range(544, 1025, 32)]
+    assert capture_sizes(4096)[-1] == 1024
 
 
 def _llm_recording_logits(enforce_eager: bool):
