@@ -29,9 +29,6 @@ class KVCacheManager:
         """The ids of a request's blocks from `start` on (a running request's new ones)."""
         return [block.block_id for block in self.req_to_blocks.get(request_id, ())[start:]]
 
-    def num_blocks_of(self, request_id: str) -> int:
-        return len(self.req_to_blocks.get(request_id, ()))
-
     def get_computed_blocks(self, request: Request, sibling: Request | None = None
                             ) -> tuple[list[KVCacheBlock], int]:
         """Longest run of leading full blocks already in the cache, and how many tokens they hold.

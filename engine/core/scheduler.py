@@ -131,13 +131,15 @@ class Scheduler:
             request_id = request.request_id
             if position < num_running_scheduled:
                 sent = self._num_blocks_sent[request_id]
-                output.cached_requests.append(CachedRequestData(
-                    request_id, sent, manager.get_block_ids(request_id, sent), request.num_computed_tokens))
+                new_block_ids = manager.get_block_ids(request_id, sent)
+                output.cached_requests.append(CachedRequestData(request_id, sent, new_block_ids,
+                                                                request.num_computed_tokens))
             else:
+                sent, new_block_ids = 0, manager.get_block_ids(request_id)
                 output.new_requests.append(NewRequestData(
                     request_id, request.prompt_token_ids, list(request.output_token_ids), request.sampling_params,
-                    request.index, manager.get_block_ids(request_id), request.num_computed_tokens))
-            self._num_blocks_sent[request_id] = manager.num_blocks_of(request_id)
+                    request.index, new_block_ids, request.num_computed_tokens))
+            self._num_blocks_sent[request_id] = sent + len(new_block_ids)
             output.num_scheduled_tokens[request_id] = num_new
             request.num_computed_tokens += num_new
             samples = (request.num_computed_tokens == request.num_tokens_with_placeholders

@@ -38,6 +38,11 @@ class FakeModel:
     def token_at(self, request_id, position):
         return self.special.get((request_id, position), 10 + (sum(map(ord, request_id)) * 31 + position * 7) % 90)
 
+    def plan(self, scheduler):
+        """One schedule() and the tokens its step samples: (output, tokens)."""
+        output = scheduler.schedule()
+        return output, self.sample(scheduler, output)
+
     def sample(self, scheduler, output):
         assert output.sampling_req_ids <= output.num_scheduled_tokens.keys()
         tokens = {}
@@ -153,8 +158,7 @@ def test_a_second_schedule_before_update_plans_one_token_per_decoding_request(ma
             return requests, scheduler, model
 
         blocks_before = {r.request_id: scheduler.kv_cache_manager.get_block_ids(r.request_id) for r in requests}
-        s1 = scheduler.schedule()
-        tokens1 = model.sample(scheduler, s1)
+        s1, tokens1 = model.plan(scheduler)
         s2 = scheduler.schedule()  # before update(s1): the decodes continue at their placeholders
         tokens2 = model.sample(scheduler, s2)
         assert scheduler.steps_in_flight() == 2
@@ -253,20 +257,16 @@ def test_scheduling_ahead_never_plans_past_the_last_token(make_scheduler, make_r
     scheduler.add_request(other)
     model = FakeModel()
 
-    s0 = scheduler.schedule()
-    tokens0 = model.sample(scheduler, s0)
-    s1 = scheduler.schedule()
-    tokens1 = model.sample(scheduler, s1)
+    s0, tokens0 = model.plan(scheduler)
+    s1, tokens1 = model.plan(scheduler)
     assert scheduler.update(s0, tokens0) == []
-    s2 = scheduler.schedule()
-    tokens2 = model.sample(scheduler, s2)
+    s2, tokens2 = model.plan(scheduler)
     for output in (s0, s1, s2):
         assert "capped" in output.sampling_req_ids
     assert scheduler.update(s1, tokens1) == []
     assert capped.num_output_tokens == 2 and capped.num_output_placeholders == 1  # its third token is in flight
 
-    s3 = scheduler.schedule()
-    tokens3 = model.sample(scheduler, s3)
+    s3, tokens3 = model.plan(scheduler)
     assert "capped" not in s3.num_scheduled_tokens, "planned past its last token"
     assert s3.num_scheduled_tokens == {"other": 1}
     assert capped.status == RequestStatus.RUNNING and scheduler.kv_cache_manager.get_block_ids("capped")
@@ -334,10 +334,8 @@ def test_abort_while_two_steps_are_in_flight(make_scheduler, make_request):
     request = make_request("r", range(1, 9), max_tokens=20)
     scheduler.add_request(request)
     model = FakeModel()
-    s0 = scheduler.schedule()
-    tokens0 = model.sample(scheduler, s0)
-    s1 = scheduler.schedule()
-    tokens1 = model.sample(scheduler, s1)
+    s0, tokens0 = model.plan(scheduler)
+    s1, tokens1 = model.plan(scheduler)
     assert request.num_output_placeholders == 2
     assert scheduler.finish_requests("r", RequestStatus.FINISHED_ABORTED) == [request]
     assert_all_blocks_free(scheduler)
@@ -361,8 +359,7 @@ def test_preemption_while_a_step_is_in_flight_keeps_that_steps_token(make_schedu
     scheduler, requests = run(1)
     victim = requests[2]
     model = FakeModel()
-    s0 = scheduler.schedule()
-    tokens0 = model.sample(scheduler, s0)
+    s0, tokens0 = model.plan(scheduler)
     s1 = scheduler.schedule()  # position 7 still fits the second block
     tokens1 = model.sample(scheduler, s1)
     assert s1.num_scheduled_tokens == {"r0": 1, "r1": 1, "r2": 1} and not s1.preempted_req_ids
@@ -377,8 +374,7 @@ def test_preemption_while_a_step_is_in_flight_keeps_that_steps_token(make_schedu
     assert scheduler.update(s1, tokens1) == []
     assert victim.output_token_ids == [tokens0["r2"], tokens1["r2"]], "the in-flight step's token was lost"
     assert victim.num_output_placeholders == 0 and victim.status == RequestStatus.PREEMPTED
-    s3 = scheduler.schedule()
-    tokens3 = model.sample(scheduler, s3)
+    s3, tokens3 = model.plan(scheduler)
     scheduler.update(s2, tokens2)
     scheduler.update(s3, tokens3)
     outputs, _ = drive(scheduler, model, ahead=1)
@@ -402,10 +398,8 @@ def test_a_request_preempted_with_a_token_in_flight_waits_for_it_before_readmiss
     for request in requests:
         scheduler.add_request(request)
     model = FakeModel()
-    s0 = scheduler.schedule()
-    tokens0 = model.sample(scheduler, s0)
-    s1 = scheduler.schedule()
-    tokens1 = model.sample(scheduler, s1)
+    s0, tokens0 = model.plan(scheduler)
+    s1, tokens1 = model.plan(scheduler)
     scheduler.update(s0, tokens0)
     s2 = scheduler.schedule()
     assert s2.preempted_req_ids == ["r2"]
