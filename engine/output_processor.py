@@ -87,11 +87,16 @@ class RequestState:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.sequences = sequences
+        self.num_unfinished = len(sequences)  # counted down by finish_sequence(): read every step
         self.prompt_logprobs = [None] if params.prompt_logprobs is not None else None
+
+    def finish_sequence(self, sequence: SequenceState, status: RequestStatus) -> None:
+        sequence.finish(status)
+        self.num_unfinished -= 1
 
     @property
     def finished(self) -> bool:
-        return all(seq.finish_reason is not None for seq in self.sequences)
+        return self.num_unfinished == 0
 
     def add_prompt_logprobs(self, first_position: int, entries, tokenizer) -> None:
         if self.prompt_logprobs is None or first_position != len(self.prompt_logprobs):
@@ -101,16 +106,21 @@ class RequestState:
     def stream_due(self, interval: int) -> bool:
         """Whether a streamed output is due with `stream_interval` = interval: the first token at once
         (time to first token), then every `interval` tokens, and the end."""
+        if self.num_unfinished == 0:
+            return True
         num_tokens = max(len(seq.token_ids) for seq in self.sequences)
-        return self.finished or num_tokens == 1 or num_tokens % interval == 0
+        return num_tokens == 1 or num_tokens % interval == 0
 
     def make_output(self) -> RequestOutput | None:
         kind = self.params.output_kind
         finished = self.finished
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
-        outputs = [seq.completion(i, kind) for i, seq in enumerate(self.sequences)]
-        outputs = [o for o in outputs if o is not None]
+        outputs = []
+        for index, sequence in enumerate(self.sequences):
+            output = sequence.completion(index, kind)
+            if output is not None:
+                outputs.append(output)
         if not outputs and not finished:
             return None
         return RequestOutput(
@@ -168,7 +178,7 @@ class OutputProcessor:
             if stopped and not is_finished:
                 result.stopped_req_ids.append(sequence_id)
             if is_finished or stopped:  # a stop string wins over a length cap reached on the same token
-                sequence.finish(RequestStatus.FINISHED_STOPPED if stopped else sequence.request.status)
+                state.finish_sequence(sequence, RequestStatus.FINISHED_STOPPED if stopped else sequence.request.status)
                 self.sequences.pop(sequence_id, None)
         interval = self.stream_interval
         for state in touched.values():

@@ -23,20 +23,21 @@ class ReplyWriter:
         self.recent_finals: deque[tuple[float, str, OutputDelta]] = deque()  # (sent at, client, delta)
 
     def flush(self, client: redis.Redis, stream: str, batch: list[tuple]) -> None:
-        """`batch`: ("delta", client id, OutputDelta) and ("ack", entry id) items, in the order the
-        main thread made them. One XADD per client with everything for it, then the acks and the
-        deletion of the acked entries (an entry is never acked while its client knows no replica
-        that holds it): one round trip in all."""
+        """`batch`: ("delta", client id, OutputDelta), ("deltas", [(client id, OutputDelta), ...])
+        (a step's) and ("ack", entry id) items, in the order the main thread made them. One XADD per
+        client with everything for it, then the acks and the deletion of the acked entries (an entry
+        is never acked while its client knows no replica that holds it): one round trip in all."""
         by_client: dict[str, list[OutputDelta]] = defaultdict(list)
         acks = []
+        now = time.monotonic()
         for kind, *item in batch:
             if kind == "ack":
                 acks.append(item[0])
                 continue
-            reply_to, delta = item
-            by_client[reply_to].append(delta)
-            if delta.finished:
-                self.recent_finals.append((time.monotonic(), reply_to, delta))
+            for reply_to, delta in (item[0] if kind == "deltas" else [item]):
+                by_client[reply_to].append(delta)
+                if delta.finished:
+                    self.recent_finals.append((now, reply_to, delta))
         pipe = client.pipeline(transaction=False)
         self._add(pipe, by_client)
         if acks:  # taken: the entry is of no more use (a crash before this leaves it pending, to reclaim)

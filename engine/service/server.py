@@ -203,16 +203,20 @@ class EngineServer:
                 self._end_with_error(request_id, "deadline_exceeded", "the request's deadline passed")
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
-        num_tokens = 0
+        """A step's deltas go to the writer in one put: at 1,000 sequences, one queue operation per
+        delta (a lock and a wakeup each) was a good part of the replica's host time per step."""
+        num_tokens, sends = 0, []
         for output in outputs:
             progress = self.in_flight.get(output.request_id)
             if progress is None:
                 continue
-            completions = [CompletionDelta(o.index, o.text, o.token_ids, _wire_logprobs(o.logprobs),
-                                           o.finish_reason, o.stop_reason) for o in output.outputs]
-            new_tokens = sum(len(o.token_ids) for o in output.outputs)
-            num_tokens += new_tokens
-            progress.completion_tokens += new_tokens
+            completions = []
+            for o in output.outputs:
+                logprobs = None if o.logprobs is None else _wire_logprobs(o.logprobs)
+                completions.append(CompletionDelta(o.index, o.text, o.token_ids, logprobs, o.finish_reason,
+                                                   o.stop_reason))
+                num_tokens += len(o.token_ids)
+                progress.completion_tokens += len(o.token_ids)
             usage = Usage(len(output.prompt_token_ids), progress.completion_tokens, output.num_cached_tokens)
             delta = OutputDelta(output.request_id, progress.next_seq, completions, output.finished, usage,
                                 replica_id=self.replica_id)
@@ -221,10 +225,12 @@ class EngineServer:
                     and len(prompt_logprobs) == len(output.prompt_token_ids)):
                 delta.prompt_logprobs = [None, *_wire_logprobs(prompt_logprobs[1:])]
                 progress.prompt_logprobs_pending = False
-            self._send(progress.reply_to, delta)
+            sends.append((progress.reply_to, delta))
             progress.next_seq += 1
             if output.finished:
                 self._finish(output.request_id)
+        if sends:
+            self.outgoing.put(("deltas", sends))
         self.generated.append((time.monotonic(), num_tokens))
 
     def _finish(self, request_id: str) -> None:

@@ -49,6 +49,18 @@ def test_one_entry_per_client_per_flush_and_acks_after_the_deltas(client, keys):
     assert 0 < client.ttl(keys.reply("web-a")) <= 600
 
 
+def test_a_steps_deltas_in_one_item_keep_their_order_among_single_deltas(client, keys):
+    """The replica hands the writer each step's deltas as one ("deltas", [...]) item."""
+    stream = keys.requests("m")
+    note, first, second = OutputDelta("a-1", 0), OutputDelta("a-1", 1, [CompletionDelta(0, "x", [1])]), \
+        OutputDelta("b-1", 1, [CompletionDelta(0, "y", [2])], finished=True)
+    writer = ReplyWriter(keys)
+    writer.flush(client, stream, [("delta", "web-a", note), ("deltas", [("web-a", first), ("web-b", second)])])
+    assert entries_of(client, keys, "web-a") == [[note, first]]
+    assert entries_of(client, keys, "web-b") == [[second]]
+    assert [delta for _, _, delta in writer.recent_finals] == [second]
+
+
 def test_final_deltas_are_sent_again_after_a_redis_restart(client, keys):
     writer = ReplyWriter(keys)
     running, final = OutputDelta("a-1", 4), OutputDelta("a-2", 9, finished=True)
