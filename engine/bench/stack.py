@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600  # loading a large model; a child that dies ends the wait long before
 TENANT = "bench"
 UNBOUNDED_LIMITS = ["--requests-per-minute", "100000000", "--tokens-per-minute", "1000000000",
-                    "--max-concurrent-requests", "100000"]
+                    "--max-concurrent-requests", "100000", "--max-sequences-in-flight", "100000"]
 
 class StackError(RuntimeError):
     pass
