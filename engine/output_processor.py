@@ -7,6 +7,7 @@ holds them all and turns each step's tokens into outputs (vLLM v1's output proce
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -88,6 +89,11 @@ class RequestState:
         self.params = params
         self.sequences = sequences
         self.num_unfinished = len(sequences)  # counted down by finish_sequence(): read every step
+        # time.monotonic() of arrival, first sampled token and end: RequestOutput.metrics (vLLM's
+        # RequestMetrics), read once at the end, e.g. by the offline benchmark for TTFT and TPOT.
+        self.arrival_time = sequences[0].request.arrival_time if sequences else time.monotonic()
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
         self.prompt_logprobs = [None] if params.prompt_logprobs is not None else None
 
     def finish_sequence(self, sequence: SequenceState, status: RequestStatus) -> None:
@@ -123,10 +129,12 @@ class RequestState:
                 outputs.append(output)
         if not outputs and not finished:
             return None
+        metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
+                   "finished_time": self.finished_time} if finished else {}
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
             outputs=outputs, finished=finished, prompt_logprobs=self.prompt_logprobs,
-            num_cached_tokens=self.sequences[0].request.num_cached_tokens)
+            num_cached_tokens=self.sequences[0].request.num_cached_tokens, metrics=metrics)
 
 
 @dataclass
@@ -160,7 +168,7 @@ class OutputProcessor:
     def process(self, scheduled_ids, runner_output, finished_ids: set[str]) -> ProcessedOutputs:
         """One step's tokens (and prompt logprobs) for the sequences in `scheduled_ids`, of which
         `finished_ids` the scheduler has finished."""
-        result, touched = ProcessedOutputs(), {}
+        result, touched, now = ProcessedOutputs(), {}, time.monotonic()
         for sequence_id in scheduled_ids:
             state, sequence = self.sequences.get(sequence_id, (None, None))
             if state is None:
@@ -173,6 +181,8 @@ class OutputProcessor:
             if token_id is None and not is_finished:
                 continue  # a prefill chunk
             touched[state.request_id] = state
+            if state.first_token_time is None and token_id is not None:
+                state.first_token_time = now
             stopped = token_id is not None and sequence.append(
                 token_id, runner_output.logprobs.get(sequence_id), is_finished)
             if stopped and not is_finished:
@@ -184,6 +194,8 @@ class OutputProcessor:
         for state in touched.values():
             if interval > 1 and not state.stream_due(interval):
                 continue  # its tokens wait for the next output (DELTA outputs carry all since the last)
+            if state.num_unfinished == 0:
+                state.finished_time = now
             output = state.make_output()
             if output is not None:
                 result.outputs.append(output)

@@ -40,4 +40,5 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
+    # On the final output: arrival_time, first_token_time, finished_time (time.monotonic() seconds).
     metrics: dict = field(default_factory=dict)

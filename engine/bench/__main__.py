@@ -242,6 +242,10 @@ def _print_comparisons(results: dict) -> None:
             if name in results:
                 print(f"output tok/s: {name} {results[name]['output_throughput']:.1f} / offline {offline:.1f} = "
                       f"{results[name]['output_throughput'] / offline:.3f}")
+        offline_tpot = results["offline"].get("tpot_p50_ms")
+        if offline_tpot and results.get("http", {}).get("p50_tpot_ms"):  # the same requests, all at once
+            print(f"TPOT p50 (ms): http {results['http']['p50_tpot_ms']:.2f} / offline {offline_tpot:.2f} = "
+                  f"{results['http']['p50_tpot_ms'] / offline_tpot:.3f}")
     if "http_batch1" in results and results["http_batch1"]["completed"]:
         batch1 = results["http_batch1"]
         http_ms = batch1["mean_e2el_ms"] * batch1["completed"] / max(1, batch1["total_output_tokens"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from engine.bench.workload import BenchRequest, useful_length
@@ -23,4 +24,23 @@ def run_engine_throughput(llm, requests: list[BenchRequest], ignore_eos: bool, u
             "requests_per_s": len(requests) / elapsed,
             "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
             "peak_kv_token_utilization": stats["peak_kv_token_utilization"],
-            "num_preemptions": stats["num_preemptions"]}
+            "num_preemptions": stats["num_preemptions"], **request_latencies(outputs)}
+
+
+def request_latencies(outputs) -> dict:
+    """TTFT and TPOT (time per output token after the first) of each request, from its final output's
+    metrics: the offline figures that the serving benchmark's are compared with."""
+    ttfts, tpots = [], []
+    for output in outputs:
+        metrics, num_tokens = output.metrics, max(len(o.token_ids) for o in output.outputs)
+        if metrics.get("first_token_time") is None:
+            continue
+        ttfts.append(metrics["first_token_time"] - metrics["arrival_time"])
+        if num_tokens > 1:
+            tpots.append((metrics["finished_time"] - metrics["first_token_time"]) / (num_tokens - 1))
+    if not ttfts:
+        return {}
+    result = {"ttft_mean_s": statistics.fmean(ttfts), "ttft_p50_s": statistics.median(ttfts)}
+    if tpots:
+        result |= {"tpot_mean_ms": statistics.fmean(tpots) * 1e3, "tpot_p50_ms": statistics.median(tpots) * 1e3}
+    return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 
 import pytest
 import torch
@@ -504,6 +505,9 @@ def test_step_deltas_concatenate_to_the_final_text(llm, stop):
     texts = [o.outputs[0].text for o in cumulative]
     assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
     assert texts[-1] == reference.text and cumulative[-1].finished
+    assert all(not o.metrics for o in deltas[:-1])  # timings come once, with the final output
+    times = deltas[-1].metrics
+    assert times["arrival_time"] <= times["first_token_time"] < times["finished_time"] <= time.monotonic()
     assert_kv_cache_idle(llm)
 
 
