@@ -2,7 +2,8 @@
 # The engine-limit figures (issue 16) on one H200 (the device tool's nvidia-h200), new defaults
 # (async scheduling, max_num_seqs 1024, max_num_batched_tokens 16384) against the previous
 # configuration (no async scheduling, 256 sequences, 8192 tokens) in the same call.
-# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile ... (each part takes minutes).
+# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile ... (each part takes minutes);
+# ONLY_NEW=1 skips the previous configuration.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -13,6 +14,7 @@ previous=(--no-async-scheduling --max-num-seqs 256 --max-num-batched-tokens 8192
 bench() {  # name, then the bench arguments
     local name=$1
     shift
+    if [[ $name == *_previous && -n "${ONLY_NEW:-}" ]]; then return; fi
     echo "== $name: python -m engine.bench $*"
     python3 -m engine.bench "$@" --json "$OUT/$name.json" 2>&1 | grep -v "^INFO" | tail -3
 }

@@ -131,7 +131,9 @@ class Scheduler:
             request_id = request.request_id
             if position < num_running_scheduled:
                 sent = self._num_blocks_sent[request_id]
-                new_block_ids = manager.get_block_ids(request_id, sent)
+                # Most steps add no block to a running request: skip the slice of its block list.
+                has_new = len(manager.req_to_blocks[request_id]) > sent
+                new_block_ids = manager.get_block_ids(request_id, sent) if has_new else []
                 output.cached_requests.append(CachedRequestData(request_id, sent, new_block_ids,
                                                                 request.num_computed_tokens))
             else:
