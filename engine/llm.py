@@ -35,6 +35,10 @@ class LLM:
         """Forget every cached block no request holds (e.g. after changing what prompts mean)."""
         self.llm_engine.kv_cache_manager.reset_prefix_cache()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The model's own defaults (its generation_config.json) over SamplingParams' (vLLM's name)."""
+        return SamplingParams(**self.llm_engine.sampling_defaults)
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
@@ -45,7 +49,7 @@ class LLM:
                 raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
             params_list = list(sampling_params)
         else:
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
+            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
 

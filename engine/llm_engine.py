@@ -27,6 +27,7 @@ from engine.sampling_params import SamplingParams
 from engine.step_isolation import execute_isolating_faults, forget_uncomputed_blocks
 from engine.tokenization import eos_token_ids, load_tokenizer
 from engine.weights import load_model_config, resolve_model
+from engine.weights.generation_defaults import load_sampling_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class LLMEngine:
         self.model_config = load_model_config(source)
         self.scheduler_config = SchedulerConfig.resolve(config, model_context_length(self.model_config))
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(source, config.tokenizer)
+        self.sampling_defaults = load_sampling_defaults(source)  # for fields a caller leaves unset
         runner_args = (config, self.model_config, source, self.scheduler_config.max_model_len,
                        self.scheduler_config.max_num_batched_tokens)
         self.workers = None  # ranks 1..N-1 under tensor parallelism; this process is rank 0
@@ -90,7 +92,7 @@ class LLMEngine:
         priority (None, the offline default, is one tenant)."""
         if request_id in self.output_processor.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params = params or SamplingParams()
+        params = params or SamplingParams(**self.sampling_defaults)
         prompt_text, prompt_ids = self._tokenize(prompt)
         self._validate_prompt(prompt_ids, params)
         params = params.clone()

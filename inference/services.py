@@ -136,7 +136,8 @@ async def start_completion(*, api_key: ApiKey, data: dict, priority_offset: int 
         prompt_logprobs = logprobs if data["echo"] else None
         if max_tokens == 0:  # echo only (the serializer checks): the engine scores the prompt, samples nothing
             prompt_logprobs = logprobs or 0
-        fields = sampling_fields(data, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        fields = sampling_fields(data, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                 model_defaults=tokenizer.card.sampling_defaults)
         plan = _plan(api_key, data, "cmpl", prompts, fields, texts)
         plan.priority += priority_offset  # batch jobs run behind interactive calls
         fmt = CompletionFormat(plan, echo=data["echo"], logprobs=logprobs, prompt_token_texts=token_texts,
@@ -157,8 +158,9 @@ async def start_chat(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -
         requested = data.get("max_completion_tokens") or data.get("max_tokens")
         max_tokens = _max_tokens(api_key, tokenizer, prompts, requested, default=None)
         top = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
-        plan = _plan(api_key, data, "chatcmpl", prompts, sampling_fields(data, max_tokens=max_tokens, logprobs=top),
-                     [])
+        fields = sampling_fields(data, max_tokens=max_tokens, logprobs=top,
+                                 model_defaults=tokenizer.card.sampling_defaults)
+        plan = _plan(api_key, data, "chatcmpl", prompts, fields, [])
         plan.priority += priority_offset
         return await _admit(api_key, "chat.completions", plan,
                             ChatFormat(plan, top_logprobs=top, include_usage=_include_usage(data)),

@@ -104,6 +104,9 @@ class ModelCard:
     tokenizer_json: str = ""  # a `tokenizers` JSON; empty when the engine runs without a tokenizer
     chat_template: str | None = None
     special_tokens: dict = field(default_factory=dict)  # bos_token, eos_token, ... for templates
+    # The model's own sampling defaults (generation_config.json), SamplingParams fields by name: the
+    # web side uses them for the fields a call leaves out.
+    sampling_defaults: dict = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
 
 
@@ -209,7 +212,8 @@ def decode_heartbeat(data: bytes) -> Heartbeat:
 
 def decode_model_card(data: bytes) -> ModelCard:
     return _build(ModelCard, _unpack(data), {"model": str, "max_model_len": int, "tokenizer_json": str,
-                                             "chat_template": str, "special_tokens": dict})
+                                             "chat_template": str, "special_tokens": dict,
+                                             "sampling_defaults": dict})
 
 
 def error_delta(request_id: str, seq: int, code: str, message: str, replica_id: str = "", *,

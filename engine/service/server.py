@@ -285,11 +285,13 @@ class EngineServer:
 
     def model_card(self) -> ModelCard:
         tokenizer = self.engine.tokenizer
+        defaults = self.engine.sampling_defaults
         if tokenizer is None:
-            return ModelCard(self.model_name, self.engine.max_model_len)
+            return ModelCard(self.model_name, self.engine.max_model_len, sampling_defaults=defaults)
         special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
         return ModelCard(self.model_name, self.engine.max_model_len, tokenizer.backend_tokenizer.to_str(),
-                         tokenizer.chat_template, {k: v for k, v in special.items() if isinstance(v, str)})
+                         tokenizer.chat_template, {k: v for k, v in special.items() if isinstance(v, str)},
+                         sampling_defaults=defaults)
 
     # -- reader thread ------------------------------------------------------------------------------
 

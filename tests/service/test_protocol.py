@@ -12,8 +12,9 @@ import msgpack
 import pytest
 
 from engine.service.protocol import (
-    PROTOCOL_VERSION, CompletionDelta, EngineRequest, Heartbeat, OutputDelta, ProtocolError, Usage, decode_delta,
-    decode_deltas, decode_heartbeat, decode_request, encode, encode_deltas, error_delta,
+    PROTOCOL_VERSION, CompletionDelta, EngineRequest, Heartbeat, ModelCard, OutputDelta, ProtocolError, Usage,
+    decode_delta, decode_deltas, decode_heartbeat, decode_model_card, decode_request, encode, encode_deltas,
+    error_delta,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -90,6 +91,14 @@ def test_error_delta_round_trip():
     decoded = decode_delta(encode(delta))
     assert decoded == delta
     assert decoded.finished and decoded.error == {"code": "replica_lost", "message": "gone"}
+
+
+def test_model_card_round_trip_with_the_models_sampling_defaults():
+    card = ModelCard("m", 4096, "{}", None, {"eos_token": "</s>"}, {"temperature": 0.6, "top_k": 20})
+    assert decode_model_card(encode(card)) == card
+    payload = asdict(card) | {"v": PROTOCOL_VERSION, "sampling_defaults": [0.6]}
+    with pytest.raises(ProtocolError, match="sampling_defaults"):
+        decode_model_card(msgpack.packb(payload))
 
 
 def test_heartbeat_round_trip():
