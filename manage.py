@@ -1,15 +1,6 @@
 #!/usr/bin/env python
-"""Django's command-line entry point (migrate, runserver, check, ...)."""
-import os
-import sys
-
-
-def main() -> None:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-    from django.core.management import execute_from_command_line
-
-    execute_from_command_line(sys.argv)
-
+"""Django's command-line entry point (migrate, runserver, check, ...); see project/manage.py."""
+from project.manage import main
 
 if __name__ == "__main__":
     main()
