@@ -1,11 +1,16 @@
-"""Prometheus metrics of the API (this process) and of the engines (their heartbeats, at scrape).
+"""Prometheus metrics of the API and of the engines (their heartbeats, at scrape).
 
-With several web processes, point Prometheus at each (or set PROMETHEUS_MULTIPROC_DIR as
-prometheus_client documents); engine gauges are the same from any of them.
+Under `project.supervisor` every web worker writes its counters and histograms to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode; the supervisor sets it up), and
+any worker's /metrics sums them over all workers, the dead ones included, so a scrape that lands
+on any worker sees the whole tier. A lone process (runserver, one daphne) reports itself. Engine
+gauges come from the heartbeats in Redis: the same from any worker.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
 from engine.service.protocol import Heartbeat, Usage
@@ -61,7 +66,15 @@ def exposition(replicas: dict[str, list[Heartbeat]]) -> bytes:
                 family.add_metric([model, beat.replica_id], float(getattr(beat, field)))
     engines = CollectorRegistry()
     engines.register(_Families(list(families.values())))
-    return generate_latest() + generate_latest(engines)
+    return _api_metrics() + generate_latest(engines)
+
+
+def _api_metrics() -> bytes:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest()
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)
 
 
 class _Families:

@@ -7,6 +7,10 @@ It imports neither Django nor torch: it starts at once and has little that could
 
     python -m project.supervisor --workers 4 --host 127.0.0.1 --port 8000
 
+The workers' Prometheus counters add up across them: each writes its own to files in
+PROMETHEUS_MULTIPROC_DIR (a fresh temporary folder unless set), emptied at start, and any worker's
+/metrics sums all of them (inference/metrics.py).
+
 Daphne's defaults suit long SSE streams, so none is changed: no HTTP timeout (`--http-timeout`
 unset), websockets pinged every 20 s and closed after a day, and an application gets 10 s to finish
 after its client disconnects (`--application-close-timeout`), enough to abort and settle its calls.
@@ -16,10 +20,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,17 +71,22 @@ class Supervisor:
             signal.signal(signal.SIGINT, self._on_stop_signal)     # to the shell (scripts/serve TERMs us)
         host, port = self.sock.getsockname()
         logger.info("serving http://%s:%d with %d workers", host, port, self.count)
-        for number in range(1, self.count + 1):
-            self._start(number)
-        while self.stop_signal is None:
-            for worker in [w for w in self.workers.values() if w.process.poll() is not None]:
-                if not self._replace(worker):
-                    self._stop_all()
-                    return 1
-            time.sleep(POLL_S)
-        logger.info("got %s; stopping the workers", signal.Signals(self.stop_signal).name)
-        self._stop_all()
-        return 0
+        made_metrics_dir = prepare_metrics_dir()
+        try:
+            for number in range(1, self.count + 1):
+                self._start(number)
+            while self.stop_signal is None:
+                for worker in [w for w in self.workers.values() if w.process.poll() is not None]:
+                    if not self._replace(worker):
+                        self._stop_all()
+                        return 1
+                time.sleep(POLL_S)
+            logger.info("got %s; stopping the workers", signal.Signals(self.stop_signal).name)
+            self._stop_all()
+            return 0
+        finally:
+            if made_metrics_dir:
+                shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
     def _on_stop_signal(self, signum, frame) -> None:
         self.stop_signal = signum
@@ -99,6 +110,9 @@ class Supervisor:
             return False
         logger.warning("worker %d (pid %d) exited with status %d; starting a replacement", worker.number,
                        worker.process.pid, worker.process.returncode)
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.process.pid)  # its live gauges go; its counters still count
         time.sleep(0.5 * self.quick_exits)  # a short backoff while workers crash at start
         if self.stop_signal is None:
             self._start(worker.number)
@@ -118,6 +132,19 @@ class Supervisor:
                 process.kill()
                 process.wait()
         logger.info("stopped")
+
+
+def prepare_metrics_dir() -> bool:
+    """PROMETHEUS_MULTIPROC_DIR for the workers (inherited through the environment), emptied of an
+    earlier run's files; True when this process made the folder (and removes it at the end)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-web-metrics-")
+        return True
+    Path(path).mkdir(parents=True, exist_ok=True)
+    for stale in Path(path).glob("*.db"):
+        stale.unlink()
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,9 @@ app_name = "dashboard"
 
 urlpatterns = [
     path("", views.overview, name="overview"),
-    path("login/", LoginView.as_view(template_name="dashboard/login.html",
+    # next_page: a login without ?next= (or after logging out) lands on the overview, not on
+    # Django's LOGIN_REDIRECT_URL default, /accounts/profile/ (a 404 here).
+    path("login/", LoginView.as_view(template_name="dashboard/login.html", next_page="dashboard:overview",
                                      authentication_form=AdminAuthenticationForm), name="login"),
     path("logout/", LogoutView.as_view(next_page="dashboard:login"), name="logout"),
     path("tenants/new/", views.tenant_create, name="tenant-create"),

@@ -128,6 +128,35 @@ def test_staff_see_charts_and_revoke_a_key(browser, live_server, committed_rows)
     assert AuditLog.objects.get(action="api_key.revoke", tenant=tenant).actor == staff
 
 
+def page_scrolls_sideways(browser) -> bool:
+    return browser.execute_script(
+        "return document.documentElement.scrollWidth > document.documentElement.clientWidth")
+
+
+def test_pages_fit_a_1024_pixel_window_and_login_lands_on_the_overview(browser, live_server, committed_rows):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    tenant, _, staff, _ = committed_rows
+    browser.set_window_size(1024, 900)
+    try:
+        browser.delete_all_cookies()
+        browser.get(f"{live_server}/dashboard/login/")  # no ?next=
+        browser.find_element(By.NAME, "username").send_keys(staff.username)
+        browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+        browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        WebDriverWait(browser, 15).until(expected_conditions.title_contains("Overview"))
+        assert browser.current_url.rstrip("/").endswith("/dashboard")
+        assert "acme/test-model" in browser.find_element(By.ID, "engines").text
+        assert not page_scrolls_sideways(browser), "the overview scrolls sideways at 1024 px"
+        browser.get(f"{live_server}/dashboard/tenants/{tenant.pk}/")
+        WebDriverWait(browser, 15).until(expected_conditions.title_contains(tenant.name))
+        assert not page_scrolls_sideways(browser), "the tenant page scrolls sideways at 1024 px"
+    finally:
+        browser.set_window_size(1400, 1000)
+
+
 def test_a_user_who_is_not_staff_cannot_get_in(browser, live_server, committed_rows):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions

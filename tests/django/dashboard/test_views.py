@@ -49,6 +49,16 @@ def test_login_admits_staff_only(client):
     assert client.get("/dashboard/").status_code == 200
 
 
+def test_login_without_next_and_after_logout_lands_on_the_overview(client):
+    with override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"]):
+        staff = make_user(staff=True)
+        for _ in range(2):  # the second time after logging out, from the page the logout leads to
+            admitted = client.post("/dashboard/login/", {"username": staff.username, "password": PASSWORD})
+            assert admitted.status_code == 302 and admitted["Location"] == "/dashboard/"
+            logged_out = client.post("/dashboard/logout/")
+            assert logged_out.status_code == 302 and logged_out["Location"] == "/dashboard/login/"
+
+
 def test_overview_charts_usage_and_ranks_tenants(staff_client):
     busy, _ = make_busy_tenant()
     quiet = Tenant.objects.create(name="quiet-tenant")
