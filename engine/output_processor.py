@@ -130,7 +130,10 @@ class RequestState:
         if not outputs and not finished:
             return None
         metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
-                   "finished_time": self.finished_time} if finished else {}
+                   "finished_time": self.finished_time,
+                   "scheduled_time": min((s.request.first_scheduled_time for s in self.sequences
+                                          if s.request.first_scheduled_time is not None), default=None),
+                   } if finished else {}
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
             outputs=outputs, finished=finished, prompt_logprobs=self.prompt_logprobs,

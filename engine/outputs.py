@@ -40,5 +40,6 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
-    # On the final output: arrival_time, first_token_time, finished_time (time.monotonic() seconds).
+    # On the final output: arrival_time, scheduled_time (first admission), first_token_time and
+    # finished_time, in time.monotonic() seconds (None for what never happened).
     metrics: dict = field(default_factory=dict)

@@ -70,6 +70,7 @@ class Request:
         # Tokens that steps in flight will sample (async scheduling): scheduled on, not yet known.
         self.num_output_placeholders = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
+        self.first_scheduled_time: float | None = None  # time.monotonic() of its first admission (queue time)
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.service.protocol import Heartbeat, Usage
 
@@ -24,11 +24,28 @@ TTFT = Histogram("llm_time_to_first_token_seconds", "Time to first token", ["end
                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 TPOT = Histogram("llm_time_per_output_token_seconds", "Time per output token after the first", ["endpoint"],
                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+_LONG = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+E2E = Histogram("llm_e2e_request_latency_seconds", "A call from its arrival to its last byte", ["endpoint"],
+                buckets=_LONG)
+# Per engine request, from the engine's own clock (the final delta's timings).
+QUEUE_TIME = Histogram("llm_request_queue_time_seconds", "Waiting in a replica before first admission",
+                       ["endpoint"], buckets=_LONG)
+PREFILL_TIME = Histogram("llm_request_prefill_time_seconds", "From first admission to the first token",
+                         ["endpoint"], buckets=_LONG)
+DECODE_TIME = Histogram("llm_request_decode_time_seconds", "From the first token to the last", ["endpoint"],
+                        buckets=_LONG)
+_TIMINGS = {"queue_s": QUEUE_TIME, "prefill_s": PREFILL_TIME, "decode_s": DECODE_TIME}
 
 
 def observe_call(*, endpoint: str, tenant: str, status: str, usage: Usage, ttft_s: float | None,
-                 duration_s: float) -> None:
+                 duration_s: float, engine_timings: list[dict] = ()) -> None:
     REQUESTS.labels(endpoint, status).inc()
+    E2E.labels(endpoint).observe(duration_s)
+    for timings in engine_timings:
+        for name, histogram in _TIMINGS.items():
+            value = timings.get(name)
+            if isinstance(value, (int, float)) and value >= 0:
+                histogram.labels(endpoint).observe(value)
     TOKENS.labels(tenant, "in").inc(usage.prompt_tokens)
     TOKENS.labels(tenant, "out").inc(usage.completion_tokens)
     if ttft_s is not None:
@@ -45,21 +62,30 @@ def observe_error(*, status: int) -> None:
     ERRORS.labels(str(status)).inc()
 
 
+# Heartbeat field -> (metric, help, family): one series per model and replica.
+_ENGINE_FIGURES = {
+    "queue_depth": ("llm_engine_queue_depth", "Requests queued in a replica", GaugeMetricFamily),
+    "num_running": ("llm_engine_running_requests", "Requests running in a replica", GaugeMetricFamily),
+    "num_waiting": ("llm_engine_waiting_requests", "Requests waiting in a replica", GaugeMetricFamily),
+    "kv_cache_usage": ("llm_engine_kv_cache_usage_ratio", "KV cache blocks in use", GaugeMetricFamily),
+    "tokens_per_s": ("llm_engine_generation_tokens_per_second", "Tokens generated per second over the last minute",
+                     GaugeMetricFamily),
+    "device_memory_bytes": ("llm_engine_device_memory_bytes", "Weights and KV cache a replica holds on its device",
+                            GaugeMetricFamily),
+    "step_seconds": ("llm_engine_step_seconds", "Mean engine step over the last minute", GaugeMetricFamily),
+    "num_preemptions": ("llm_engine_preemptions", "Sequences preempted since start", CounterMetricFamily),
+    "prefix_cache_queries": ("llm_engine_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                             CounterMetricFamily),
+    "prefix_cache_hits": ("llm_engine_prefix_cache_hits", "Prompt tokens served by the prefix cache",
+                          CounterMetricFamily),
+}
+
+
 def exposition(replicas: dict[str, list[Heartbeat]]) -> bytes:
-    """This process's metrics plus one gauge family per engine figure, labelled by model and replica."""
-    families = {
-        "queue_depth": GaugeMetricFamily("llm_engine_queue_depth", "Requests queued in a replica",
-                                         labels=["model", "replica"]),
-        "num_running": GaugeMetricFamily("llm_engine_running_requests", "Requests running in a replica",
-                                         labels=["model", "replica"]),
-        "num_waiting": GaugeMetricFamily("llm_engine_waiting_requests", "Requests waiting in a replica",
-                                         labels=["model", "replica"]),
-        "kv_cache_usage": GaugeMetricFamily("llm_engine_kv_cache_usage_ratio", "KV cache blocks in use",
-                                            labels=["model", "replica"]),
-        "tokens_per_s": GaugeMetricFamily("llm_engine_generation_tokens_per_second",
-                                          "Tokens generated per second over the last minute",
-                                          labels=["model", "replica"]),
-    }
+    """The API's metrics plus one family per engine figure (from its heartbeat), labelled by model and
+    replica; the prefix-cache hit rate is rate(..._hits_total) / rate(..._queries_total)."""
+    families = {field: family(name, help_text, labels=["model", "replica"])
+                for field, (name, help_text, family) in _ENGINE_FIGURES.items()}
     for model, beats in replicas.items():
         for beat in beats:
             for field, family in families.items():

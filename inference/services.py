@@ -55,6 +55,7 @@ class Call:
         self.api_key, self.endpoint, self.plan, self.format, self.admission = api_key, endpoint, plan, fmt, admission
         self.user = user  # OpenAI's end-user id, kept on the usage event (abuse tracing, per-user billing)
         self.usages: dict[int, Usage] = {}
+        self.engine_timings: dict[int, dict] = {}  # per prompt: its final delta's queue/prefill/decode times
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self.status, self.error_code = "cancelled", ""  # until the engine says it finished
@@ -87,6 +88,8 @@ class Call:
                 if delta.outputs and self.first_token_at is None:
                     self.first_token_at = time.monotonic()
                 self.usages[prompt_index] = delta.usage
+                if delta.timings:
+                    self.engine_timings[prompt_index] = delta.timings
                 yield prompt_index, delta
         except EngineUnavailable as error:
             self.status, self.error_code = "error", "engine_unavailable"
@@ -109,7 +112,8 @@ class Call:
         await self.admission.settle(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
         metrics.observe_call(endpoint=self.endpoint, tenant=self.api_key.tenant.name, status=self.status,
-                             usage=usage, ttft_s=ttft, duration_s=now - self.started)
+                             usage=usage, ttft_s=ttft, duration_s=now - self.started,
+                             engine_timings=list(self.engine_timings.values()))
         event = usage_event(
             api_key=self.api_key, request_id=self.plan.request_id, model=self.plan.model, endpoint=self.endpoint,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,

@@ -18,6 +18,7 @@ holds a placeholder for its unknown token, which the next step computes from the
 
 from __future__ import annotations
 
+import time
 from contextlib import closing
 from dataclasses import dataclass
 from operator import attrgetter
@@ -175,6 +176,8 @@ class Scheduler:
                 if request.num_preemptions == 0:
                     request.num_cached_tokens = num_computed
                 request.status = RequestStatus.RUNNING
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = time.monotonic()
                 self.running.append(request)
                 scheduled.append((request, num_new))
                 budget -= num_new

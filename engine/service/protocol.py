@@ -77,6 +77,9 @@ class OutputDelta:
     # Sent once, with the first tokens, when the request asked for prompt_logprobs:
     # [None, {token_id: [logprob, rank, decoded]}, ...], one entry per prompt token.
     prompt_logprobs: list[dict | None] | None = None
+    # On the last delta of a request that finished: where its time went in the engine, in seconds
+    # ({"queue_s", "prefill_s", "decode_s"}), for the web side's histograms (vLLM's metric names).
+    timings: dict | None = None
 
 
 @dataclass
@@ -91,6 +94,10 @@ class Heartbeat:
     tokens_per_s: float = 0.0  # generated tokens per second over the last minute
     num_aborted: int = 0  # requests aborted since the replica started
     max_model_len: int = 0
+    num_preemptions: int = 0  # since the replica started
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of which served from it
+    step_seconds: float = 0.0  # mean time of an engine step over the last minute
     sent_at: float = field(default_factory=time.time)
 
 
@@ -132,7 +139,8 @@ def _delta_payload(delta: OutputDelta) -> dict:
                          "finish_reason": o.finish_reason, "stop_reason": o.stop_reason} for o in delta.outputs],
             "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                       "cached_tokens": usage.cached_tokens},
-            "error": delta.error, "replica_id": delta.replica_id, "prompt_logprobs": delta.prompt_logprobs}
+            "error": delta.error, "replica_id": delta.replica_id, "prompt_logprobs": delta.prompt_logprobs,
+            "timings": delta.timings}
 
 
 def _unpack(data: bytes) -> dict:
@@ -203,7 +211,7 @@ def _delta_from(payload) -> OutputDelta:
         raise ProtocolError("OutputDelta.outputs is not a list")
     payload["outputs"] = [_build(CompletionDelta, o, {}) for o in outputs]
     payload["usage"] = _build(Usage, payload.get("usage") or {}, {})
-    return _build(OutputDelta, payload, {"request_id": str, "seq": int, "finished": bool})
+    return _build(OutputDelta, payload, {"request_id": str, "seq": int, "finished": bool, "timings": dict})
 
 
 def decode_heartbeat(data: bytes) -> Heartbeat:

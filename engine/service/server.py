@@ -78,6 +78,7 @@ class EngineServer:
         self.wakeup = threading.Event()
         self.dead = False  # the engine can run no more steps
         self.generated = deque()  # (time, tokens) of the last minute, for the heartbeat
+        self.step_times = deque()  # (time, seconds) of the last minute's engine steps, for the heartbeat
         self.num_aborted = 0  # requests stopped by an abort (their client's, or their client died)
         self.replies = ReplyWriter(self.keys)  # writer thread only
         self.client_watch = ClientWatch(self.keys)  # writer thread only
@@ -119,6 +120,7 @@ class EngineServer:
         return 1 if self.dead else 0
 
     def _step(self) -> None:
+        started = time.monotonic()
         try:
             outputs = self.engine.step()
         except EngineDeadError as error:
@@ -129,6 +131,7 @@ class EngineServer:
             logger.exception("engine step failed; failing %d in-flight requests", len(self.in_flight))
             self._fail_all("engine_error", "the engine failed while running the request")
             return
+        self.step_times.append((started, time.monotonic() - started))
         self._publish(outputs)
         for request_id, reason in self.engine.take_failed_requests().items():  # the step ran without them
             if request_id in self.in_flight:
@@ -225,6 +228,8 @@ class EngineServer:
                     and len(prompt_logprobs) == len(output.prompt_token_ids)):
                 delta.prompt_logprobs = [None, *_wire_logprobs(prompt_logprobs[1:])]
                 progress.prompt_logprobs_pending = False
+            if output.finished:
+                delta.timings = _timings(output.metrics)
             sends.append((progress.reply_to, delta))
             progress.next_seq += 1
             if output.finished:
@@ -274,14 +279,20 @@ class EngineServer:
         now = time.monotonic()
         while self.generated and self.generated[0][0] < now - 60:
             self.generated.popleft()
+        while self.step_times and self.step_times[0][0] < now - 60:
+            self.step_times.popleft()
         recent = list(self.generated)  # one atomic copy: the main thread appends meanwhile
         window = min(60.0, now - recent[0][0]) if recent else 0.0
         tokens = sum(n for _, n in recent)
+        steps = [seconds for _, seconds in list(self.step_times)]
         return Heartbeat(self.replica_id, self.model_name, queue_depth=self.incoming.qsize(),
                          num_running=stats["num_running"], num_waiting=stats["num_waiting"],
                          kv_cache_usage=stats["kv_cache_usage"], device_memory_bytes=self.engine.runner.memory_in_use(),
                          tokens_per_s=tokens / window if window > 0 else 0.0, num_aborted=self.num_aborted,
-                         max_model_len=self.engine.max_model_len)
+                         max_model_len=self.engine.max_model_len, num_preemptions=stats["num_preemptions"],
+                         prefix_cache_queries=stats["prefix_cache_queries"],
+                         prefix_cache_hits=stats["prefix_cache_hits"],
+                         step_seconds=sum(steps) / len(steps) if steps else 0.0)
 
     def model_card(self) -> ModelCard:
         tokenizer = self.engine.tokenizer
@@ -458,6 +469,16 @@ def _last_entry_id(client: redis.Redis, stream: str) -> bytes | str:
     """Read aborts from now on: the id of the newest entry, or 0 for an empty stream."""
     entries = client.xrevrange(stream, count=1)
     return entries[0][0] if entries else "0-0"
+
+
+def _timings(metrics: dict) -> dict | None:
+    """Queue (arrival to first admission), prefill (to the first token) and decode (to the end) times
+    of a finished request, from its RequestOutput.metrics; None if it never got a token."""
+    arrival, scheduled = metrics.get("arrival_time"), metrics.get("scheduled_time")
+    first, finished = metrics.get("first_token_time"), metrics.get("finished_time")
+    if None in (arrival, scheduled, first, finished):
+        return None
+    return {"queue_s": scheduled - arrival, "prefill_s": first - scheduled, "decode_s": finished - first}
 
 
 def _wire_logprobs(logprobs) -> list[dict] | None:

@@ -507,7 +507,8 @@ def test_step_deltas_concatenate_to_the_final_text(llm, stop):
     assert texts[-1] == reference.text and cumulative[-1].finished
     assert all(not o.metrics for o in deltas[:-1])  # timings come once, with the final output
     times = deltas[-1].metrics
-    assert times["arrival_time"] <= times["first_token_time"] < times["finished_time"] <= time.monotonic()
+    assert times["arrival_time"] <= times["scheduled_time"] <= times["first_token_time"] < times["finished_time"] \
+        <= time.monotonic()
     assert_kv_cache_idle(llm)
 
 

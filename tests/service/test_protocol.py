@@ -64,7 +64,8 @@ def test_output_delta_round_trip():
         "req-1", 3,
         outputs=[CompletionDelta(0, " world", [1917], logprobs=[{1917: [-0.25, 1, " world"]}]),
                  CompletionDelta(1, "!", [17], finish_reason="stop", stop_reason="!")],
-        finished=True, usage=Usage(prompt_tokens=5, completion_tokens=7, cached_tokens=4), replica_id="r1")
+        finished=True, usage=Usage(prompt_tokens=5, completion_tokens=7, cached_tokens=4), replica_id="r1",
+        timings={"queue_s": 0.5, "prefill_s": 0.25, "decode_s": 1.5})
     decoded = decode_delta(encode(delta))
     assert decoded == delta
     assert isinstance(decoded.usage, Usage)
@@ -75,7 +76,8 @@ def test_a_batch_of_deltas_round_trips_as_one_entry():
     deltas = [OutputDelta("req-1", 0, replica_id="r1"),
               OutputDelta("req-2", 5, [CompletionDelta(0, "é", [233, 1], logprobs=[{233: [-0.5, 2, "é"]}])],
                           usage=Usage(3, 6, 1), replica_id="r1", prompt_logprobs=[None, {7: [-1.0, 1, "a"]}]),
-              error_delta("req-3", 2, "aborted", "the request was aborted", "r1")]
+              error_delta("req-3", 2, "aborted", "the request was aborted", "r1"),
+              OutputDelta("req-4", 9, finished=True, timings={"queue_s": 0.0, "prefill_s": 0.1, "decode_s": 2.0})]
     assert decode_deltas(encode_deltas(deltas)) == deltas
     assert decode_deltas(encode_deltas([])) == []
 
@@ -103,7 +105,8 @@ def test_model_card_round_trip_with_the_models_sampling_defaults():
 
 def test_heartbeat_round_trip():
     beat = Heartbeat("r1", "m", queue_depth=2, num_running=3, num_waiting=1, kv_cache_usage=0.25,
-                     device_memory_bytes=123456789, tokens_per_s=41.5, max_model_len=2048)
+                     device_memory_bytes=123456789, tokens_per_s=41.5, max_model_len=2048, num_preemptions=4,
+                     prefix_cache_queries=900, prefix_cache_hits=320, step_seconds=0.012)
     assert decode_heartbeat(encode(beat)) == beat
 
 
