@@ -73,6 +73,10 @@ def _serve(args) -> int:
     from engine.service.server import EngineServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine import tracing
+
+    if tracing.configure("llm-engine"):
+        logging.getLogger(__name__).info("tracing: spans go to %s", os.environ[tracing.ENDPOINT_VARIABLE])
     engine = LLMEngine(engine_config_from_args(args))
     status = EngineServer(engine, args.redis_url, args.served_model_name or args.model, key_prefix=args.key_prefix,
                           replica_id=args.replica_id, reclaim_idle_s=args.reclaim_idle,

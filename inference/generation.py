@@ -24,6 +24,7 @@ class GenerationPlan:
     params: dict  # SamplingParams fields
     priority: int = 0
     prompt_texts: list[str] = field(default_factory=list)  # for `echo`
+    trace_context: dict = field(default_factory=dict)  # W3C trace headers of the call's span (engine/tracing.py)
 
     @property
     def n(self) -> int:
@@ -31,7 +32,8 @@ class GenerationPlan:
 
     def engine_requests(self) -> list[EngineRequest]:
         return [EngineRequest(request_id=f"{self.request_id}-{index}", model=self.model, tenant=self.tenant,
-                              prompt_token_ids=prompt, params=self.params, priority=self.priority)
+                              prompt_token_ids=prompt, params=self.params, priority=self.priority,
+                              trace_context=self.trace_context)
                 for index, prompt in enumerate(self.prompts)]
 
 

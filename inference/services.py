@@ -20,6 +20,7 @@ from django.conf import settings
 from redis.exceptions import RedisError
 from rest_framework.exceptions import APIException
 
+from engine import tracing
 from engine.service.client import EngineUnavailable
 from engine.service.protocol import Usage
 from inference import metrics
@@ -262,8 +263,10 @@ def _max_tokens(api_key: ApiKey, tokenizer: PromptTokenizer, prompts: list[list[
 def _plan(api_key: ApiKey, data: dict, kind: str, prompts, fields: dict, texts: list[str]) -> GenerationPlan:
     limits = effective_limits(api_key=api_key)
     _check_sequences(limits, n=fields.get("n", 1), prompts=len(prompts))
+    # The trace context is taken here, in the view's span: a stream's body runs after that span ends.
     return GenerationPlan(request_id=f"{kind}-{uuid.uuid4().hex}", model=data["model"], tenant=str(api_key.tenant_id),
-                          prompts=prompts, params=fields, priority=limits.priority_tier, prompt_texts=texts)
+                          prompts=prompts, params=fields, priority=limits.priority_tier, prompt_texts=texts,
+                          trace_context=tracing.current_context())
 
 
 def _check_sequences(limits, *, n: int, prompts: int) -> None:

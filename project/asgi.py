@@ -4,6 +4,12 @@ import os
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+from engine import tracing  # noqa: E402 (imports no torch)
+
+if tracing.configure("llm-web"):  # before the application is built: the instrumentation adds a middleware
+    from opentelemetry.instrumentation.django import DjangoInstrumentor
+
+    DjangoInstrumentor().instrument()
 django_http = get_asgi_application()  # sets Django up before the routing imports models
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

@@ -34,6 +34,7 @@ class EngineRequest:
     stream: bool = True
     submitted_at: float = field(default_factory=time.time)
     reply_to: str = ""  # the client id whose reply stream gets the deltas (transport.Keys.reply)
+    trace_context: dict = field(default_factory=dict)  # W3C trace headers ({} untraced): engine/tracing.py
 
     def sampling_params(self) -> SamplingParams:
         """Validated parameters; a bad field raises ProtocolError naming it."""
@@ -175,7 +176,8 @@ def _build(cls, payload: dict, types: dict):
 def decode_request(data: bytes, *, check_params: bool = True) -> EngineRequest:
     request = _build(EngineRequest, _unpack(data), {
         "request_id": str, "model": str, "tenant": str, "prompt": str, "prompt_token_ids": list, "params": dict,
-        "priority": int, "deadline": (int, float), "stream": bool, "submitted_at": (int, float), "reply_to": str})
+        "priority": int, "deadline": (int, float), "stream": bool, "submitted_at": (int, float), "reply_to": str,
+        "trace_context": dict})
     if not request.request_id:
         raise ProtocolError("EngineRequest.request_id must not be empty")
     if not request.reply_to:

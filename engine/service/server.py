@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import redis
 
+from engine import tracing
 from engine.errors import EngineDeadError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -50,6 +51,7 @@ class InFlight:
     next_seq: int = 1  # seq 0 was the note that said which replica took it
     completion_tokens: int = 0
     prompt_logprobs_pending: bool = False
+    trace_context: dict | None = None  # the web span to hang this request's engine spans under
 
 
 class EngineServer:
@@ -176,7 +178,8 @@ class EngineServer:
                                                      self.replica_id))
             return
         self.in_flight[request.request_id] = InFlight(request.reply_to,
-                                                      prompt_logprobs_pending=params.prompt_logprobs is not None)
+                                                      prompt_logprobs_pending=params.prompt_logprobs is not None,
+                                                      trace_context=request.trace_context or None)
         self.num_in_flight = len(self.in_flight)
         if request.deadline is not None:
             self.deadlines[request.request_id] = request.deadline
@@ -230,6 +233,10 @@ class EngineServer:
                 progress.prompt_logprobs_pending = False
             if output.finished:
                 delta.timings = _timings(output.metrics)
+                if progress.trace_context:
+                    tracing.record_engine_request(progress.trace_context, output.request_id, output.metrics, {
+                        "llm.replica": self.replica_id, "llm.prompt_tokens": usage.prompt_tokens,
+                        "llm.completion_tokens": usage.completion_tokens, "llm.cached_tokens": usage.cached_tokens})
             sends.append((progress.reply_to, delta))
             progress.next_seq += 1
             if output.finished:

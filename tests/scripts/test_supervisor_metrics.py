@@ -12,19 +12,16 @@ import os
 import re
 import secrets
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 
-from engine.local_services import die_with_parent, free_port, redis_answers
+from engine.local_services import free_port, redis_answers
+from tests.scripts.web_tier import database_with_a_key, start_supervisor, wait_for, web_env
 from tests.service.conftest import MODEL, Service
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CALLS_PER_WORKER = 6
 METRICS_TOKEN = secrets.token_urlsafe(24)
 
@@ -36,14 +33,6 @@ def sigstopped(pid: int):
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return result
 
 
 def refused_calls_counted(text: str) -> float:
@@ -70,28 +59,13 @@ def tier(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("metrics")
     service = Service(redis_url, tmp_path)
     service.start_replica("replica", wait=False)  # loads the model while the database is made
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}", "REDIS_URL": redis_url,
-           "ENGINE_KEY_PREFIX": service.prefix, "DJANGO_DEBUG": "0",
-           "DJANGO_SECRET_KEY": secrets.token_urlsafe(50), "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
-           "DJANGO_SECURE_SSL_REDIRECT": "0", "METRICS_TOKEN": METRICS_TOKEN,
-           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
-
-    def manage(*args: str) -> str:
-        done = subprocess.run([sys.executable, "manage.py", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                              text=True, timeout=180)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
-
-    manage("migrate", "--no-input")
-    manage("create_tenant", "t")
-    key = manage("create_api_key", "t").strip().splitlines()[-1]
+    env = web_env(tmp_path, redis_url, service.prefix, METRICS_TOKEN=METRICS_TOKEN,
+                  PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
+    key = database_with_a_key(env)
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "counter_999999.db").write_bytes(b"stale")  # an earlier run's: removed at start
     port, log_path = free_port(), tmp_path / "supervisor.log"
-    with open(log_path, "wb") as log:
-        supervisor = subprocess.Popen([sys.executable, "-m", "project.supervisor", "--workers", "2", "--port",
-                                       str(port)], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      preexec_fn=die_with_parent)
+    supervisor = start_supervisor(env, port, 2, log_path)
     base_url = f"http://127.0.0.1:{port}"
     try:
         def pids():
