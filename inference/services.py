@@ -142,7 +142,8 @@ async def start_completion(*, api_key: ApiKey, data: dict, priority_offset: int 
         if max_tokens == 0:  # echo only (the serializer checks): the engine scores the prompt, samples nothing
             prompt_logprobs = logprobs or 0
         fields = sampling_fields(data, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                 model_defaults=tokenizer.card.sampling_defaults)
+                                 model_defaults=tokenizer.card.sampling_defaults,
+                                 tenant_defaults=limits.sampling_defaults)
         plan = _plan(api_key, data, "cmpl", prompts, fields, texts)
         plan.priority += priority_offset  # batch jobs run behind interactive calls
         fmt = CompletionFormat(plan, echo=data["echo"], logprobs=logprobs, prompt_token_texts=token_texts,
@@ -164,7 +165,8 @@ async def start_chat(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -
         max_tokens = _max_tokens(api_key, tokenizer, prompts, requested, default=None)
         top = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
         fields = sampling_fields(data, max_tokens=max_tokens, logprobs=top,
-                                 model_defaults=tokenizer.card.sampling_defaults)
+                                 model_defaults=tokenizer.card.sampling_defaults,
+                                 tenant_defaults=limits.sampling_defaults)
         plan = _plan(api_key, data, "chatcmpl", prompts, fields, [])
         plan.priority += priority_offset
         return await _admit(api_key, "chat.completions", plan,

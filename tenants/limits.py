@@ -1,5 +1,5 @@
 """EffectiveLimits: the limits a request actually runs under (key overrides over tenant)."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -14,3 +14,4 @@ class EffectiveLimits:
     priority_tier: int
     max_sequences_per_request: int = 256  # n x prompts of one call
     max_sequences_in_flight: int = 256  # the tenant's sequences admitted and not yet settled
+    sampling_defaults: dict = field(default_factory=dict)  # for the sampling fields a call leaves out

@@ -4,6 +4,8 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.utils import timezone
 
+from tenants.sampling_defaults import validate_sampling_defaults
+
 
 class BudgetPeriod(models.TextChoices):
     DAY = "day", "Day"
@@ -35,6 +37,10 @@ class Tenant(models.Model):
     max_sequences_in_flight = models.PositiveIntegerField(default=256)
     # Same sense as the engine's request priority: lower runs first.
     priority_tier = models.IntegerField(default=0)
+    # Values for the sampling fields its calls leave out (temperature, top_p, top_k, min_p,
+    # repetition_penalty), over the model's own defaults and OpenAI's.
+    sampling_defaults = models.JSONField(default=dict, blank=True, validators=[validate_sampling_defaults],
+                                         help_text='e.g. {"temperature": 0.2}; empty: the model\'s defaults')
 
     class Meta:
         ordering = ["name"]

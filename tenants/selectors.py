@@ -69,6 +69,7 @@ def effective_limits(*, api_key: ApiKey) -> EffectiveLimits:
         priority_tier=tenant.priority_tier,
         max_sequences_per_request=tenant.max_sequences_per_request,
         max_sequences_in_flight=tenant.max_sequences_in_flight,
+        sampling_defaults=dict(tenant.sampling_defaults or {}),
     )
 
 

@@ -26,6 +26,7 @@ TENANT_LIMIT_FIELDS = (
     "priority_tier",
     "max_sequences_per_request",
     "max_sequences_in_flight",
+    "sampling_defaults",
 )
 # Settings of an ApiKey that its creator chooses (and a rotation carries over).
 API_KEY_SETTINGS = (

@@ -5,13 +5,19 @@ from tenants.models import Tenant
 from tenants.services import TENANT_LIMIT_FIELDS
 
 
-class TenantCreateForm(forms.ModelForm):
+class _SamplingDefaultsField:
+    def clean_sampling_defaults(self) -> dict:
+        """An empty box means no defaults of the tenant's own ({}), not null."""
+        return self.cleaned_data.get("sampling_defaults") or {}
+
+
+class TenantCreateForm(_SamplingDefaultsField, forms.ModelForm):
     class Meta:
         model = Tenant
         fields = ("name", *TENANT_LIMIT_FIELDS)
 
 
-class TenantLimitsForm(forms.ModelForm):
+class TenantLimitsForm(_SamplingDefaultsField, forms.ModelForm):
     """Bound without an instance (so validating never mutates the tenant before the service runs)."""
 
     class Meta:

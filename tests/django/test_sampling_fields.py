@@ -17,6 +17,12 @@ def test_a_field_left_out_takes_the_models_default_and_a_given_one_wins():
     assert "not_a_field" not in fields and fields["max_tokens"] == 8
 
 
+def test_the_tenants_default_wins_over_the_models_and_the_call_over_both():
+    fields = sampling_fields({"top_k": 5}, max_tokens=8, logprobs=None, model_defaults=MODEL_DEFAULTS,
+                             tenant_defaults={"temperature": 0.2, "top_k": 50, "min_p": 0.1})
+    assert (fields["temperature"], fields["top_p"], fields["top_k"], fields["min_p"]) == (0.2, 0.95, 5, 0.1)
+
+
 def test_a_zero_given_by_the_call_is_not_replaced():
     fields = sampling_fields({"temperature": 0, "top_k": 0}, max_tokens=8, logprobs=None, model_defaults=MODEL_DEFAULTS)
     assert (fields["temperature"], fields["top_k"]) == (0, 0)

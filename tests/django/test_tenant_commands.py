@@ -32,6 +32,16 @@ def test_create_tenant_with_limit_options():
     assert (tenant.max_sequences_per_request, tenant.max_sequences_in_flight) == (64, 128)
 
 
+def test_create_tenant_with_sampling_defaults():
+    run("create_tenant", "acme", "--sampling-defaults", '{"temperature": 0.2, "top_k": 40}')
+    assert Tenant.objects.get(name="acme").sampling_defaults == {"temperature": 0.2, "top_k": 40}
+    for bad, reason in (('{"temperature": -1}', "temperature"), ('{"beam_width": 4}', "unknown"),
+                        ('{"top_p": true}', "number"), ('[0.2]', "object")):
+        with pytest.raises(CommandError, match=reason):
+            run("create_tenant", f"bad-{reason}", "--sampling-defaults", bad)
+    assert not Tenant.objects.filter(name__startswith="bad-").exists()
+
+
 def test_create_tenant_defaults_and_duplicate():
     run("create_tenant", "acme")
     assert Tenant.objects.get(name="acme").requests_per_minute == 60

@@ -1,4 +1,6 @@
 """manage.py create_tenant NAME [limit options]: a thin wrapper around services.create_tenant."""
+import json
+
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
@@ -16,6 +18,9 @@ class Command(BaseCommand):
             option = "--" + field.replace("_", "-")
             if field == "budget_period":
                 parser.add_argument(option, choices=BudgetPeriod.values)
+            elif field == "sampling_defaults":
+                parser.add_argument(option, type=json.loads, metavar="JSON",
+                                    help='e.g. \'{"temperature": 0.2, "top_p": 0.9}\'')
             else:
                 parser.add_argument(option, type=int, metavar="N")
 

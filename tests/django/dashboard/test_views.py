@@ -159,6 +159,22 @@ def test_change_limits_audits_only_what_changed(staff_client, staff_user):
     assert tenant.requests_per_minute == 120 and AuditLog.objects.filter(action="tenant.update").count() == 1
 
 
+def test_sampling_defaults_are_set_and_checked_on_the_limits_form(staff_client):
+    tenant, _ = make_busy_tenant()
+    form = {field: getattr(tenant, field) for field in (
+        "requests_per_minute", "tokens_per_minute", "max_concurrent_requests", "budget_period", "max_tokens_cap",
+        "max_prompt_tokens", "priority_tier", "max_sequences_per_request", "max_sequences_in_flight")}
+    form |= {"is_active": "on", "token_budget": tenant.token_budget or ""}
+    refused = staff_client.post(f"/dashboard/tenants/{tenant.pk}/limits/",
+                                form | {"sampling_defaults": '{"temperature": 9}'})
+    assert refused.status_code == 400 and "temperature" in refused.content.decode()
+    saved = staff_client.post(f"/dashboard/tenants/{tenant.pk}/limits/",
+                              form | {"sampling_defaults": '{"temperature": 0.3, "top_p": 0.8}'}, follow=True)
+    assert "Saved the limits" in saved.content.decode()
+    tenant.refresh_from_db()
+    assert tenant.sampling_defaults == {"temperature": 0.3, "top_p": 0.8}
+
+
 def test_revoked_key_no_longer_authenticates(staff_client, staff_user):
     tenant, raw_key = make_busy_tenant()
     api_key = authenticate_api_key(raw_key=raw_key)
