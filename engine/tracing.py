@@ -10,6 +10,7 @@ engine's own clock (RequestOutput.metrics), so the hot path costs nothing per to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -49,6 +50,18 @@ def current_context() -> dict:
     carrier: dict = {}
     propagate.inject(carrier)
     return carrier
+
+
+@contextlib.contextmanager
+def span(name: str, **attributes):
+    """A span around a block of the current process, child of the active one; nothing when off."""
+    if not _configured:
+        yield
+        return
+    from opentelemetry import trace
+
+    with trace.get_tracer("llm-serve").start_as_current_span(name, attributes=attributes):
+        yield
 
 
 def record_engine_request(trace_context: dict, request_id: str, metrics: dict, attributes: dict) -> None:

@@ -290,10 +290,11 @@ async def _admit(api_key: ApiKey, endpoint: str, plan: GenerationPlan, fmt: _For
     # Recorded before it is admitted: a process killed at any moment leaves its holds on record.
     forget = await register_call(get_engine_client(), request_id=plan.request_id, api_key_id=api_key.pk)
     try:
-        admission = await admit(redis=get_engine_client().redis, api_key=api_key, request_id=plan.request_id,
-                                prompt_tokens=prompt_tokens, key_prefix=settings.ENGINE_KEY_PREFIX,
-                                max_tokens=plan.params["max_tokens"] * plan.n * len(plan.prompts),
-                                sequences=plan.n * len(plan.prompts))
+        with tracing.span("llm.admission", **{"llm.request_id": plan.request_id, "llm.prompt_tokens": prompt_tokens}):
+            admission = await admit(redis=get_engine_client().redis, api_key=api_key, request_id=plan.request_id,
+                                    prompt_tokens=prompt_tokens, key_prefix=settings.ENGINE_KEY_PREFIX,
+                                    max_tokens=plan.params["max_tokens"] * plan.n * len(plan.prompts),
+                                    sequences=plan.n * len(plan.prompts))
     except AdmissionRefused as refused:
         await forget()
         metrics.observe_refusal(endpoint=endpoint, tenant=api_key.tenant.name, code=refused.code)

@@ -125,7 +125,13 @@ def test_a_streamed_call_is_one_trace_across_the_web_and_engine_processes(tmp_pa
                 return spans if len(spans) == 4 else None
 
             engine = wait_for(engine_spans, 30, "the engine's spans")
-            web = wait_for(lambda: [s for s in collector.received() if s[0] == "llm-web"], 30, "the web spans")
+            trace_id = engine[0][1]
+
+            def web_spans():
+                spans = [s for s in collector.received() if s[0] == "llm-web" and s[1] == trace_id]
+                return spans if len(spans) >= 2 else None
+
+            web = wait_for(web_spans, 30, "the web spans of the same trace")
     finally:
         collector.shutdown()
     by_name = {name: (trace_id, span_id, parent) for _, trace_id, span_id, parent, name in engine}
@@ -133,9 +139,11 @@ def test_a_streamed_call_is_one_trace_across_the_web_and_engine_processes(tmp_pa
     trace_id, request_span, web_parent = by_name["llm.engine.request"]
     assert all(by_name[f"llm.engine.{phase}"][0] == trace_id and by_name[f"llm.engine.{phase}"][2] == request_span
                for phase in ("queue", "prefill", "decode"))
-    call_spans = [s for s in web if s[1] == trace_id]  # the web worker's request span is the engine's parent
-    assert [s[2] for s in call_spans] == [web_parent], web
-    assert re.search(r"completions", call_spans[0][4]), call_spans
+    # The web worker's request span is the engine's parent; admission is a phase of it.
+    request = [s for s in web if s[1] == trace_id and s[2] == web_parent]
+    assert len(request) == 1 and re.search(r"completions", request[0][4]), web
+    admission = [s for s in web if s[1] == trace_id and s[4] == "llm.admission"]
+    assert len(admission) == 1 and admission[0][3] == web_parent, web
 
 
 def test_without_an_endpoint_nothing_is_traced(tmp_path, monkeypatch):
