@@ -99,14 +99,14 @@ def test_refusals_after_tokenizing_count_and_a_tenant_at_its_limit_is_refused_fi
 
 
 def test_tokenizing_a_long_chat_leaves_the_event_loop_free(db, model):
-    """A ~60k-token chat is tokenized (then refused: longer than the context) while a ticker on the
+    """A ~180k-token chat is tokenized (then refused: longer than the context) while a ticker on the
     same loop keeps ticking: the loop never stalls for as long as the tokenizing takes."""
     from tenants.models import ApiKey
 
     raw = new_key(max_prompt_tokens=1_000_000)
     api_key = ApiKey.objects.select_related("tenant").get(prefix=raw.split(".")[0])
     data = validated(ChatCompletionRequestSerializer, {"model": model, "messages": [
-        {"role": "user", "content": "lorem ipsum dolor sit amet " * 3000}] * 4, "max_tokens": 4})
+        {"role": "user", "content": "lorem ipsum dolor sit amet " * 9000}] * 4, "max_tokens": 4})
 
     async def main():
         gaps, stop = [], asyncio.Event()
