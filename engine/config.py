@@ -15,6 +15,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 class EngineConfig:
     model: str = BUNDLED_MODEL
     tokenizer: str | None = None
+    revision: str | None = None  # of a model named by its Hugging Face Hub id (a branch, tag or commit)
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype (or bfloat16) on CUDA
     device: str = "auto"
     max_model_len: int | None = None  # default: the model's context length

