@@ -37,15 +37,19 @@ class ColumnParallelLinear(nn.Linear):
 
 
 class RowParallelLinear(nn.Linear):
-    def __init__(self, in_features_per_rank: int, out_features: int, **factory) -> None:
-        super().__init__(in_features_per_rank, out_features, bias=False, **factory)
+    """Each rank holds a slice of the input columns; the partial products are summed across ranks.
+    A bias (whole on every rank) is added once, after the sum."""
+
+    def __init__(self, in_features_per_rank: int, out_features: int, bias: bool = False, **factory) -> None:
+        super().__init__(in_features_per_rank, out_features, bias=bias, **factory)
         self.weight.tp_slice = self._slice
 
     def _slice(self, tensor: torch.Tensor, shard) -> torch.Tensor:
         return tensor.narrow(1, tp_rank() * self.in_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight))
+        out = all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -61,7 +61,8 @@ def _shard_attention(attn: LlamaAttention, factory: dict) -> None:
     kv_rows = (kv_index * kv_heads * head_dim, kv_heads * head_dim)
     attn.qkv_proj = ColumnParallelLinear(attn.qkv_proj.in_features, {"q": q_rows, "k": kv_rows, "v": kv_rows},
                                          bias=attn.qkv_proj.bias is not None, **factory)
-    attn.o_proj = RowParallelLinear(heads * head_dim, attn.o_proj.out_features, **factory)
+    attn.o_proj = RowParallelLinear(heads * head_dim, attn.o_proj.out_features, bias=attn.o_proj.bias is not None,
+                                    **factory)
     attn.num_heads = attn.attn.num_heads = heads
     attn.num_kv_heads = attn.attn.num_kv_heads = kv_heads
     attn.q_size, attn.kv_size = heads * head_dim, kv_heads * head_dim
@@ -70,8 +71,9 @@ def _shard_attention(attn: LlamaAttention, factory: dict) -> None:
 def _shard_mlp(mlp: LlamaMLP, factory: dict) -> None:
     size = mlp.intermediate_size // tp_world_size()
     rows = (tp_rank() * size, size)
-    mlp.gate_up_proj = ColumnParallelLinear(mlp.gate_up_proj.in_features, {0: rows, 1: rows}, bias=False, **factory)
-    mlp.down_proj = RowParallelLinear(size, mlp.down_proj.out_features, **factory)
+    bias = mlp.down_proj.bias is not None
+    mlp.gate_up_proj = ColumnParallelLinear(mlp.gate_up_proj.in_features, {0: rows, 1: rows}, bias=bias, **factory)
+    mlp.down_proj = RowParallelLinear(size, mlp.down_proj.out_features, bias=bias, **factory)
     mlp.intermediate_size = size
 
 

@@ -1,5 +1,6 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral) and its close relatives Qwen2 (q/k/v bias) and
-Qwen3 (per-head q/k RMSNorm), as one flat-batch model over the paged KV cache.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral; `attention_bias` and `mlp_bias` where a config sets
+them) and its close relatives Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm), as one flat-batch
+model over the paged KV cache.
 
 Inputs are flat: all scheduled tokens of all requests in one `[num_tokens]` tensor with their
 positions; the attention layers find each token's sequence through the forward context.
@@ -28,7 +29,8 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        # Llama's attention_bias covers o_proj too; Qwen2's q/k/v bias does not.
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False)))
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = RotaryEmbedding(config, self.head_dim, config.max_position_embeddings)
@@ -50,8 +52,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -153,6 +153,7 @@ _ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "lo
 # name -> (config class name, extra config kwargs, save_pretrained kwargs)
 TINY_VARIANTS = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False), {}),
+    "llama-bias": ("LlamaConfig", dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True), {}),
     "llama3-rope-tied-sharded": ("LlamaConfig", dict(tie_word_embeddings=True, rope_parameters=_ROPE_LLAMA3),
                                  dict(max_shard_size="60KB")),
     "mistral": ("MistralConfig", dict(tie_word_embeddings=False, num_key_value_heads=1, head_dim=32), {}),

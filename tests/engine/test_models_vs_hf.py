@@ -14,7 +14,7 @@ import torch
 from engine import LLM, SamplingParams
 from tests.engine.conftest import hf_log_softmax
 
-VARIANTS = ["llama", "llama3-rope-tied-sharded", "mistral", "qwen2", "qwen3"]
+VARIANTS = ["llama", "llama-bias", "llama3-rope-tied-sharded", "mistral", "qwen2", "qwen3"]
 VOCAB = 256
 PROMPT_LENGTHS = [13, 30, 45]
 ATOL = 1e-4
@@ -56,6 +56,9 @@ def test_the_checkpoints_are_what_the_variants_claim(tiny_hf_checkpoint):
     files = {v: sorted(p.name for p in tiny_hf_checkpoint(v)[0].glob("*.safetensors")) for v in VARIANTS}
     assert len(files["llama3-rope-tied-sharded"]) > 1 and len(files["llama"]) == 1
     models = {v: tiny_hf_checkpoint(v)[1] for v in VARIANTS}
+    biased = dict(models["llama-bias"].named_parameters())
+    assert {"model.layers.0.self_attn.o_proj.bias", "model.layers.0.mlp.down_proj.bias",
+            "model.layers.0.mlp.gate_proj.bias"} <= set(biased)
     tied = models["llama3-rope-tied-sharded"]
     assert tied.config.rope_parameters["rope_type"] == "llama3"
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
