@@ -14,7 +14,10 @@ import msgpack
 
 from engine.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 2  # 2: requests name their client (reply_to); deltas travel in batches
+# 2: requests name their client (reply_to); deltas travel in batches. 3: requests carry trace_context,
+# final deltas their engine timings, heartbeats preemptions / prefix-cache counters / step time, model
+# cards the model's sampling defaults (a version-2 reader would refuse these fields one by one).
+PROTOCOL_VERSION = 3
 
 
 class ProtocolError(ValueError):
