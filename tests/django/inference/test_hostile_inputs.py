@@ -170,14 +170,15 @@ def check_websocket(sockets: Sockets, index: int, name: str, endpoint: str, text
     call_id = f"h{index}"
     message = '{"type": "request", "id": "%s", "endpoint": "%s", "body": %s}' % (call_id, endpoint, text)
     socket = sockets.current()
-    socket.send(message)
     if len(message) > DAPHNE_MAX_WS_MESSAGE:  # daphne drops the socket before any consumer sees the frame
-        try:
+        try:  # the close can reach the client while it is still sending the frame, or after
+            socket.send(message)
             frame = socket.recv(timeout=60)
         except ConnectionClosed:
             sockets.close()
             return None
         return f"WS {name}: a {len(message)}-byte frame was answered: {frame[:200]!r}"
+    socket.send(message)
     frame = json.loads(socket.recv(timeout=60))
     error = openai_error(frame)
     if frame.get("type") != "error" or frame.get("id") not in (call_id, None) or error is None:
