@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from tests.scripts.web_tier import sigstopped
 from tests.service.conftest import MODEL, REPO_ROOT, Service, _die_with_parent, free_port, redis_answers, \
     wait_until
 
@@ -170,14 +171,6 @@ class SseStream(threading.Thread):
         assert not self.is_alive(), f"stream {self.request_id} hangs: open {timeout}s more after {self.chunks} chunks"
         return self.outcome
 
-
-@contextlib.contextmanager
-def sigstopped(pid: int):
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 @pytest.fixture

@@ -11,28 +11,19 @@ import contextlib
 import os
 import re
 import secrets
-import signal
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 
 from engine.local_services import free_port, redis_answers
-from tests.scripts.web_tier import database_with_a_key, start_supervisor, wait_for, web_env
+from tests.scripts.web_tier import database_with_a_key, sigstopped, start_supervisor, wait_for, web_env
 from tests.service.conftest import MODEL, Service
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CALLS_PER_WORKER = 6
 METRICS_TOKEN = secrets.token_urlsafe(24)
 
-
-@contextlib.contextmanager
-def sigstopped(pid: int):
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def refused_calls_counted(text: str) -> float:

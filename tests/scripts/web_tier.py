@@ -2,8 +2,10 @@
 the management commands, a tenant and its key, and `project.supervisor` with N daphne workers."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -48,3 +50,13 @@ def wait_for(predicate, timeout: float, what: str):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
     return result
+
+
+@contextlib.contextmanager
+def sigstopped(pid: int):
+    """Pause a worker: only a running process accepts from the shared socket."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
