@@ -60,9 +60,15 @@ def offline_greedy(llm, prompt, max_tokens):
 
 
 def wait_idle(svc, replica, timeout=30.0):
-    """Until the replica's heartbeat shows nothing running or waiting; returns that heartbeat."""
-    return svc.wait_until(lambda: (hb := replica.heartbeat()) and hb.num_running == 0 and hb.num_waiting == 0
-                          and hb.queue_depth == 0 and hb, timeout, "the replica to become idle", interval=0.2)
+    """Until a heartbeat sent after this call shows nothing running or waiting; returns that heartbeat.
+
+    Only a fresh heartbeat counts: one sent before the caller's last request reached the replica
+    (they come once a second) would show it idle with none of that request's effects.
+    """
+    since = time.time()
+    return svc.wait_until(lambda: (hb := replica.heartbeat()) and hb.sent_at > since and hb.num_running == 0
+                          and hb.num_waiting == 0 and hb.queue_depth == 0 and hb,
+                          timeout, "the replica to become idle", interval=0.2)
 
 
 # -- submit and stream --------------------------------------------------------------------------
