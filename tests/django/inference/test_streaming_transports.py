@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from django.test import override_settings
@@ -33,7 +34,8 @@ def test_sse_disconnect_aborts_the_engine_request(live):
     tenant = live.tenant_of(key)
     event = wait_until(lambda: UsageEvent.objects.filter(tenant=tenant).first(), 30, "the usage event")
     assert event.status == "cancelled" and 3 <= event.completion_tokens < 2000
-    wait_until(lambda: (beat := live.replica.heartbeat()) and beat.num_running == 0, 30,
+    since = time.time()  # a heartbeat from before could show the request not yet admitted
+    wait_until(lambda: (beat := live.replica.heartbeat()) and beat.sent_at > since and beat.num_running == 0, 30,
                "the engine to drop the aborted request")
 
 
@@ -51,7 +53,8 @@ def test_a_client_gone_during_prefill_is_billed_the_prompt_tokens_computed(live)
     event = wait_until(lambda: UsageEvent.objects.filter(tenant=tenant).first(), 30, "the usage event")
     assert event.status == "cancelled" and event.completion_tokens < 16, (event.status, event.completion_tokens)
     assert 0 < event.prompt_tokens <= len(prompt)
-    wait_until(lambda: (beat := live.replica.heartbeat()) and beat.num_running == 0, 30,
+    since = time.time()  # a heartbeat from before could show the request not yet admitted
+    wait_until(lambda: (beat := live.replica.heartbeat()) and beat.sent_at > since and beat.num_running == 0, 30,
                "the engine to drop the aborted request")
 
 
