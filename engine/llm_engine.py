@@ -68,6 +68,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, config.stream_interval)
         self.async_scheduling = config.async_scheduling
         self._in_flight: tuple[SchedulerOutput, object] | None = None  # launched, not yet fetched
+        self._structured_outputs = None  # StructuredOutputManager, made for the first grammar
         self.failed_requests: dict[str, str] = {}  # dropped by a failed step, until take_failed_requests()
         # The model, its CUDA graphs and the tokenizer are millions of objects that live as long as the
         # engine: frozen, the cyclic collector stops scanning them again and again while the many
@@ -106,6 +107,8 @@ class LLMEngine:
             request = Request(child_id, prompt_ids, params, priority=priority, arrival_time=arrival_time,
                               cache_salt=cache_salt, parent_id=None if n == 1 else request_id, index=index,
                               tenant=tenant)
+            if params.structured_outputs is not None:
+                request.grammar = self.structured_outputs.grammar_for(child_id, params.structured_outputs)
             sequences.append(SequenceState(request, self.tokenizer))
         self.output_processor.add(RequestState(request_id, prompt_text, prompt_ids, params, sequences))
         for sequence in sequences:
@@ -140,6 +143,8 @@ class LLMEngine:
     # -- the loop -----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self._structured_outputs is not None:
+            self._fail_grammars()
         if not self.async_scheduling or self.scheduler.num_requests_reading_history:
             # Penalties read every token on the host: no step is planned ahead of the last.
             return self._complete_in_flight() + self._run_step(self.scheduler.schedule())
@@ -152,7 +157,7 @@ class LLMEngine:
             raise
         except Exception:  # the step in flight ends first; then this one runs again in parts, alone
             return self._complete_in_flight() + self._run_step(scheduler_output)
-        outputs = self._complete_in_flight()
+        outputs = self._complete_in_flight(launched)
         self._in_flight = (scheduler_output, launched)
         return outputs
 
@@ -160,21 +165,29 @@ class LLMEngine:
         """Run a step to the end, isolating the requests that make it fail (engine/step_isolation.py)."""
         if scheduler_output.is_empty():
             if self.scheduler.waiting and not self.scheduler.running:
+                if self.scheduler.num_waiting_for_grammar():
+                    time.sleep(0.001)  # only grammars compiling (in the background): do not spin
+                    return []
                 raise RuntimeError("no waiting request fits the KV cache; this is a bug (add_request checks it)")
             return []
         runner_output, culprits = execute_isolating_faults(self._execute, scheduler_output, self.scheduler.requests)
         return self._process(scheduler_output, runner_output, culprits)
 
-    def _complete_in_flight(self) -> list[RequestOutput]:
+    def _complete_in_flight(self, launched_next=None) -> list[RequestOutput]:
+        """Fetch, update and process the step in flight. `launched_next`, the step launched behind
+        it, samples its grammar rows once this one's tokens have advanced the matchers."""
         if self._in_flight is None:
+            self._sample_constrained(launched_next)
             return []
         scheduler_output, launched = self._in_flight
         self._in_flight = None
-        return self._process(scheduler_output, self._fetch(launched), [])
+        return self._process(scheduler_output, self._fetch(launched), [], launched_next)
 
-    def _process(self, scheduler_output: SchedulerOutput, runner_output, culprits) -> list[RequestOutput]:
+    def _process(self, scheduler_output: SchedulerOutput, runner_output, culprits,
+                 launched_next=None) -> list[RequestOutput]:
         self._fail(scheduler_output, culprits)
         finished = {r.request_id for r in self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)}
+        self._sample_constrained(launched_next)  # before the output work: the device waits for it
         processed = self.output_processor.process(scheduler_output.num_scheduled_tokens, runner_output, finished)
         self.scheduler.finish_requests(processed.stopped_req_ids, RequestStatus.FINISHED_STOPPED)
         return processed.outputs
@@ -186,7 +199,31 @@ class LLMEngine:
         return failed
 
     def _execute(self, scheduler_output):
-        return self._fetch(self._launch(scheduler_output))
+        launched = self._launch(scheduler_output)
+        self._sample_constrained(launched)
+        return self._fetch(launched)
+
+    def _sample_constrained(self, launched) -> None:
+        """Fill the grammar masks of a launched step that awaits them and let rank 0 sample it.
+        Every token before this step's is in the matchers by now."""
+        if launched is None or not launched.awaits_bitmask:
+            return
+        requests = self.scheduler.requests
+        rows = [(row, requests[request_id].grammar) for row, request_id in launched.constrained_request_ids()
+                if request_id in requests]  # one finished meanwhile samples unconstrained; its token is dropped
+        bitmask = self.structured_outputs.bitmask(rows)
+        if self.workers is None:
+            self.runner.sample_constrained(launched, bitmask)
+        else:
+            self.workers.sample_constrained(self.runner, launched, bitmask)
+
+    def _fail_grammars(self) -> None:
+        """Abort the requests whose grammar could not be built (the web side validates first)."""
+        for child_id, why in self._structured_outputs.take_failed():
+            state, _ = self.output_processor.sequences.get(child_id, (None, None))
+            if state is not None and state.request_id not in self.failed_requests:
+                self.failed_requests[state.request_id] = why
+                self.abort_request(state.request_id)
 
     def _launch(self, scheduler_output):
         if self.workers is None:
@@ -214,6 +251,8 @@ class LLMEngine:
         """Stop the tensor-parallel workers, if any (also done when the engine is garbage collected)."""
         if self.workers is not None:
             self.workers.shutdown()
+        if self._structured_outputs is not None:
+            self._structured_outputs.shutdown()
 
     def stats(self) -> dict:
         kv = self.kv_cache_manager
@@ -243,7 +282,19 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"prompt must be text, a list of token ids or a dict, got {type(prompt).__name__}")
 
+    @property
+    def structured_outputs(self):
+        if self._structured_outputs is None:
+            from engine.structured_outputs.manager import StructuredOutputManager
+
+            self._structured_outputs = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._structured_outputs
+
     def _validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if params.structured_outputs is not None:
+            from engine.structured_outputs.grammar import validate
+
+            validate(params.structured_outputs)  # the matcher itself is built in the background
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > self.vocab_size:

@@ -77,6 +77,9 @@ class Request:
         # Prompt logprobs need logits at every prompt position, so these skip cache hits.
         self.skip_prefix_cache = sampling_params.prompt_logprobs is not None
         self.block_hashes: list[int] = []
+        # Its structured-output matcher (engine/structured_outputs/manager.py), if it has a grammar:
+        # it is admitted once the matcher is built, and every sampled token advances it.
+        self.grammar = None
 
     @property
     def num_prompt_tokens(self) -> int:

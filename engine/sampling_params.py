@@ -12,6 +12,7 @@ import enum
 import math
 from dataclasses import dataclass, field, replace
 
+from engine.structured_outputs.params import StructuredOutputsParams
 
 MAX_N = 256  # completions per prompt
 MAX_INT32 = 2**31 - 1  # counts and token ids: what an int32 tensor holds
@@ -53,6 +54,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # A grammar the output must follow (JSON Schema, regex, choice, Lark/GBNF): engine/structured_outputs.
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine from the tokenizer/model: EOS and extra stop ids.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -63,6 +66,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)  # the wire sends a dict
         self._validate()
 
     def _validate(self) -> None:

@@ -18,6 +18,7 @@ holds a placeholder for its unknown token, which the next step computes from the
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.core.waiting_queue import WaitingQueue
 from engine.request import Request, RequestStatus, child_request_id
+
+logger = logging.getLogger(__name__)
 
 _by_priority_and_arrival = attrgetter("priority", "arrival_time")  # Request.sort_key, faster
 
@@ -79,6 +82,10 @@ class Scheduler:
             self._finish(request, status)
             finished.append(request)
         return finished
+
+    def num_waiting_for_grammar(self) -> int:
+        """Waiting requests that cannot be admitted yet: their grammar is still being built."""
+        return sum(r.grammar is not None and not r.grammar.is_ready() for r in self.waiting)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -150,6 +157,8 @@ class Scheduler:
             if samples:
                 request.num_output_placeholders += 1
                 output.sampling_req_ids.add(request_id)
+                if request.grammar is not None:
+                    output.structured_output_req_ids.add(request_id)
             records.append(ScheduledRequest(request, num_new, samples, request.num_computed_tokens))
         if records:
             self._in_flight[output.step_id] = records
@@ -162,6 +171,8 @@ class Scheduler:
                     break
                 if request.num_output_placeholders:  # preempted while a step in flight samples for it
                     continue
+                if request.grammar is not None and not request.grammar.is_ready():
+                    continue  # its grammar is still compiling (in the background): the queue moves on
                 sibling = self._sibling_with_prompt(request)
                 if sibling is False:  # an earlier sibling is still computing the shared prompt
                     continue
@@ -197,6 +208,8 @@ class Scheduler:
             if token_id is not None:
                 request.append_output_token(token_id)
                 status = self._check_stop(request, token_id)
+                if request.grammar is not None and status is None:
+                    status = self._advance_grammar(request, token_id)
             elif request.is_prefill_only and record.end == request.num_tokens:
                 status = RequestStatus.FINISHED_LENGTH_CAPPED  # max_tokens=0: the prompt is scored
             else:
@@ -257,6 +270,17 @@ class Scheduler:
         if request.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None
+
+    @staticmethod
+    def _advance_grammar(request: Request, token_id: int) -> RequestStatus | None:
+        """Feed the token to the request's grammar; it stops once the grammar is complete (no token
+        may follow), also under ignore_eos. A refused token cannot come from a masked step; should one
+        come, the request stops rather than continuing unconstrained."""
+        grammar = request.grammar
+        if not grammar.accept(token_id):
+            logger.warning("request %s: token %d breaks its grammar (%s); stopping it", request.request_id,
+                           token_id, grammar.matcher.get_error())
+        return RequestStatus.FINISHED_STOPPED if grammar.is_finished() else None
 
     def _take_out(self, request: Request) -> None:
         if request.status == RequestStatus.RUNNING:

@@ -49,6 +49,9 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     # Requests whose last scheduled token is their last known one: the runner samples their next token.
     sampling_req_ids: set[str] = field(default_factory=set)
+    # Those of them whose token must follow a grammar: rank 0 samples them once the engine has filled
+    # their token bitmask (from the matchers, after the step before is updated).
+    structured_output_req_ids: set[str] = field(default_factory=set)
     # The runner forgets these before the step: finished or aborted (sampler state too), or preempted
     # (they come back as new requests; a seeded one keeps its generator).
     finished_req_ids: set[str] = field(default_factory=set)
@@ -73,5 +76,6 @@ class SchedulerOutput:
             cached_requests=[data for data in self.cached_requests if data.req_id in keep],
             num_scheduled_tokens={k: v for k, v in self.num_scheduled_tokens.items() if k in keep},
             sampling_req_ids=self.sampling_req_ids & keep,
+            structured_output_req_ids=self.structured_output_req_ids & keep,
             finished_req_ids=self.finished_req_ids - renewed,
             preempted_req_ids=[r for r in self.preempted_req_ids if r not in renewed])

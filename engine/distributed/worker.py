@@ -102,6 +102,11 @@ class TensorParallelWorkers:
                 pipe.send(scheduler_output)
             return runner.launch(scheduler_output)
 
+    def sample_constrained(self, runner, launched, bitmask) -> None:
+        """Rank 0 samples a step that waited for its grammar masks (the others wait in the broadcast)."""
+        with self._stepping():
+            runner.sample_constrained(launched, bitmask)
+
     def fetch(self, runner, launched):
         with self._stepping():
             return runner.fetch(launched)

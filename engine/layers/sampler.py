@@ -1,7 +1,8 @@
 """Logits -> next tokens for a batch of requests that each carry their own SamplingParams.
 
-Order, as in vLLM: raw logprobs (if asked) -> penalties -> min_tokens mask -> greedy or
-temperature -> top-k / top-p / min-p -> sample. Sampling uses the exponential race
+Order, as in vLLM: raw logprobs (if asked) -> grammar bitmask -> penalties -> min_tokens mask ->
+greedy or temperature -> top-k / top-p / min-p -> sample. Logprobs are the model's own (before the
+grammar), so no -inf reaches a response. Sampling uses the exponential race
 (argmax of p / q with q ~ Exp(1)), which draws exactly from p; a seeded request draws its q from
 its own generator, so its output does not depend on what else is in the batch.
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.request import Request
+from engine.structured_outputs.bitmask import apply_token_bitmask
 
 
 @dataclass
@@ -60,21 +62,23 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self.request_generators.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        return self.sample(logits, requests).resolve()
+    def __call__(self, logits: torch.Tensor, requests: list[Request], bitmask=None) -> SamplerOutput:
+        return self.sample(logits, requests, bitmask).resolve()
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> DeviceSample:
+    def sample(self, logits: torch.Tensor, requests: list[Request], bitmask=None) -> DeviceSample:
+        """`bitmask` (a GrammarBitmask) limits its rows to the tokens their grammars allow."""
         params = [r.sampling_params for r in requests]
         num_logprobs = [p.logprobs for p in params]
         wants_logprobs = any(num is not None for num in num_logprobs)
         if not wants_logprobs and all(_plain_greedy(r) for r in requests):
             # Nothing to adjust: the argmax of the model's own dtype is the argmax of its float32 copy,
             # without writing (and reading) a float32 copy of batch x vocabulary logits.
+            self._apply_bitmask(logits, bitmask)
             return DeviceSample(logits.argmax(dim=-1), None, num_logprobs)
         logits = logits.to(torch.float32, copy=True)  # penalties and masks write in place
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-
+        self._apply_bitmask(logits, bitmask)
         self._apply_penalties(logits, requests)
         self._mask_stop_tokens_before_min(logits, requests)
         token_ids = logits.argmax(dim=-1)
@@ -86,6 +90,12 @@ class Sampler:
             token_ids.index_copy_(0, rows, self._sample(logits.index_select(0, rows),
                                                         [requests[i] for i in random_rows]))
         return DeviceSample(token_ids, raw_logprobs, num_logprobs)
+
+    @staticmethod
+    def _apply_bitmask(logits: torch.Tensor, bitmask) -> None:
+        if bitmask is not None:
+            words = bitmask.words.to(logits.device, non_blocking=True)  # pinned on CUDA: no wait
+            apply_token_bitmask(logits, words, to_device(bitmask.rows, torch.long, logits.device))
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
         for row, request in enumerate(requests):

@@ -74,6 +74,17 @@ class LaunchedStep:
     sample: DeviceSample | None = None  # rank 0 only
     host_tokens: torch.Tensor | None = None  # the sampled tokens, copied to the host when `ready`
     ready: torch.cuda.Event | None = None
+    # Rank 0 of a step with grammar-constrained rows: the logits wait for `sample_constrained()`.
+    pending_logits: torch.Tensor | None = None
+    constrained_rows: list[int] = field(default_factory=list)  # rows of `sampling` under a grammar
+
+    @property
+    def awaits_bitmask(self) -> bool:
+        return self.pending_logits is not None
+
+    def constrained_request_ids(self) -> list[tuple[int, str]]:
+        """(row, request id) of the rows whose token must follow a grammar."""
+        return [(row, self.sampling[row][0].request_id) for row in self.constrained_rows]
 
 
 class ModelRunner:
@@ -235,10 +246,13 @@ class ModelRunner:
                        key=lambda item: item[1] != 1)  # decodes first
         sample_rows, row = [], -1
         launched = LaunchedStep(ModelRunnerOutput())
+        constrained_ids = scheduler_output.structured_output_req_ids
         for state, num_new in batch:
             row += num_new
             if state.request_id in sampling_ids:
                 sample_rows.append(row)
+                if state.request_id in constrained_ids:
+                    launched.constrained_rows.append(len(launched.sampling))
                 launched.sampling.append((state, state.num_computed_tokens + num_new))
         num_tokens = row + 1
         graph_size = None
@@ -262,10 +276,25 @@ class ModelRunner:
         return launched
 
     def _sample(self, hidden: torch.Tensor, launched: LaunchedStep) -> None:
-        """Sample on rank 0, share the tokens with every rank, start their copy to the host."""
+        """Sample on rank 0, share the tokens with every rank, start their copy to the host. A step
+        with grammar rows stops at the logits on rank 0 until `sample_constrained()` brings the masks
+        (the other ranks go on to wait for rank 0's tokens)."""
         logits = self.compute_logits(hidden)
+        if self.is_driver and launched.constrained_rows:
+            launched.pending_logits = logits
+            return
+        self._sample_logits(logits, launched)
+
+    @torch.inference_mode()
+    def sample_constrained(self, launched: LaunchedStep, bitmask) -> None:
+        """Rank 0: sample a step that awaited its grammar masks (a GrammarBitmask, or None when
+        every constrained request has finished meanwhile)."""
+        logits, launched.pending_logits = launched.pending_logits, None
+        self._sample_logits(logits, launched, bitmask)
+
+    def _sample_logits(self, logits: torch.Tensor, launched: LaunchedStep, bitmask=None) -> None:
         if self.is_driver:
-            launched.sample = self.sampler.sample(logits, [state for state, _ in launched.sampling])
+            launched.sample = self.sampler.sample(logits, [state for state, _ in launched.sampling], bitmask)
             tokens = launched.sample.token_ids
         else:
             tokens = torch.empty(len(launched.sampling), dtype=torch.long, device=self.device)
