@@ -74,8 +74,8 @@ class LLM:
         tokenizer = self.get_tokenizer()
         guard = SpecialTokenGuard(tokenizer.backend_tokenizer)  # content never makes a control token
 
-        def render(conversation: list[dict]) -> str:
-            return tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
+        def render(conversation: list[dict], tools: list[dict] | None) -> str:
+            return tokenizer.apply_chat_template(conversation, tools=tools, chat_template=chat_template, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt)
 
         prompts = [{"prompt_token_ids": guard.encode_chat(c, render)} for c in conversations]

@@ -36,21 +36,31 @@ class SpecialTokenGuard:
         plain.encode_special_tokens = True
         return plain
 
-    def encode_chat(self, messages: list[dict], render: Callable[[list[dict]], str]) -> list[int]:
-        """`render` turns messages into the template's text; every string field but `role` is the user's."""
-        if self.pattern is None or not any(self._has_special(m) for m in messages):
+    def encode_chat(self, messages: list[dict], render: Callable[[list[dict], list[dict] | None], str],
+                    tools: list[dict] | None = None) -> list[int]:
+        """`render(messages, tools)` turns them into the template's text. Every string in them is the
+        user's but a message's `role`, also nested ones (tool calls, tool definitions)."""
+        if self.pattern is None or not (any(self._has_special(m) for m in messages) or self._has_special(tools)):
             # encode_batch lets go of the GIL (encode does not): the event loop runs meanwhile
-            return self.tokenizer.encode_batch([render(messages)], add_special_tokens=False)[0].ids
-        marker = self._marker(messages)
+            return self.tokenizer.encode_batch([render(messages, tools)], add_special_tokens=False)[0].ids
+        marker = self._marker([messages, tools])
         literals: list[str] = []
 
         def escape(match: re.Match) -> str:
             literals.append(match.group(0))
             return f"{marker}{len(literals) - 1}{marker}"
 
-        escaped = [{k: v if k == "role" or not isinstance(v, str) else self.pattern.sub(escape, v)
-                    for k, v in m.items()} for m in messages]
-        return self.encode_template_text(render(escaped), marker, literals)
+        def escaped(value):
+            if isinstance(value, str):
+                return self.pattern.sub(escape, value)
+            if isinstance(value, dict):
+                return {k: escaped(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [escaped(v) for v in value]
+            return value
+
+        messages = [{k: v if k == "role" else escaped(v) for k, v in m.items()} for m in messages]
+        return self.encode_template_text(render(messages, escaped(tools)), marker, literals)
 
     def encode_template_text(self, text: str, marker: str = "", literals: tuple | list = ()) -> list[int]:
         """Every special string in `text` becomes its token, the rest is read as plain text, and
@@ -71,13 +81,29 @@ class SpecialTokenGuard:
             position = special.end()
         return ids + plain_ids(text[position:])
 
-    def _has_special(self, message: dict) -> bool:
-        return any(k != "role" and isinstance(v, str) and self.pattern.search(v) for k, v in message.items())
+    def _has_special(self, value, key: str = "") -> bool:
+        if isinstance(value, str):
+            return key != "role" and self.pattern.search(value) is not None
+        if isinstance(value, dict):
+            return any(self._has_special(v, k) for k, v in value.items())
+        if isinstance(value, list):
+            return any(self._has_special(v) for v in value)
+        return False
 
     @staticmethod
-    def _marker(messages: list[dict]) -> str:
-        """Private-use characters around a random nonce: found in no message, nor made of special text."""
+    def _marker(value) -> str:
+        """Private-use characters around a random nonce: found in no string of `value`, nor made of special text."""
         while True:
             marker = f"\ue000{secrets.token_hex(8)}\ue001"
-            if not any(isinstance(v, str) and marker in v for m in messages for v in m.values()):
+            if not _contains(value, marker):
                 return marker
+
+
+def _contains(value, text: str) -> bool:
+    if isinstance(value, str):
+        return text in value
+    if isinstance(value, dict):
+        return any(_contains(v, text) for v in value.values())
+    if isinstance(value, list):
+        return any(_contains(v, text) for v in value)
+    return False

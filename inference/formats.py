@@ -10,6 +10,8 @@ import time
 from engine.service.protocol import OutputDelta, Usage
 from inference.generation import GenerationPlan
 from inference.logprobs import CompletionLogprobs, chat_logprobs
+from inference.tool_call_streams import STREAMS
+from inference.tools import ToolPlan
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "stop"}
 
@@ -118,12 +120,15 @@ def _merge(first: dict, second: dict) -> dict:
 class ChatFormat(_Format):
     object_name, chunk_object_name = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, plan: GenerationPlan, *, top_logprobs: int | None, include_usage: bool = False) -> None:
+    def __init__(self, plan: GenerationPlan, *, top_logprobs: int | None, include_usage: bool = False,
+                 tools: ToolPlan | None = None) -> None:
         super().__init__(plan, include_usage=include_usage)
         self.top_logprobs = top_logprobs  # None: no logprobs asked
+        self.tools = tools if tools is not None and tools.active else None
 
     def _new_choice(self, prompt_index: int, delta: OutputDelta) -> dict:
-        return {"content": "", "finish_reason": None, "logprobs": [] if self.top_logprobs is not None else None}
+        return {"content": "", "finish_reason": None, "logprobs": [] if self.top_logprobs is not None else None,
+                "tools": STREAMS[self.tools.choice](self.tools) if self.tools else None}
 
     def _chunks(self, index, choice, output, finish, fresh) -> list[dict]:
         chunks = []
@@ -136,9 +141,20 @@ class ChatFormat(_Format):
             content = chat_logprobs(entries, token_ids, self.top_logprobs)
             choice["logprobs"].extend(content)
             logprobs = {"content": content, "refusal": None}
-        choice["content"] += output.text
-        if output.text or logprobs:
-            chunks.append(self.chunk([{"index": index, "delta": {"content": output.text}, "logprobs": logprobs,
+        text, calls = output.text, []
+        if choice["tools"] is not None:
+            text, calls = choice["tools"].feed(output.text)
+            if finish:
+                more_text, more_calls = choice["tools"].finish()
+                text, calls = text + more_text, calls + more_calls
+                if choice["tools"].calls and finish == "stop" and self.tools.choice != "named":
+                    finish = choice["finish_reason"] = "tool_calls"  # OpenAI's reason when the model calls
+        choice["content"] += text
+        if text or logprobs:
+            chunks.append(self.chunk([{"index": index, "delta": {"content": text}, "logprobs": logprobs,
+                                       "finish_reason": None}]))
+        if calls:
+            chunks.append(self.chunk([{"index": index, "delta": {"tool_calls": calls}, "logprobs": None,
                                        "finish_reason": None}]))
         if finish:
             chunks.append(self.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}]))
@@ -146,5 +162,8 @@ class ChatFormat(_Format):
 
     def _final_choice(self, index: int, choice: dict) -> dict:
         logprobs = {"content": choice["logprobs"], "refusal": None} if choice["logprobs"] is not None else None
-        return {"index": index, "message": {"role": "assistant", "content": choice["content"], "refusal": None},
-                "logprobs": logprobs, "finish_reason": choice["finish_reason"]}
+        message = {"role": "assistant", "content": choice["content"], "refusal": None}
+        if choice["tools"] is not None and choice["tools"].calls:
+            message["content"] = choice["tools"].content or None
+            message["tool_calls"] = choice["tools"].calls
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice["finish_reason"]}

@@ -9,6 +9,8 @@ than `max_prompt_tokens` times that length cannot fit in `max_prompt_tokens` tok
 """
 from __future__ import annotations
 
+import json
+
 import weakref
 
 from inference.errors import OpenAIError, invalid
@@ -61,5 +63,8 @@ def check_token_ids(tokenizer: PromptTokenizer, limits: EffectiveLimits, prompts
                       code="invalid_token_id")
 
 
-def chat_chars(messages: list[dict]) -> int:
-    return sum(len(m["content"]) + len(m.get("name") or "") for m in messages)
+def chat_chars(messages: list[dict], tools: list[dict] = ()) -> int:
+    """Characters the template will render from the caller: contents, names, tool calls and tools."""
+    calls = [call["function"] for m in messages for call in m.get("tool_calls") or ()]
+    return (sum(len(m.get("content") or "") + len(m.get("name") or "") for m in messages)
+            + sum(len(c["name"]) + len(c["arguments"]) for c in calls) + len(json.dumps(list(tools))))

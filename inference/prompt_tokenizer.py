@@ -42,19 +42,21 @@ class PromptTokenizer:
         # is tokenized in the tokenizer pool (inference/tokenizing.py); `encode` holds it throughout.
         return self._require_tokenizer().encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        """`tools` go to a template that knows them (inference/tools.py decides)."""
         if self.template is None:
             raise PromptError(f"model {self.card.model!r} has no chat template; use /v1/completions")
         self._require_tokenizer()
 
-        def render(rendered_messages: list[dict]) -> str:
+        def render(rendered_messages: list[dict], rendered_tools: list[dict] | None) -> str:
             try:
                 return self.template.render(messages=rendered_messages, add_generation_prompt=add_generation_prompt,
-                                            **self.card.special_tokens)
+                                            tools=rendered_tools, **self.card.special_tokens)
             except TemplateError as error:
                 raise PromptError(f"the chat template refused the messages: {error}") from error
 
-        return self.guard.encode_chat(messages, render)
+        return self.guard.encode_chat(messages, render, tools)
 
     def decode(self, token_ids: list[int]) -> str:
         return self._require_tokenizer().decode(token_ids, skip_special_tokens=False)

@@ -5,10 +5,14 @@ types are strict, and ranges are OpenAI's. Output shapes are documented for the 
 """
 from __future__ import annotations
 
+import json
+import re
+
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 
+from engine.structured_outputs.params import MAX_CHOICES, MAX_SPEC_CHARS
 from inference.errors import from_drf
 from inference.fields import (
     MAX_TOKEN_ID, PromptField, StopField, StrictBooleanField, StrictCharField, StrictFloatField, StrictIntegerField,
@@ -18,6 +22,8 @@ from inference.fields import (
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_NAME_CHARS = 64
+MAX_TOOLS = 128
+NAME_PATTERN = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function and schema names
 
 
 def validated(serializer_class, data) -> dict:
@@ -45,6 +51,57 @@ class StreamOptionsSerializer(StrictSerializer):
     include_usage = StrictBooleanField(required=False, default=False)
 
 
+@extend_schema_field({"type": "object", "additionalProperties": True})
+class JsonSchemaField(serializers.Field):
+    """A JSON Schema: an object (or, as vLLM takes it, the text of one)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except ValueError:
+                raise serializers.ValidationError("Must be a JSON Schema object (the string is not JSON).") from None
+        if not isinstance(data, dict):
+            raise serializers.ValidationError("Must be a JSON Schema object.")
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
+class JsonSchemaFormatSerializer(StrictSerializer):
+    name = StrictCharField(max_length=64)
+    description = StrictCharField(required=False, allow_blank=True, max_length=MAX_SPEC_CHARS)
+    schema = JsonSchemaField(required=False, allow_null=True)
+    strict = StrictBooleanField(required=False, allow_null=True)
+
+    def validate_name(self, value):
+        if not NAME_PATTERN.fullmatch(value):
+            raise serializers.ValidationError("Must be letters, digits, underscores and dashes (at most 64).")
+        return value
+
+
+class ResponseFormatSerializer(StrictSerializer):
+    type = serializers.ChoiceField(choices=["text", "json_object", "json_schema"])
+    json_schema = JsonSchemaFormatSerializer(required=False)
+
+    def validate(self, data):
+        if data["type"] == "json_schema" and "json_schema" not in data:
+            raise serializers.ValidationError({"json_schema": "response_format of type json_schema needs json_schema."})
+        return data
+
+
+class StructuredOutputsSerializer(StrictSerializer):
+    """vLLM's `structured_outputs`: exactly one constraint (checked with the grammar library later)."""
+
+    json = JsonSchemaField(required=False)
+    regex = StrictCharField(required=False, max_length=MAX_SPEC_CHARS)
+    choice = serializers.ListField(child=StrictCharField(max_length=MAX_SPEC_CHARS), required=False,
+                                   allow_empty=False, max_length=MAX_CHOICES)
+    grammar = StrictCharField(required=False, max_length=MAX_SPEC_CHARS)
+    json_object = StrictBooleanField(required=False)
+
+
 class SamplingRequestSerializer(StrictSerializer):
     """Fields common to completions and chat completions."""
 
@@ -70,6 +127,14 @@ class SamplingRequestSerializer(StrictSerializer):
     include_stop_str_in_output = StrictBooleanField(required=False, default=False)
     stop_token_ids = serializers.ListField(child=StrictIntegerField(min_value=0, max_value=MAX_TOKEN_ID),
                                            required=False, allow_null=True, max_length=64)
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names.
+    response_format = ResponseFormatSerializer(required=False, allow_null=True)
+    structured_outputs = StructuredOutputsSerializer(required=False, allow_null=True)
+    guided_json = JsonSchemaField(required=False, allow_null=True)
+    guided_regex = StrictCharField(required=False, allow_null=True, max_length=MAX_SPEC_CHARS)
+    guided_choice = serializers.ListField(child=StrictCharField(max_length=MAX_SPEC_CHARS), required=False,
+                                          allow_null=True, allow_empty=False, max_length=MAX_CHOICES)
+    guided_grammar = StrictCharField(required=False, allow_null=True, max_length=MAX_SPEC_CHARS)
 
     def validate_top_p(self, value):
         if value is not None and value <= 0:
@@ -135,16 +200,77 @@ class MessageContentField(serializers.Field):
         return value
 
 
+class FunctionCallSerializer(StrictSerializer):
+    name = StrictCharField(max_length=64)
+    arguments = StrictCharField(allow_blank=True, trim_whitespace=False)  # JSON text, as the model wrote it
+
+
+class ToolCallSerializer(StrictSerializer):
+    id = StrictCharField(max_length=256)
+    type = serializers.ChoiceField(choices=["function"])
+    function = FunctionCallSerializer()
+
+
 class MessageSerializer(StrictSerializer):
     role = serializers.ChoiceField(choices=["system", "developer", "user", "assistant", "tool"])
-    content = MessageContentField()
+    content = MessageContentField(required=False, allow_null=True)
     name = StrictCharField(required=False, max_length=64)
     tool_call_id = StrictCharField(required=False, max_length=256)
+    tool_calls = ToolCallSerializer(many=True, required=False, max_length=MAX_TOOLS)
+    refusal = StrictCharField(required=False, allow_null=True)
+
+    def validate(self, data):
+        if data.get("tool_calls") and data["role"] != "assistant":
+            raise serializers.ValidationError({"tool_calls": "Only assistant messages carry tool_calls."})
+        if data["role"] == "tool" and not data.get("tool_call_id"):
+            raise serializers.ValidationError({"tool_call_id": "A tool message needs the tool_call_id it answers."})
+        if data.get("content") is None and not (data["role"] == "assistant" and data.get("tool_calls")):
+            raise serializers.ValidationError({"content": "This field is required (it may be null only in an "
+                                                          "assistant message with tool_calls)."})
+        return data
 
 
-class ResponseFormatSerializer(StrictSerializer):
-    type = serializers.ChoiceField(choices=["text"], error_messages={
-        "invalid_choice": "Only response_format type 'text' is supported by this server."})
+class FunctionDefinitionSerializer(StrictSerializer):
+    name = StrictCharField(max_length=64)
+    description = StrictCharField(required=False, allow_blank=True, max_length=MAX_SPEC_CHARS)
+    parameters = JsonSchemaField(required=False, allow_null=True)
+    strict = StrictBooleanField(required=False, allow_null=True)
+
+    def validate_name(self, value):
+        if not NAME_PATTERN.fullmatch(value):
+            raise serializers.ValidationError("Must be letters, digits, underscores and dashes (at most 64).")
+        return value
+
+
+class ToolSerializer(StrictSerializer):
+    type = serializers.ChoiceField(choices=["function"])
+    function = FunctionDefinitionSerializer()
+
+
+class NamedFunctionSerializer(StrictSerializer):
+    name = StrictCharField(max_length=64)
+
+
+class NamedToolChoiceSerializer(StrictSerializer):
+    type = serializers.ChoiceField(choices=["function"])
+    function = NamedFunctionSerializer()
+
+
+@extend_schema_field({"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]})
+class ToolChoiceField(serializers.Field):
+    """`none`, `auto`, `required`, or {"type": "function", "function": {"name": ...}}."""
+
+    def to_internal_value(self, data):
+        if data in ("none", "auto", "required"):
+            return data
+        if isinstance(data, dict):
+            named = NamedToolChoiceSerializer(data=data)
+            named.is_valid(raise_exception=True)
+            return named.validated_data
+        raise serializers.ValidationError("Must be 'none', 'auto', 'required' or a named function choice.")
+
+    def to_representation(self, value):
+        return value
 
 
 class ChatCompletionRequestSerializer(SamplingRequestSerializer):
@@ -153,14 +279,20 @@ class ChatCompletionRequestSerializer(SamplingRequestSerializer):
     max_completion_tokens = StrictIntegerField(required=False, allow_null=True, min_value=1)
     logprobs = StrictBooleanField(required=False, allow_null=True, default=False)
     top_logprobs = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=MAX_LOGPROBS)
-    response_format = ResponseFormatSerializer(required=False, allow_null=True)
-    tools = serializers.ListField(required=False, allow_null=True, max_length=0, error_messages={
-        "max_length": "tools are not supported by this server."})
-    tool_choice = serializers.ChoiceField(choices=["none"], required=False, allow_null=True)
+    tools = ToolSerializer(many=True, required=False, allow_null=True, max_length=MAX_TOOLS)
+    tool_choice = ToolChoiceField(required=False, allow_null=True)
     parallel_tool_calls = StrictBooleanField(required=False, allow_null=True)
 
     def validate(self, data):
         data = super().validate(data)
         if data.get("top_logprobs") is not None and not data.get("logprobs"):
             raise serializers.ValidationError({"top_logprobs": "top_logprobs requires logprobs to be true."})
+        names = [tool["function"]["name"] for tool in data.get("tools") or []]
+        if len(set(names)) != len(names):
+            raise serializers.ValidationError({"tools": "Function names must be unique."})
+        choice = data.get("tool_choice")
+        if choice not in (None, "none") and not names:
+            raise serializers.ValidationError({"tool_choice": "tool_choice needs tools."})
+        if isinstance(choice, dict) and choice["function"]["name"] not in names:
+            raise serializers.ValidationError({"tool_choice": f"No tool named {choice['function']['name']!r}."})
         return data

@@ -26,14 +26,16 @@ from engine.service.protocol import Usage
 from inference import metrics
 from inference.call_registry import register_call
 from inference.engine_client import get_engine_client, prompt_tokenizers
-from inference.errors import OpenAIError
+from inference.errors import OpenAIError, invalid
 from inference.formats import ChatFormat, CompletionFormat, _Format
 from inference.generation import EngineFailed, GenerationPlan, generate, total_usage
 from inference.prompt_limits import chat_chars, check_text_length, check_token_ids
 from inference.prompt_tokenizer import PromptError, PromptTokenizer
 from inference.request_cleanup import close_when_request_ends
 from inference.sampling import sampling_fields
+from inference.structured_outputs import checked_constraint, requested_constraint
 from inference.tokenizing import off_loop
+from inference.tools import ToolPlan
 from tenants.admission import AdmissionRefused, admit
 from tenants.models import ApiKey
 from tenants.request_gate import count_refused, refuse_early
@@ -144,6 +146,7 @@ async def start_completion(*, api_key: ApiKey, data: dict, priority_offset: int 
         fields = sampling_fields(data, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                  model_defaults=tokenizer.card.sampling_defaults,
                                  tenant_defaults=limits.sampling_defaults)
+        await _constrain(fields, requested_constraint(data))
         plan = _plan(api_key, data, "cmpl", prompts, fields, texts)
         plan.priority += priority_offset  # batch jobs run behind interactive calls
         fmt = CompletionFormat(plan, echo=data["echo"], logprobs=logprobs, prompt_token_texts=token_texts,
@@ -157,21 +160,34 @@ async def start_chat(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -
         tokenizer = await _tokenizer_for(api_key, data["model"])
         limits = effective_limits(api_key=api_key)
         messages = [dict(m) for m in data["messages"]]
-        check_text_length(tokenizer, limits, chat_chars(messages), "messages")
+        tools = ToolPlan.of(data, tokenizer.card.chat_template)
+        check_text_length(tokenizer, limits, chat_chars(messages, tools.tools), "messages")
         check_token_ids(tokenizer, limits, [], data)
+        rendered, template_tools = tools.template_inputs(messages, tokenizer.card.chat_template)
         with _prompt_errors("messages"):
-            prompts = [await off_loop(tokenizer.encode_chat, messages)]
+            prompts = [await off_loop(tokenizer.encode_chat, rendered, True, template_tools)]
         requested = data.get("max_completion_tokens") or data.get("max_tokens")
         max_tokens = _max_tokens(api_key, tokenizer, prompts, requested, default=None)
         top = (data.get("top_logprobs") or 0) if data.get("logprobs") else None
         fields = sampling_fields(data, max_tokens=max_tokens, logprobs=top,
                                  model_defaults=tokenizer.card.sampling_defaults,
                                  tenant_defaults=limits.sampling_defaults)
+        asked = requested_constraint(data)
+        forced = tools.constraint()
+        if forced is not None and asked is not None:
+            raise invalid(asked[0], f"tool_choice {tools.choice!r} already constrains the output; drop {asked[0]}.")
+        await _constrain(fields, ("tools", forced.as_dict()) if forced is not None else asked)
         plan = _plan(api_key, data, "chatcmpl", prompts, fields, [])
         plan.priority += priority_offset
         return await _admit(api_key, "chat.completions", plan,
-                            ChatFormat(plan, top_logprobs=top, include_usage=_include_usage(data)),
+                            ChatFormat(plan, top_logprobs=top, include_usage=_include_usage(data), tools=tools),
                             user=data.get("user") or "")
+
+
+async def _constrain(fields: dict, asked: tuple[str, dict] | None) -> None:
+    """Add the call's checked output constraint to its sampling fields (the check compiles: off the loop)."""
+    if asked is not None:
+        fields["structured_outputs"] = (await off_loop(checked_constraint, *asked)).as_dict()
 
 
 def _encode_completion(tokenizer: PromptTokenizer, prompts: list, echo: bool):
