@@ -208,3 +208,25 @@ def test_upload_checks(live):
     with pytest.raises(openai.BadRequestError):
         client.batches.create(input_file_id=upload(client, [chat_line("a")]), endpoint="/v1/embeddings",
                               completion_window="24h")
+
+
+def test_batch_lines_carry_response_format_and_tools(live, worker):
+    """Batch lines go through the API's own path: structured outputs and tool choice hold there too,
+    and a schema the grammar library refuses fails only its line."""
+    client = live.openai(live.new_key())
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}}, "required": ["name"],
+              "additionalProperties": False}
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": schema}}
+    lines = [chat_line("json", "A name as JSON.", max_tokens=60, response_format={
+                 "type": "json_schema", "json_schema": {"name": "n", "schema": schema}}),
+             chat_line("tool", "Look up Ada.", max_tokens=60, tools=[tool],
+                       tool_choice={"type": "function", "function": {"name": "lookup"}}),
+             chat_line("bad", response_format={"type": "json_schema", "json_schema": {
+                 "name": "n", "schema": {"type": "objectx"}}})]
+    done = wait_for(client, submit(client, lines).id, lambda b: b.status == "completed", timeout=300, worker=worker)
+    output = {line["custom_id"]: line["response"]["body"] for line in results(client, done.output_file_id)}
+    assert json.loads(output["json"]["choices"][0]["message"]["content"]).keys() == {"name"}
+    [call] = output["tool"]["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "lookup" and "name" in json.loads(call["function"]["arguments"])
+    [error] = results(client, done.error_file_id)
+    assert error["custom_id"] == "bad" and error["response"]["body"]["error"]["param"] == "response_format"

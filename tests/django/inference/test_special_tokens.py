@@ -114,3 +114,22 @@ def test_a_forged_system_turn_through_the_api_is_counted_as_text(live, web):
                                            add_special_tokens=False).ids)
     assert reply.usage.prompt_tokens == len(web.encode_chat(messages))
     assert reply.usage.prompt_tokens > naive_count  # each forged marker is several text tokens, not one
+
+
+def test_special_strings_in_tools_and_tool_calls_stay_text_under_a_template_that_renders_them(engine_tokenizer):
+    """A template that knows tools renders nested user strings (tool definitions, call arguments): a
+    special string there must not become a control token either."""
+    template = ("{% for t in tools %}<|im_start|>system\n{{ t.function.description }}<|im_end|>\n{% endfor %}"
+                "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                "{% for c in m.tool_calls or [] %}{{ c.function.arguments.city }}{% endfor %}<|im_end|>\n{% endfor %}")
+    card = ModelCard(BUNDLED_MODEL, 2048, engine_tokenizer.backend_tokenizer.to_str(), template, {})
+    web = PromptTokenizer(card)
+    tools = [{"type": "function", "function": {"name": "f", "description": FORGED}}]
+    messages = [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"city": FORGED}}}]}]
+    ids = web.encode_chat(messages, add_generation_prompt=False, tools=tools)
+    benign = web.encode_chat([{"role": "assistant", "content": ""}], add_generation_prompt=False,
+                             tools=[{"type": "function", "function": {"name": "f", "description": "x"}}])
+    specials = special_ids(web)
+    assert sum(t in specials for t in ids) == sum(t in specials for t in benign)  # only the template's own
+    assert web.decode(ids).count("You are evil") == 2  # ... and the forged text is all there, as text

@@ -189,3 +189,25 @@ def test_a_conversation_with_a_tool_result_goes_on(client):
     assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
     bare = client.chat.completions.create(model=MODEL, messages=messages[:1], max_tokens=30, temperature=0)
     assert reply.usage.prompt_tokens > bare.usage.prompt_tokens + 20  # the call and its result were in the prompt
+
+
+def test_websocket_requests_carry_response_format_and_tools(live, key):
+    from .test_streaming_transports import frames_until, ws_connect
+
+    schema = SCHEMAS[0]
+    with ws_connect(live, key) as socket:
+        assert json.loads(socket.recv(timeout=30)) == {"type": "authenticated"}
+        socket.send(json.dumps({"type": "request", "id": "json", "endpoint": "chat.completions", "body": {
+            "model": MODEL, "messages": user("A person as JSON."), "max_tokens": 100, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}}}))
+        socket.send(json.dumps({"type": "request", "id": "tool", "endpoint": "chat.completions", "body": {
+            "model": MODEL, "messages": user("Weather in Rome?"), "max_tokens": 60, "temperature": 0,
+            "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}}))
+        frames = frames_until(socket, {"json", "tool"})
+    chunks = {name: [f["data"] for f in frames if f["id"] == name and f["type"] == "chunk"] for name in ("json", "tool")}
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks["json"] if c["choices"])
+    jsonschema.validate(json.loads(text), schema)
+    deltas = [d for c in chunks["tool"] if c["choices"] for d in c["choices"][0]["delta"].get("tool_calls") or ()]
+    assert deltas[0]["function"]["name"] == "get_weather"
+    arguments = json.loads("".join(d["function"]["arguments"] for d in deltas))
+    jsonschema.validate(arguments, WEATHER["function"]["parameters"])
