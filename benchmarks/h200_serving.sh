@@ -16,8 +16,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 common=(--model dummy:llama-3.1-8b --dtype bfloat16 --max-model-len 4096 --tokenizer .gpu/tokenizer
         --num-prompts 1000 --input-len 256 --output-len 256 --web-workers 8 --num-clients 4 --vocab-size 49152
         --redis-url redis://127.0.0.1:6379/0)
-python3 -m engine.bench serve --launch "${common[@]}" --compare-offline --batch1-requests 5 \
-    --also-max-concurrency 256 --json "$OUT/serve.json" 2>&1 | grep -v "^INFO"
+# ONLY_ALL_AT_ONCE=1: only the offline run and all 1000 at once over HTTP (no 256-in-flight, batch-1 or
+# latency runs). CPU per process and thread (cpu_usage) and the request stream's and replica's counters
+# (queue_watch) are sampled meanwhile; serve_timeline puts them on each HTTP run's time line, beside the
+# offline run's TTFT and TPOT.
+if [ "${ONLY_ALL_AT_ONCE:-0}" = 1 ]; then more=(); else more=(--batch1-requests 5 --also-max-concurrency 256); fi
+python3 -m engine.bench.cpu_usage --out "$OUT/cpu_serve.json" --interval 0.25 >/tmp/cpu_serve.txt 2>&1 &
+cpu_pid=$!
+python3 -m engine.bench.queue_watch --out "$OUT/queue_serve.json" --redis-url redis://127.0.0.1:6379/0 --interval 0.1 \
+    >/tmp/queue_serve.txt 2>&1 &
+queue_pid=$!
+status=0
+python3 -m engine.bench serve --launch "${common[@]}" --compare-offline "${more[@]}" --json "$OUT/serve.json" \
+    --log-dir "$OUT/logs" 2>&1 | grep -v "^INFO" || status=$?
+kill -TERM $cpu_pid $queue_pid
+wait $cpu_pid $queue_pid || true
+python3 -m engine.bench.serve_timeline "$OUT/serve.json" --cpu "$OUT/cpu_serve.json" --queue "$OUT/queue_serve.json" \
+    | tee "$OUT/timeline.txt"
+[ "$status" = 0 ] || exit "$status"
+[ "${ONLY_ALL_AT_ONCE:-0}" = 1 ] && exit 0
 # The engine's own time per decode step at the batch sizes above (the TPOT target's reference).
 for batch in 256 1000; do
     python3 -m engine.bench latency --model dummy:llama-3.1-8b --dtype bfloat16 --max-model-len 4096 \

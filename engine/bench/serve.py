@@ -93,7 +93,8 @@ class RequestRecord:
         completed = self.outcome == "completed"
         return {"index": self.index, "outcome": self.outcome, "status": self.status, "error": self.error,
                 "cut": self.cut, "prompt_tokens": self.prompt_tokens, "max_tokens": self.max_tokens,
-                "completion_tokens": self.completion_tokens, "latency_s": self.ended - self.started,
+                "completion_tokens": self.completion_tokens, "started": self.started,  # perf_counter: the ramp
+                "latency_s": self.ended - self.started,
                 "ttft_s": self.ttft() if completed and self.chunk_times else None,
                 "itl_s": [round(gap, 6) for gap in self.itl()]}
 
