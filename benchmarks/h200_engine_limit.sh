@@ -2,8 +2,10 @@
 # The engine-limit figures (issue 16) on one H200 (the device tool's nvidia-h200), new defaults
 # (async scheduling, max_num_seqs 1024, max_num_batched_tokens 16384) against the previous
 # configuration (no async scheduling, 256 sequences, 8192 tokens) in the same call.
-# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile ... (each part takes minutes);
-# ONLY_NEW=1 skips the previous configuration.
+# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile|structured ... (each part takes
+# minutes); ONLY_NEW=1 skips the previous configuration. `structured` (issue 20) runs 1000 requests free and
+# with half of them under a JSON schema; it needs .gpu/tokenizer (grammars compile against a tokenizer) and
+# the llguidance wheel installed from .whl (see benchmarks/h200_serving.sh).
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -20,6 +22,11 @@ bench() {  # name, then the bench arguments
 }
 for part in "$@"; do
     case $part in
+        structured)
+            free=(throughput "${model[@]}" --tokenizer .gpu/tokenizer --num-prompts 1000 --input-len 256 --output-len 256
+                  --ignore-eos)
+            bench structured_free "${free[@]}"
+            bench structured_half "${free[@]}" --structured-fraction 0.5 ;;
         tests) python3 -m pytest -q -m gpu tests/engine tests/kernels -p no:cacheprovider 2>&1 | tail -15 ;;
         uniform)
             bench uniform_new throughput "${model[@]}" --num-prompts 1000 --input-len 256 --output-len 256 --ignore-eos

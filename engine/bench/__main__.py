@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--compare-hf", action="store_true", help="also run transformers on the same requests")
         if name == "throughput":
             p.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens")
+            p.add_argument("--structured-fraction", type=float, default=0.0, metavar="F",
+                           help="this fraction of the requests (spread evenly) follows a JSON schema")
+            p.add_argument("--structured-schema", default=None, metavar="JSON",
+                           help="that schema (JSON text; default: engine/bench/throughput.py's BENCH_SCHEMA)")
         elif name == "service":
             p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
         else:
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args, command)
     options = asdict(engine_config_from_args(args))
-    options["skip_tokenizer_init"] = True  # token-id workloads: no tokenizer needed (or shipped)
+    # Token-id workloads need no tokenizer (none may be shipped), except to compile grammars.
+    options["skip_tokenizer_init"] = not getattr(args, "structured_fraction", 0)
     if args.command == "service":
         return _service(args, options, command)
     from engine.llm import LLM  # heavy imports after --help
@@ -141,7 +146,9 @@ def _run(args, runner, requests, device, hf: bool = False, eos_ids: set[int] | N
             return run_hf_throughput(runner, requests, args.batch_size, eos_ids, args.ignore_eos, device)
         from engine.bench.throughput import run_engine_throughput
 
-        return run_engine_throughput(runner, requests, args.ignore_eos, use_tqdm=sys.stderr.isatty())
+        return run_engine_throughput(runner, requests, args.ignore_eos, use_tqdm=sys.stderr.isatty(),
+                                     structured_fraction=args.structured_fraction,
+                                     structured_schema=args.structured_schema)
     from engine.bench.latency import run_engine_latency, run_hf_latency
 
     if hf:
