@@ -139,3 +139,24 @@ def test_llama3_rotary_builds_on_the_meta_device():
     assert meta_built.cos_cache.is_meta
     torch.testing.assert_close(RotaryEmbedding(config, 128, 64).cos_cache,
                                RotaryEmbedding(config, 128, 64).cos_cache)
+
+
+@pytest.mark.slow
+def test_grammar_rows_under_tensor_parallelism_with_async_scheduling(bundled_tokenizer):
+    """Rank 0 samples grammar rows after the other ranks have reached the token broadcast (it fills
+    their masks first): the collectives still line up, and the outputs are one rank's."""
+    from engine.structured_outputs import StructuredOutputsParams
+
+    texts = ["<|im_start|>user\nA person as JSON<|im_end|>\n<|im_start|>assistant\n", "The capital of France is"]
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}}, "required": ["name"]}
+    params = [SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=StructuredOutputsParams(json=schema)),
+              SamplingParams(temperature=0.0, max_tokens=8)]
+    options = dict(dtype="float32", max_model_len=256, num_gpu_blocks_override=64, seed=0)
+    texts_of = {}
+    for size, async_scheduling in ((1, False), (3, True)):
+        llm = LLM(model=BUNDLED_MODEL, tensor_parallel_size=size, async_scheduling=async_scheduling, **options)
+        try:
+            texts_of[size] = [o.outputs[0].text for o in llm.generate(texts, params, use_tqdm=False)]
+        finally:
+            llm.llm_engine.shutdown()
+    assert texts_of[3] == texts_of[1] and texts_of[1][0].startswith('{"name":"')
