@@ -9,8 +9,9 @@ import secrets
 from dataclasses import dataclass
 
 from inference import json_parsing
+from inference.endpoints import BY_PATH
 
-BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+BATCH_ENDPOINTS = tuple(BY_PATH)  # a batch job runs lines of one of these
 
 
 @dataclass

@@ -27,7 +27,6 @@ from redis.asyncio import Redis
 from redis.exceptions import LockError
 
 from engine.service.protocol import Usage
-from inference import services
 from inference.batch_input import output_line, parse_input
 from inference.batch_key_check import KEY_REFUSED, KeyRefused, live_batch_key
 from inference.batch_services import create_file, requeue_after_slice
@@ -35,7 +34,8 @@ from inference.lease_semaphore import LeaseSemaphore
 from inference.engine_client import get_engine_client
 from inference.errors import OpenAIError
 from inference.models import Batch, BatchLine, BatchStatus, File, FilePurpose
-from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer, validated
+from inference.endpoints import BY_PATH
+from inference.serializers import validated
 from tenants.admission import release_abandoned
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,6 @@ RUNNING_TTL_S = 7 * 24 * 3600  # the record of a batch's admitted lines outlives
 WATCH_EVERY_S = 1.0  # how often a running batch looks for a cancel (and renews its lease)
 RETRYABLE_CODES = {"rate_limit_exceeded", "engine_unavailable"}  # wait and retry the line, don't fail it
 PAGE = 200  # pending lines read from the database at a time
-ENDPOINTS = {
-    "/v1/chat/completions": (ChatCompletionRequestSerializer, services.start_chat),
-    "/v1/completions": (CompletionRequestSerializer, services.start_completion),
-}
 
 
 def run_batch(*, batch_id: str) -> None:
@@ -256,7 +252,7 @@ async def run_line(*, batch: Batch, api_key, custom_id: str, body: dict,
     A refusal that waiting cures (rate limits, no engine) is retried until `give_up_at` (the loop's
     clock), then _NotNow; one that never can (a request larger than the key's tokens per minute:
     `x-should-retry: false`) fails the line at once, as any other error does."""
-    serializer_class, start = ENDPOINTS[batch.endpoint]
+    serializer_class, start = BY_PATH[batch.endpoint].serializer, BY_PATH[batch.endpoint].start
     loop = asyncio.get_running_loop()
     while True:
         try:

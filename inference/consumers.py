@@ -22,15 +22,14 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from inference import json_parsing, services
+from inference import json_parsing
 from inference.authentication import api_key_from_header, authenticate
 from inference.engine_client import get_engine_client
 from inference.errors import OpenAIError, openai_error_or_raise
 from inference.lease_semaphore import LeaseSemaphore
-from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer, validated
+from inference.endpoints import BY_NAME
+from inference.serializers import validated
 
-ENDPOINTS = {"chat.completions": (ChatCompletionRequestSerializer, services.start_chat),
-             "completions": (CompletionRequestSerializer, services.start_completion)}
 MAX_ID_LENGTH = 128
 SOCKET_LEASE_S = 60  # a tenant's socket count forgets the sockets of a dead process this late
 CLOSE_UNAUTHORIZED, CLOSE_AUTH_TIMEOUT, CLOSE_TOO_MANY, CLOSE_TRY_LATER = 4401, 4408, 4429, 1013
@@ -145,11 +144,11 @@ class InferenceConsumer(AsyncJsonWebsocketConsumer):
     async def _run(self, call_id: str, endpoint, body) -> None:
         call = None
         try:
-            if endpoint not in ENDPOINTS:
+            if not isinstance(endpoint, str) or endpoint not in BY_NAME:
                 raise OpenAIError("'endpoint' must be chat.completions or completions.", param="endpoint")
             if not isinstance(body, dict):
                 raise OpenAIError("'body' must be a JSON object.", param="body")
-            serializer_class, start = ENDPOINTS[endpoint]
+            serializer_class, start = BY_NAME[endpoint].serializer, BY_NAME[endpoint].start
             call = await start(api_key=self.api_key, data=validated(serializer_class, {**body, "stream": True}))
             async for chunk in call.chunks():
                 await self.send_json({"type": "chunk", "id": call_id, "data": chunk})
