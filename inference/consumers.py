@@ -22,7 +22,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from inference import json_parsing
+from inference import json_parsing, services
 from inference.authentication import api_key_from_header, authenticate
 from inference.engine_client import get_engine_client
 from inference.errors import OpenAIError, openai_error_or_raise
@@ -144,12 +144,13 @@ class InferenceConsumer(AsyncJsonWebsocketConsumer):
     async def _run(self, call_id: str, endpoint, body) -> None:
         call = None
         try:
-            if not isinstance(endpoint, str) or endpoint not in BY_NAME:
-                raise OpenAIError("'endpoint' must be chat.completions or completions.", param="endpoint")
-            if not isinstance(body, dict):
-                raise OpenAIError("'body' must be a JSON object.", param="body")
-            serializer_class, start = BY_NAME[endpoint].serializer, BY_NAME[endpoint].start
-            call = await start(api_key=self.api_key, data=validated(serializer_class, {**body, "stream": True}))
+            async with services.refusal_counted(self.api_key):  # as over REST: a refused frame is a request
+                if not isinstance(endpoint, str) or endpoint not in BY_NAME:
+                    raise OpenAIError("'endpoint' must be chat.completions or completions.", param="endpoint")
+                if not isinstance(body, dict):
+                    raise OpenAIError("'body' must be a JSON object.", param="body")
+                serializer_class, start = BY_NAME[endpoint].serializer, BY_NAME[endpoint].start
+                call = await start(api_key=self.api_key, data=validated(serializer_class, {**body, "stream": True}))
             async for chunk in call.chunks():
                 await self.send_json({"type": "chunk", "id": call_id, "data": chunk})
             await self.send_json({"type": "done", "id": call_id})

@@ -102,3 +102,18 @@ def test_a_process_has_at_most_ws_max_per_process_sockets():
         frame, closed, still_open = asyncio.run(scenario())
     assert frame["error"]["code"] == "too_many_connections" and frame["error"]["type"] == "server_error"
     assert closed == {"type": "websocket.close", "code": 1013} and still_open
+
+
+def test_refused_frames_count_against_requests_per_minute(live):
+    """A frame refused by validation is a request, as over REST: 3 bad frames use up a limit of 3."""
+    key = live.new_key(requests_per_minute=3)
+    with ws_connect(live, key) as socket:
+        assert json.loads(socket.recv(timeout=30)) == {"type": "authenticated"}
+        for i, (endpoint, body) in enumerate([("nope", CHAT), ("chat.completions", []),
+                                              ("chat.completions", {**CHAT, "max_tokens": "four"})]):
+            socket.send(json.dumps({"type": "request", "id": f"bad{i}", "endpoint": endpoint, "body": body}))
+            [frame] = frames_until(socket, {f"bad{i}"})
+            assert frame["type"] == "error" and frame["error"]["type"] == "invalid_request_error"
+        socket.send(json.dumps({"type": "request", "id": "good", "endpoint": "chat.completions", "body": CHAT}))
+        [frame] = frames_until(socket, {"good"})
+    assert frame["type"] == "error" and frame["error"]["code"] == "rate_limit_exceeded", frame
