@@ -74,3 +74,23 @@ class VocabParallelEmbedding(nn.Module):
         elsewhere = (local < 0) | (local >= self.num_rows)
         embeddings = F.embedding(local.masked_fill(elsewhere, 0), self.weight)
         return all_reduce(embeddings.masked_fill_(elsewhere.unsqueeze(-1), 0))
+
+
+class ParallelRMSNorm(nn.Module):
+    """RMSNorm over features split across ranks (OLMo 2's q/k norms span every head): the sum of
+    squares is all-reduced, so each rank divides by the whole vector's RMS. `replicas` ranks hold each
+    slice (KV heads replicated when fewer than ranks), so that sum counts every slice `replicas` times."""
+
+    def __init__(self, rows: tuple[int, int], full_size: int, eps: float, replicas: int = 1, **factory) -> None:
+        super().__init__()
+        self.rows, self.eps, self.denominator = rows, eps, full_size * replicas
+        self.weight = nn.Parameter(torch.empty(rows[1], **factory))
+        self.weight.tp_slice = self._slice
+
+    def _slice(self, tensor: torch.Tensor, shard) -> torch.Tensor:
+        return tensor.narrow(0, *self.rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        sum_of_squares = all_reduce(x32.pow(2).sum(-1, keepdim=True))
+        return self.weight * (x32 * torch.rsqrt(sum_of_squares / self.denominator + self.eps)).to(x.dtype)

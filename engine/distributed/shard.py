@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.distributed.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from engine.distributed.layers import (ColumnParallelLinear, ParallelRMSNorm, RowParallelLinear,
+                                       VocabParallelEmbedding)
 from engine.distributed.parallel_state import tp_rank, tp_world_size
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.llama import LlamaAttention, LlamaMLP
@@ -63,6 +64,10 @@ def _shard_attention(attn: LlamaAttention, factory: dict) -> None:
                                          bias=attn.qkv_proj.bias is not None, **factory)
     attn.o_proj = RowParallelLinear(heads * head_dim, attn.o_proj.out_features, bias=attn.o_proj.bias is not None,
                                     **factory)
+    if attn.q_norm is not None and attn.q_norm.weight.shape[0] == attn.q_size:  # one norm over all heads (OLMo 2)
+        eps, replicas = attn.q_norm.eps, max(1, size // attn.num_kv_heads)
+        attn.q_norm = ParallelRMSNorm(q_rows, attn.q_size, eps, **factory)
+        attn.k_norm = ParallelRMSNorm(kv_rows, attn.kv_size, eps, replicas, **factory)
     attn.num_heads = attn.attn.num_heads = heads
     attn.num_kv_heads = attn.attn.num_kv_heads = kv_heads
     attn.q_size, attn.kv_size = heads * head_dim, kv_heads * head_dim

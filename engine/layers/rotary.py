@@ -1,8 +1,14 @@
-"""Rotary position embedding with the scaling types Llama 3.x, Qwen and Mistral ship.
+"""Rotary position embedding with the scaling types Llama 3.x, Qwen, Mistral and Phi-3 ship.
 
 Inverse frequencies for scaled variants (linear, llama3, yarn, longrope) come from transformers'
 own `ROPE_INIT_FUNCTIONS`, so they match the reference exactly; "dynamic" NTK, which changes with
 the sequence length, is not supported.
+
+LongRoPE (Phi-3's "longrope"; Phi3Config renames the older "su") has short factors for sequences up to
+`original_max_position_embeddings` and long ones beyond. transformers switches per forward call by
+the call's length, so keys already cached under one set meet queries of the other. As vLLM does, we
+choose once, by the longest position the table serves: long factors when it exceeds the original
+length (always, for the 128k checkpoints), so every token of every sequence uses the same set.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ def rope_parameters(config) -> dict:
     return params
 
 
-def inverse_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
+def inverse_frequencies(config, head_dim: int, max_position: int) -> tuple[torch.Tensor, float]:
     params = rope_parameters(config)
     rope_type = params["rope_type"]
+    if params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
     if rope_type == "default":
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         return 1.0 / (params["rope_theta"] ** exponents), 1.0
@@ -32,8 +40,10 @@ def inverse_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope scaling type {rope_type!r}")
+    # longrope takes its long factors iff `seq_len` exceeds original_max_position_embeddings.
+    length = {"seq_len": max_position} if rope_type == "longrope" else {}
     with torch.device("cpu"):  # real numbers even while the model is being built on `meta`
-        return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **length)
 
 
 class RotaryEmbedding(nn.Module):
@@ -41,7 +51,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config, head_dim: int, max_position: int) -> None:
         super().__init__()
-        inv_freq, attention_factor = inverse_frequencies(config, head_dim)
+        inv_freq, attention_factor = inverse_frequencies(config, head_dim, max_position)
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq.float().to(t.device))
         self.register_buffer("cos_cache", freqs.cos() * attention_factor, persistent=False)

@@ -1,6 +1,6 @@
 """The Llama family (Llama 2/3, SmolLM2, Mistral; `attention_bias` and `mlp_bias` where a config sets
-them) and its close relatives Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm), as one flat-batch
-model over the paged KV cache.
+them) and its close relatives Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and Granite (four
+scalar multipliers, read from its config), as one flat-batch model over the paged KV cache.
 
 Inputs are flat: all scheduled tokens of all requests in one `[num_tokens]` tensor with their
 positions; the attention layers find each token's sequence through the forward context.
@@ -34,7 +34,9 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = RotaryEmbedding(config, self.head_dim, config.max_position_embeddings)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        # Granite's attention_multiplier replaces 1/sqrt(head_dim).
+        scale = getattr(config, "attention_multiplier", None) or self.head_dim ** -0.5
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -68,28 +70,36 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Granite scales each block's output before the residual add.
+        self.residual_multiplier = getattr(config, "residual_multiplier", 1.0)
 
     def forward(self, positions, hidden_states, residual):
+        """Returns (block output, residual): their sum is the stream, added by the next norm (fused)."""
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states = self._scaled(self.self_attn(positions, hidden_states))
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        return self._scaled(self.mlp(hidden_states)), residual
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.residual_multiplier == 1.0 else x * self.residual_multiplier
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, decoder_layer, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, qk_norm) for _ in range(config.num_hidden_layers))
+        self.embedding_multiplier = getattr(config, "embedding_multiplier", 1.0)  # Granite
+        self.layers = nn.ModuleList(decoder_layer(config, qkv_bias, qk_norm) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None
+        if self.embedding_multiplier != 1.0:
+            hidden_states = hidden_states * self.embedding_multiplier
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
         hidden_states, _ = self.norm(hidden_states, residual)
@@ -97,6 +107,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    decoder_layer = LlamaDecoderLayer
     qkv_bias = False
     qk_norm = False
     # Checkpoint names folded into our merged projections: (ours, theirs, shard).
@@ -106,16 +117,19 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.qkv_bias or getattr(config, "attention_bias", False), self.qk_norm)
+        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        self.model = LlamaModel(config, self.decoder_layer, qkv_bias, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.logits_scaling = getattr(config, "logits_scaling", 1.0)  # Granite divides its logits by it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden_states, weight)
+        logits = F.linear(hidden_states, weight)
+        return logits if self.logits_scaling == 1.0 else logits / self.logits_scaling
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) in; returns the names of parameters loaded."""

@@ -41,6 +41,26 @@ PRESETS = {
         num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         bos_token_id=151643, eos_token_id=151645)),
+    # microsoft/Phi-3-mini-4k-instruct (its 2047-token sliding window left out, as Mistral's).
+    "phi-3-mini-4k": ("Phi3ForCausalLM", dict(
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096, original_max_position_embeddings=4096,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=1, eos_token_id=32000,
+        pad_token_id=32000)),
+    # allenai/OLMo-2-0425-1B
+    "olmo-2-1b": ("Olmo2ForCausalLM", dict(
+        vocab_size=100352, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, eos_token_id=100257,
+        pad_token_id=100277)),
+    # ibm-granite/granite-3.0-2b-instruct
+    "granite-3-2b": ("GraniteForCausalLM", dict(
+        vocab_size=49155, hidden_size=2048, intermediate_size=8192, num_hidden_layers=40, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, embedding_multiplier=12.0,
+        attention_multiplier=0.015625, residual_multiplier=0.22, logits_scaling=8.0, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0)),
 }
 
 

@@ -150,6 +150,13 @@ def hf_log_softmax(hf_model, token_ids):
 _ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
+# Phi-3's LongRoPE, with factors for the tiny head_dim 16 and an original length of 8, so every test
+# prompt is longer (transformers then uses the long factors throughout, as the engine does when its
+# table is longer than 8); "phi3-short-rope" stops at 64 positions, so both use the short factors.
+_ROPE_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8,
+                  "short_factor": [1.0 + 0.3 * i for i in range(8)], "long_factor": [2.0 + 3.0 * i for i in range(8)]}
+_GRANITE = dict(embedding_multiplier=3.0, attention_multiplier=0.1, residual_multiplier=0.6, logits_scaling=1.7)
+
 # name -> (config class name, extra config kwargs, save_pretrained kwargs)
 TINY_VARIANTS = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False), {}),
@@ -159,6 +166,15 @@ TINY_VARIANTS = {
     "mistral": ("MistralConfig", dict(tie_word_embeddings=False, num_key_value_heads=1, head_dim=32), {}),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True), {}),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=32), {}),
+    "granite": ("GraniteConfig", dict(tie_word_embeddings=True, **_GRANITE), {}),
+    # One KV head: under two ranks the k norm's slice is replicated, the q norm's split.
+    "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False, num_key_value_heads=1), {}),
+    "phi3": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=0, original_max_position_embeddings=8,
+                                rope_parameters=_ROPE_LONGROPE), {}),
+    "phi3-short-rope": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=0, max_position_embeddings=64,
+                                           original_max_position_embeddings=64,
+                                           rope_parameters={**_ROPE_LONGROPE, "original_max_position_embeddings": 64}),
+                        {}),
 }
 
 

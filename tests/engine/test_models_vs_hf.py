@@ -1,4 +1,5 @@
-"""Tiny random Llama, Mistral, Qwen2 and Qwen3 checkpoints: the engine against transformers.
+"""Tiny random Llama, Mistral, Qwen2, Qwen3, Granite, OLMo 2 and Phi-3 checkpoints: the engine against
+transformers.
 
 Each variant (see TINY_VARIANTS in conftest.py) is a real Hugging Face folder written by
 `save_pretrained`: config.json, one or several safetensors files, tokenizer files. The engine's
@@ -10,11 +11,13 @@ many blocks.
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from engine import LLM, SamplingParams
 from tests.engine.conftest import hf_log_softmax
 
-VARIANTS = ["llama", "llama-bias", "llama3-rope-tied-sharded", "mistral", "qwen2", "qwen3"]
+VARIANTS = ["llama", "llama-bias", "llama3-rope-tied-sharded", "mistral", "qwen2", "qwen3", "granite", "olmo2",
+            "phi3", "phi3-short-rope"]
 VOCAB = 256
 PROMPT_LENGTHS = [13, 30, 45]
 ATOL = 1e-4
@@ -67,6 +70,20 @@ def test_the_checkpoints_are_what_the_variants_claim(tiny_hf_checkpoint):
     assert models["qwen3"].model.layers[0].self_attn.q_norm is not None
     assert models["qwen3"].config.head_dim * 4 != models["qwen3"].config.hidden_size
     assert models["mistral"].config.num_key_value_heads == 1
+    granite = models["granite"].config
+    assert all(getattr(granite, name) != default for name, default in (
+        ("embedding_multiplier", 1.0), ("residual_multiplier", 1.0), ("logits_scaling", 1.0),
+        ("attention_multiplier", (granite.hidden_size // granite.num_attention_heads) ** -0.5)))
+    olmo_attention = models["olmo2"].model.layers[0].self_attn
+    assert olmo_attention.q_norm.weight.shape == (models["olmo2"].config.hidden_size,)  # all heads, not one
+    with safe_open(str(next(tiny_hf_checkpoint("phi3")[0].glob("*.safetensors"))), framework="pt") as handle:
+        fused = {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"}
+        assert fused <= set(handle.keys())
+    long_rope, short_rope = (models[v].config for v in ("phi3", "phi3-short-rope"))
+    assert long_rope.rope_parameters["original_max_position_embeddings"] < min(PROMPT_LENGTHS)
+    assert long_rope.max_position_embeddings > long_rope.rope_parameters["original_max_position_embeddings"]
+    assert max(PROMPT_LENGTHS) + 16 <= short_rope.rope_parameters["original_max_position_embeddings"]
+    assert short_rope.max_position_embeddings == short_rope.rope_parameters["original_max_position_embeddings"]
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole-prefill", "chunked-prefill"])
