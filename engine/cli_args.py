@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -20,6 +21,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         kind = _base_type(hints[field.name])
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif kind is dict:  # e.g. --speculative-config '{"method": "ngram", "num_speculative_tokens": 3}'
+            group.add_argument(flag, type=json.loads, default=default, help="JSON object")
         else:
             group.add_argument(flag, type=kind, default=default, help=f"default: {default}")
 
@@ -41,6 +44,8 @@ def engine_flags(options: dict) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
         elif value is not None:
             flags += [flag, str(value)]
     return flags

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from engine.spec_decode.config import SpeculativeConfig
+
 from engine.sampling_params import check_field
 
 BUNDLED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -35,6 +37,9 @@ class EngineConfig:
     stream_interval: int = 1  # streamed (DELTA) outputs every N tokens (and the first, and the last)
     # Plan step N+1 while the device runs step N (default: on with CUDA); greedy outputs are the same.
     async_scheduling: bool | None = None
+    # {"method": "ngram", "num_speculative_tokens": k, ...} (engine/spec_decode/config.py); async
+    # scheduling is off while it is on (the next step depends on how many proposals were accepted).
+    speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
         self.dtype = str(self.dtype).replace("torch.", "")
@@ -58,6 +63,7 @@ class EngineConfig:
                     "max_num_seqs", f"must be a positive integer, got {self.max_num_seqs!r}")
         check_field(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
                "num_gpu_blocks_override", "must be at least 2")
+        SpeculativeConfig.from_dict(self.speculative_config)  # raises ValueError naming the field
 
     def with_device_defaults(self, on_cuda: bool) -> "EngineConfig":
         """The options left to the device filled in: a GPU runs far larger batches than a CPU."""

@@ -24,6 +24,7 @@ from engine.output_processor import OutputProcessor, RequestState, SequenceState
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus, child_request_id
 from engine.sampling_params import SamplingParams
+from engine.spec_decode.config import SpeculativeConfig
 from engine.step_isolation import execute_isolating_faults, forget_uncomputed_blocks
 from engine.tokenization import eos_token_ids, load_tokenizer
 from engine.weights import load_model_config, resolve_model
@@ -62,11 +63,13 @@ class LLMEngine:
             raise
         self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
                                                config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager)
+        self.speculative_config = SpeculativeConfig.from_dict(config.speculative_config)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager, self.speculative_config)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config)
         self.vocab_size = self.model_config.vocab_size
         self.output_processor = OutputProcessor(self.tokenizer, config.stream_interval)
-        self.async_scheduling = config.async_scheduling
+        # Speculation plans each step from the tokens the last one accepted: no step planned ahead.
+        self.async_scheduling = config.async_scheduling and self.speculative_config is None
         self._in_flight: tuple[SchedulerOutput, object] | None = None  # launched, not yet fetched
         self._structured_outputs = None  # StructuredOutputManager, made for the first grammar
         self.failed_requests: dict[str, str] = {}  # dropped by a failed step, until take_failed_requests()
@@ -186,7 +189,8 @@ class LLMEngine:
     def _process(self, scheduler_output: SchedulerOutput, runner_output, culprits,
                  launched_next=None) -> list[RequestOutput]:
         self._fail(scheduler_output, culprits)
-        finished = {r.request_id for r in self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)}
+        finished = {r.request_id for r in self.scheduler.update(scheduler_output, runner_output.sampled_token_ids,
+                                                                 runner_output.spec_token_ids)}
         self._sample_constrained(launched_next)  # before the output work: the device waits for it
         processed = self.output_processor.process(scheduler_output.num_scheduled_tokens, runner_output, finished)
         self.scheduler.finish_requests(processed.stopped_req_ids, RequestStatus.FINISHED_STOPPED)
@@ -262,7 +266,19 @@ class LLMEngine:
             "num_blocks": self.runner.num_blocks, "prefix_cache_queries": kv.prefix_cache_queries,
             "prefix_cache_hits": kv.prefix_cache_hits,
             "peak_kv_token_utilization": self.scheduler.peak_kv_token_utilization,
+            **self.speculation_stats(),
         }
+
+    def speculation_stats(self) -> dict:
+        """Proposed and accepted tokens so far, the acceptance rate and the mean tokens a speculating
+        step produced (accepted proposals plus the sample after them); {} without speculation."""
+        scheduler = self.scheduler
+        if self.speculative_config is None:
+            return {}
+        steps, drafts, accepted = scheduler.num_spec_steps, scheduler.num_draft_tokens, scheduler.num_accepted_tokens
+        return {"spec_num_draft_tokens": drafts, "spec_num_accepted_tokens": accepted,
+                "spec_acceptance_rate": accepted / drafts if drafts else 0.0,
+                "spec_mean_accepted_length": (accepted + steps) / steps if steps else 0.0}
 
     # -- helpers ------------------------------------------------------------------------------------
 

@@ -168,6 +168,12 @@ class OutputProcessor:
                 self.sequences.pop(sequence.request.request_id, None)
         return state
 
+    @staticmethod
+    def _append_speculated(sequence: SequenceState, finished: bool) -> bool:
+        """A speculating step's tokens, as the scheduler appended them (it cut them at a stop token or
+        max_tokens): the request's outputs beyond what this sequence has."""
+        return _append_tokens(sequence, sequence.request.output_token_ids[len(sequence.token_ids):], finished)
+
     def process(self, scheduled_ids, runner_output, finished_ids: set[str]) -> ProcessedOutputs:
         """One step's tokens (and prompt logprobs) for the sequences in `scheduled_ids`, of which
         `finished_ids` the scheduler has finished."""
@@ -186,8 +192,11 @@ class OutputProcessor:
             touched[state.request_id] = state
             if state.first_token_time is None and token_id is not None:
                 state.first_token_time = now
-            stopped = token_id is not None and sequence.append(
-                token_id, runner_output.logprobs.get(sequence_id), is_finished)
+            if sequence_id in runner_output.spec_token_ids:  # several tokens: those the scheduler kept
+                stopped = self._append_speculated(sequence, is_finished)
+            else:
+                stopped = token_id is not None and sequence.append(
+                    token_id, runner_output.logprobs.get(sequence_id), is_finished)
             if stopped and not is_finished:
                 result.stopped_req_ids.append(sequence_id)
             if is_finished or stopped:  # a stop string wins over a length cap reached on the same token
@@ -205,6 +214,13 @@ class OutputProcessor:
             if state.finished:
                 self.requests.pop(state.request_id, None)
         return result
+
+
+def _append_tokens(sequence: SequenceState, tokens: list[int], finished: bool) -> bool:
+    for j, token_id in enumerate(tokens):
+        if sequence.append(token_id, None, finished and j == len(tokens) - 1):
+            return True  # a stop string: the tokens after it are not the user's
+    return False
 
 
 def to_logprob_dict(entries: list[tuple[int, float, int]], tokenizer) -> dict[int, Logprob]:

@@ -80,6 +80,7 @@ class Request:
         # Its structured-output matcher (engine/structured_outputs/manager.py), if it has a grammar:
         # it is admitted once the matcher is built, and every sampled token advances it.
         self.grammar = None
+        self.spec_token_ids: list[int] = []  # proposals scheduled after its last token (speculative decoding)
 
     @property
     def num_prompt_tokens(self) -> int:

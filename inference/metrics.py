@@ -78,6 +78,12 @@ _ENGINE_FIGURES = {
                              CounterMetricFamily),
     "prefix_cache_hits": ("llm_engine_prefix_cache_hits", "Prompt tokens served by the prefix cache",
                           CounterMetricFamily),
+    # Acceptance rate: rate(..._accepted_tokens_total) / rate(..._draft_tokens_total).
+    "spec_num_draft_tokens": ("llm_engine_spec_decode_draft_tokens", "Tokens proposed by speculative decoding",
+                              CounterMetricFamily),
+    "spec_num_accepted_tokens": ("llm_engine_spec_decode_accepted_tokens", "Proposed tokens the model confirmed",
+                                 CounterMetricFamily),
+    "spec_num_steps": ("llm_engine_spec_decode_steps", "Sequence steps that speculated", CounterMetricFamily),
 }
 
 

@@ -71,6 +71,39 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
     return out[0].transpose(0, 1)
 
 
+SHORT_QUERY_LEN = 16  # speculative verification (a few tokens per sequence): one batched call, as decodes
+
+
+def _short_queries_at_once(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+                           max_query_len: int, out: torch.Tensor) -> torch.Tensor:
+    """Many short chunks in one attention call (a loop of per-sequence calls costs more than the
+    math at this size): queries padded to `max_query_len`, each row masked to its own causal context."""
+    num_seqs, block_size = len(seq_lens), key_cache.shape[1]
+    starts = query_start_loc.to(torch.long)
+    query_lens = starts[1:] - starts[:-1]
+    lens = seq_lens.to(torch.long)
+    max_len = int(lens.max())
+    tables = block_tables[:, :-(-max_len // block_size)]
+    shape = (num_seqs, tables.shape[1] * block_size, *key_cache.shape[2:])
+    # Slots past a sequence's end hold anything (NaN in a poisoned test cache): zeroed, since a masked
+    # weight of 0 times NaN is still NaN.
+    in_sequence = (torch.arange(shape[1], device=query.device)[None, :] < lens[:, None])[:, None, :, None]
+    keys = gather_blocks(key_cache, tables).view(shape).transpose(1, 2).where(in_sequence, 0.0)  # [seqs, kv_heads, len, dim]
+    values = gather_blocks(value_cache, tables).view(shape).transpose(1, 2).where(in_sequence, 0.0)
+    slot = torch.arange(max_query_len, device=query.device)
+    real = slot[None, :] < query_lens[:, None]  # [seqs, max_query_len]
+    rows = (starts[:-1, None] + slot[None, :]).clamp(max=query.shape[0] - 1)
+    padded = query[rows.flatten()].view(num_seqs, max_query_len, *query.shape[1:]).transpose(1, 2)
+    query_pos = lens[:, None] - query_lens[:, None] + slot[None, :]  # each row's position in its sequence
+    mask = torch.arange(keys.shape[2], device=query.device)[None, None, :] <= query_pos[:, :, None]
+    mask &= real[:, :, None]
+    mask[:, :, 0] |= ~real  # padded rows see one key, so no row is all -inf (their output is dropped)
+    result = F.scaled_dot_product_attention(padded, keys, values, attn_mask=mask[:, None], scale=scale,
+                                            enable_gqa=True).transpose(1, 2)  # [seqs, max_query_len, heads, dim]
+    out[rows[real]] = result[real]
+    return out
+
+
 def varlen_paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
                                    query_start_loc: torch.Tensor, scale: float, max_query_len: int,
@@ -80,6 +113,9 @@ def varlen_paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
     `out` are written. `max_query_len` sizes the kernel's grid; a loop needs no such bound."""
     if out is None:
         out = torch.empty_like(query)
+    if max_query_len <= SHORT_QUERY_LEN and len(seq_lens) > 1:
+        return _short_queries_at_once(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+                                      max_query_len, out)
     starts = query_start_loc.tolist()
     for seq, seq_len in enumerate(seq_lens.tolist()):
         start, end = starts[seq], starts[seq + 1]

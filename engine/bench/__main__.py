@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--num-iters-warmup", type=int, default=1)
             p.add_argument("--num-iters", type=int, default=3)
     _add_serve_parser(sub)
+    speculative = sub.add_parser("speculative", help="n-gram speculation vs plain decoding on copy-heavy prompts")
+    speculative.add_argument("--batch-size", type=int, default=16)
+    speculative.add_argument("--num-single", type=int, default=4, help="requests run one at a time (batch 1)")
+    speculative.add_argument("--max-tokens", type=int, default=128)
+    speculative.add_argument("--num-speculative-tokens", type=int, default=4)
+    speculative.add_argument("--prompt-lookup-min", type=int, default=1)
+    speculative.add_argument("--prompt-lookup-max", type=int, default=4)
+    speculative.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    add_engine_args(speculative)
     attention = sub.add_parser("attention", help="paged decode attention kernel: bandwidth vs copy bandwidth")
     attention.add_argument("--batch-size", type=int, default=64)
     attention.add_argument("--context-len", type=int, default=4096)
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return _attention(args, command)
     if args.command == "serve":
         return _serve(args, command)
+    if args.command == "speculative":
+        return _speculative(args, command)
     options = asdict(engine_config_from_args(args))
     # Token-id workloads need no tokenizer (none may be shipped), except to compile grammars.
     options["skip_tokenizer_init"] = not getattr(args, "structured_fraction", 0)
@@ -266,6 +277,20 @@ def _vocab_size(model: str) -> int:
     from engine.weights import load_model_config, resolve_model
 
     return load_model_config(resolve_model(model)).vocab_size
+
+
+def _speculative(args, command: str) -> int:
+    from engine.bench.speculative import run_speculative_bench
+
+    options = asdict(engine_config_from_args(args))
+    options.pop("speculative_config")
+    spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
+            "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
+    results = {"command": command, "speculative_config": spec,
+               **run_speculative_bench(options, spec, args.batch_size, args.num_single, args.max_tokens)}
+    _print("speculative", {k: v for k, v in results.items() if k != "command"})
+    _write_json(args.json, results)
+    return 0 if all(v for k, v in results.items() if k.startswith("identical_")) else 1
 
 
 def _write_json(path: str | None, results: dict) -> None:

@@ -29,6 +29,8 @@ from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.core.waiting_queue import WaitingQueue
 from engine.request import Request, RequestStatus, child_request_id
+from engine.spec_decode.config import SpeculativeConfig
+from engine.spec_decode.ngram import propose_ngram
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +45,16 @@ class ScheduledRequest:
     num_new: int
     samples: bool
     end: int  # num_computed_tokens once the step has run
+    num_drafts: int = 0  # speculative proposals among num_new
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
+        self.speculative_config = speculative_config
+        self.num_draft_tokens = self.num_accepted_tokens = self.num_spec_steps = 0  # acceptance counters
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -108,6 +114,8 @@ class Scheduler:
             if num_new <= 0:  # waiting for a step in flight (its last token, or its end)
                 index += 1
                 continue
+            request.spec_token_ids = self._propose(request, budget) if num_new == 1 else []
+            num_new += len(request.spec_token_ids)
             while self.kv_cache_manager.allocate_slots(request, num_new) is None:
                 victim = self.running.pop()  # see _order_running
                 self._preempt(victim)
@@ -152,14 +160,17 @@ class Scheduler:
             self._num_blocks_sent[request_id] = sent + len(new_block_ids)
             output.num_scheduled_tokens[request_id] = num_new
             request.num_computed_tokens += num_new
-            samples = (request.num_computed_tokens == request.num_tokens_with_placeholders
+            drafts = request.spec_token_ids if position < num_running_scheduled else []
+            if drafts:
+                output.scheduled_spec_decode_tokens[request_id] = drafts
+            samples = (request.num_computed_tokens - len(drafts) == request.num_tokens_with_placeholders
                        and not request.is_prefill_only)
             if samples:
                 request.num_output_placeholders += 1
                 output.sampling_req_ids.add(request_id)
                 if request.grammar is not None:
                     output.structured_output_req_ids.add(request_id)
-            records.append(ScheduledRequest(request, num_new, samples, request.num_computed_tokens))
+            records.append(ScheduledRequest(request, num_new, samples, request.num_computed_tokens, len(drafts)))
         if records:
             self._in_flight[output.step_id] = records
         return output
@@ -193,7 +204,8 @@ class Scheduler:
                 scheduled.append((request, num_new))
                 budget -= num_new
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int],
+               spec_token_ids: dict[str, list[int]] | None = None) -> list[Request]:
         """Take in a step's sampled tokens (one per request that samples); return finished requests.
         A request may have finished since (aborted, or stopped by an earlier step's token): its
         token is dropped."""
@@ -205,7 +217,9 @@ class Scheduler:
             if request.is_finished():
                 continue
             token_id = sampled_token_ids.get(request.request_id)
-            if token_id is not None:
+            if token_id is not None and record.num_drafts:
+                status = self._take_speculated(request, record, spec_token_ids[request.request_id])
+            elif token_id is not None:
                 request.append_output_token(token_id)
                 status = self._check_stop(request, token_id)
                 if request.grammar is not None and status is None:
@@ -220,6 +234,37 @@ class Scheduler:
                 finished.append(request)
         self._record_kv_usage()
         return finished
+
+    def _propose(self, request: Request, budget: int) -> list[int]:
+        """Speculative proposals for a decoding request, within its limits and the step's budget.
+        Requests whose sampling reads more than the target's distribution per position (penalties,
+        grammars, min_tokens still due, logprobs) decode without speculation."""
+        spec, params = self.speculative_config, request.sampling_params
+        if (spec is None or request.grammar is not None or params.needs_penalties or params.logprobs is not None
+                or request.num_output_tokens < params.min_tokens or request.num_output_placeholders):
+            return []
+        room = min(spec.num_speculative_tokens, budget - 1,
+                   self.config.max_model_len - request.num_tokens - 1)
+        if params.max_tokens is not None:
+            room = min(room, params.max_tokens - request.num_output_tokens - 1)
+        if room <= 0:
+            return []
+        return propose_ngram(request.all_token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+
+    def _take_speculated(self, request: Request, record: ScheduledRequest, tokens: list[int]) -> RequestStatus | None:
+        """Append a speculative step's tokens (the confirmed proposals and the sample after them) up to
+        a stop, and move its progress back to the last token whose KV is right: the rejected
+        proposals' slots are written again by the next steps."""
+        self.num_spec_steps += 1
+        self.num_draft_tokens += record.num_drafts
+        self.num_accepted_tokens += len(tokens) - 1
+        request.num_computed_tokens -= record.num_drafts + 1 - len(tokens)
+        for token_id in tokens:
+            request.append_output_token(token_id)
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                return status
+        return None
 
     def steps_in_flight(self) -> int:
         return len(self._in_flight)
@@ -289,6 +334,7 @@ class Scheduler:
             self.waiting.remove(request)
 
     def _preempt(self, request: Request) -> None:
+        request.spec_token_ids = []
         self.kv_cache_manager.free(request)
         self._num_blocks_sent.pop(request.request_id, None)
         request.status = RequestStatus.PREEMPTED

@@ -52,6 +52,10 @@ class SchedulerOutput:
     # Those of them whose token must follow a grammar: rank 0 samples them once the engine has filled
     # their token bitmask (from the matchers, after the step before is updated).
     structured_output_req_ids: set[str] = field(default_factory=set)
+    # Speculative decoding: request id -> the tokens proposed after its last known one. Its scheduled
+    # tokens are that last token and these; the runner samples after each and keeps the longest prefix
+    # of proposals the samples confirm, plus the sample after it.
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
     # The runner forgets these before the step: finished or aborted (sampler state too), or preempted
     # (they come back as new requests; a seeded one keeps its generator).
     finished_req_ids: set[str] = field(default_factory=set)
@@ -77,5 +81,6 @@ class SchedulerOutput:
             num_scheduled_tokens={k: v for k, v in self.num_scheduled_tokens.items() if k in keep},
             sampling_req_ids=self.sampling_req_ids & keep,
             structured_output_req_ids=self.structured_output_req_ids & keep,
+            scheduled_spec_decode_tokens={k: v for k, v in self.scheduled_spec_decode_tokens.items() if k in keep},
             finished_req_ids=self.finished_req_ids - renewed,
             preempted_req_ids=[r for r in self.preempted_req_ids if r not in renewed])

@@ -17,7 +17,8 @@ from engine.sampling_params import SamplingParams
 # 2: requests name their client (reply_to); deltas travel in batches. 3: requests carry trace_context,
 # final deltas their engine timings, heartbeats preemptions / prefix-cache counters / step time, model
 # cards the model's sampling defaults (a version-2 reader would refuse these fields one by one).
-PROTOCOL_VERSION = 3
+# 4: sampling params may carry structured_outputs; heartbeats speculative-decoding counters.
+PROTOCOL_VERSION = 4
 
 
 class ProtocolError(ValueError):
@@ -102,6 +103,11 @@ class Heartbeat:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # of which served from it
     step_seconds: float = 0.0  # mean time of an engine step over the last minute
+    # Speculative decoding since start: proposed tokens, accepted ones, and steps that speculated
+    # (acceptance rate = accepted / proposed; mean tokens per speculating step = (accepted + steps) / steps).
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_steps: int = 0
     sent_at: float = field(default_factory=time.time)
 
 

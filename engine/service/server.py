@@ -299,7 +299,10 @@ class EngineServer:
                          max_model_len=self.engine.max_model_len, num_preemptions=stats["num_preemptions"],
                          prefix_cache_queries=stats["prefix_cache_queries"],
                          prefix_cache_hits=stats["prefix_cache_hits"],
-                         step_seconds=sum(steps) / len(steps) if steps else 0.0)
+                         step_seconds=sum(steps) / len(steps) if steps else 0.0,
+                         spec_num_draft_tokens=self.engine.scheduler.num_draft_tokens,
+                         spec_num_accepted_tokens=self.engine.scheduler.num_accepted_tokens,
+                         spec_num_steps=self.engine.scheduler.num_spec_steps)
 
     def model_card(self) -> ModelCard:
         tokenizer = self.engine.tokenizer

@@ -56,7 +56,7 @@ class InputBuffers:
         self.slot_mapping = _Buffer((max_num_tokens,), torch.long, device)
         self.seq_lens = _Buffer((max_num_seqs,), torch.int32, device)
         self.block_tables = _Buffer((max_num_seqs, -(-max_model_len // block_size)), torch.int32, device)
-        self.sample_rows = _Buffer((max_num_seqs,), torch.long, device)
+        self.sample_rows = _Buffer((max_num_tokens,), torch.long, device)  # several per request when speculating
         # Per block-table row: (request state, blocks written). A state only gains blocks (a preempted
         # request comes back as a new state), so while it keeps its row a step writes the new ones.
         self.row_owners: list[tuple[CachedRequestState, int] | None] = [None] * max_num_seqs
@@ -86,7 +86,9 @@ class InputBuffers:
                 ids[token] = state.all_token_ids[start]
             elif known > 0:
                 ids[token:token + known] = state.all_token_ids[start:start + known]
-            if known < num_new:  # only a decode's one token can be in flight
+            if state.spec_token_ids:  # speculative decoding: the proposals follow the last known token
+                ids[token + known:token + num_new] = state.spec_token_ids
+            elif known < num_new:  # only a decode's one token can be in flight
                 unknown_rows.append(token + num_new - 1)
                 unknown_requests.append(state.request_id)
             blocks, owner = state.block_ids, self.row_owners[row]

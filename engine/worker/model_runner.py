@@ -59,7 +59,8 @@ def resolve_dtype(name: str, device: torch.device, model_config) -> torch.dtype:
 
 @dataclass
 class ModelRunnerOutput:
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)  # a speculating request: its last token
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # ... and all it produced this step
     logprobs: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)
     # request id -> (first prompt position covered, one entry list per position)
     prompt_logprobs: dict[str, tuple[int, list[list[tuple[int, float, int]]]]] = field(default_factory=dict)
@@ -71,6 +72,9 @@ class LaunchedStep:
 
     output: ModelRunnerOutput  # prompt logprobs are in already
     sampling: list[tuple[CachedRequestState, int]] = field(default_factory=list)  # (request, its token's position)
+    # A speculating request samples after its last token and after each proposal: its first row in
+    # `sampling` (its rows follow one another) and its proposals.
+    speculating: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
     sample: DeviceSample | None = None  # rank 0 only
     host_tokens: torch.Tensor | None = None  # the sampled tokens, copied to the host when `ready`
     ready: torch.cuda.Event | None = None
@@ -108,7 +112,7 @@ class ModelRunner:
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None  # the last launched step's tokens
         on_cuda = self.device.type == "cuda"
         # Two steps at most are between launch and fetch: one pinned buffer each, used in turn.
-        self._host_tokens = [torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=on_cuda)
+        self._host_tokens = [torch.zeros(max_num_batched_tokens, dtype=torch.long, pin_memory=on_cuda)
                              for _ in range(2 if on_cuda else 0)]
         self._launches = 0
         self.inputs = InputBuffers(max_num_batched_tokens, config.max_num_seqs, max_model_len, self.block_size,
@@ -249,7 +253,13 @@ class ModelRunner:
         constrained_ids = scheduler_output.structured_output_req_ids
         for state, num_new in batch:
             row += num_new
-            if state.request_id in sampling_ids:
+            if state.spec_token_ids:
+                num_drafts = len(state.spec_token_ids)
+                launched.speculating[state.request_id] = (len(launched.sampling), state.spec_token_ids)
+                for j in range(num_drafts + 1):  # after the last token, then after each proposal
+                    sample_rows.append(row - num_drafts + j)
+                    launched.sampling.append((state, state.num_computed_tokens + 1 + j))
+            elif state.request_id in sampling_ids:
                 sample_rows.append(row)
                 if state.request_id in constrained_ids:
                     launched.constrained_rows.append(len(launched.sampling))
@@ -327,15 +337,37 @@ class ModelRunner:
         if launched.ready is not None:
             launched.ready.synchronize()
         token_ids = launched.host_tokens.tolist()
+        if launched.speculating:
+            token_ids = self._verify(launched, token_ids, output)
         for (state, position), token_id in zip(launched.sampling, token_ids):
-            state.set_sampled(position, token_id)
+            if token_id is not None:
+                state.set_sampled(position, token_id)
         if launched.sample is not None:
-            sampled = launched.sample.resolve(token_ids)
+            sampled = launched.sample.resolve([t or 0 for t in token_ids])
             for (state, _), token_id, logprobs in zip(launched.sampling, token_ids, sampled.logprobs):
-                output.sampled_token_ids[state.request_id] = token_id
+                if token_id is not None:
+                    output.sampled_token_ids[state.request_id] = token_id
                 if logprobs is not None:
                     output.logprobs[state.request_id] = logprobs
         return output
+
+    @staticmethod
+    def _verify(launched: LaunchedStep, token_ids: list[int], output: ModelRunnerOutput) -> list[int | None]:
+        """Keep, per speculating request, the samples up to the first that differs from the proposal it
+        checks (that sample included): each row was sampled from the target's own distribution, so a
+        proposal is accepted with the target's probability of it, and a rejected one is replaced by a
+        sample of the target's distribution without it: exactly the target's distribution (proposals
+        are deterministic here). Rows past the first mismatch become None."""
+        token_ids = list(token_ids)
+        for request_id, (first, drafts) in launched.speculating.items():
+            kept = []
+            for j in range(len(drafts) + 1):
+                kept.append(token_ids[first + j])
+                if j == len(drafts) or token_ids[first + j] != drafts[j]:
+                    break
+            token_ids[first + len(kept):first + len(drafts) + 1] = [None] * (len(drafts) + 1 - len(kept))
+            output.spec_token_ids[request_id] = kept
+        return token_ids
 
     def _prompt_logprobs(self, request: CachedRequestState, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
         """Logprob of each next prompt token this chunk predicts (row p predicts token p + 1).

@@ -17,7 +17,7 @@ class CachedRequestState:
     """What the runner and the sampler read of one request (the names match engine.request.Request)."""
 
     __slots__ = ("request_id", "prompt_token_ids", "all_token_ids", "output_token_ids", "sampling_params", "index",
-                 "block_ids", "num_computed_tokens", "num_output_tokens")
+                 "block_ids", "num_computed_tokens", "num_output_tokens", "spec_token_ids")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
                  sampling_params: SamplingParams, index: int, block_ids: list[int], num_computed_tokens: int) -> None:
@@ -30,6 +30,7 @@ class CachedRequestState:
         self.block_ids = list(block_ids)
         self.num_computed_tokens = num_computed_tokens  # where this step starts
         self.num_output_tokens = len(output_token_ids)  # sampled before this step's token (placeholders too)
+        self.spec_token_ids: list[int] = []  # this step's proposals (speculative decoding), fed after the last token
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -63,7 +64,10 @@ class RequestStates(dict):
             state = self[data.req_id]
             state.block_ids[data.first_new_block:] = data.new_block_ids
             state.num_computed_tokens = data.num_computed_tokens
+        drafts = output.scheduled_spec_decode_tokens
         for request_id, num_new in output.num_scheduled_tokens.items():
             state = self[request_id]
+            state.spec_token_ids = drafts.get(request_id, [])
+            num_new -= len(state.spec_token_ids)
             state.num_output_tokens = max(0, state.num_computed_tokens + num_new - state.num_prompt_tokens)
         return list(output.finished_req_ids)

@@ -1,0 +1,1 @@
+"""Speculative decoding: cheap proposals of the next k tokens, verified by one target forward."""
