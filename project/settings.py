@@ -6,7 +6,7 @@ BATCH_FILE_MAX_BYTES, BATCH_CONCURRENCY, BATCH_SLICE_S, BATCH_SLOTS_PER_TENANT, 
 WS_MAX_PER_TENANT, WS_MAX_PER_PROCESS, FILES_MAX_BYTES_PER_TENANT, FILES_MAX_UPLOADS_PER_HOUR,
 FILES_RETENTION_DAYS, LOG_LEVEL,
 DJANGO_SECURE_SSL_REDIRECT, DJANGO_HSTS_SECONDS, DATABASE_POOL_SIZE, API_KEY_CACHE_S,
-USAGE_FLUSH_MS, API_MAX_BODY_BYTES, TOKENIZER_THREADS,
+USAGE_FLUSH_MS, API_MAX_BODY_BYTES, TOKENIZER_THREADS, WEB_ADMISSION_CONCURRENCY,
 DJANGO_TRUST_X_FORWARDED_PROTO (the README lists their defaults). Without DJANGO_SECRET_KEY, only a
 DEBUG process starts, with a key derived from the checkout's path, so no secret
 is ever committed and sessions survive restarts in development.
@@ -46,6 +46,8 @@ INSTALLED_APPS = [
     "inference",
 ]
 
+# Under ASGI (daphne) each of these runs as its twin in project.middleware: the same class, with its
+# hooks that do no I/O on the event loop instead of a thread hand-off each.
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -96,6 +98,9 @@ METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")  # when set, /metrics wants 
 API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", default=8 * 1024 * 1024)
 # Threads per web process that tokenize prompts and render chat templates, off the event loop.
 TOKENIZER_THREADS = env_int("TOKENIZER_THREADS", default=4)
+# Calls of one web process admitted at once (authentication to admission), the others waiting their
+# turn in arrival order (inference.admission_gate): a burst reaches the engine sooner.
+WEB_ADMISSION_CONCURRENCY = env_int("WEB_ADMISSION_CONCURRENCY", default=16)
 ENGINE_TIMEOUT_S = env_int("ENGINE_TIMEOUT_S", default=600)  # a request's deadline in the engine
 # The serving path needs no database: keys are cached (changes invalidate them at once, via Redis),
 # usage events are buffered in Redis and written in batches (tenants.key_cache, tenants.usage_buffer).
@@ -145,6 +150,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "OpenAI-compatible completions and chat completions over REST and SSE.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Several request objects have a `type` field with its own choices: one named enum for each.
+    "ENUM_NAME_OVERRIDES": {
+        "ContentPartTypeEnum": ["text"],
+        "ToolTypeEnum": ["function"],
+        "ResponseFormatTypeEnum": ["text", "json_object", "json_schema"],
+    },
 }
 
 LOGGING = {
