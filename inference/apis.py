@@ -12,6 +12,7 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 
 from inference import metrics, services
+from inference.admission_gate import admission_gate
 from inference.authentication import ApiKeyAuthentication
 from inference.engine_client import get_engine_client
 from inference.errors import OpenAIError, expected_error
@@ -93,26 +94,35 @@ def _model_object(model: str, beats) -> dict:
             "max_model_len": max(b.max_model_len for b in beats)}
 
 
-class CompletionsApi(APIView):
+class _CallApi(APIView):
+    """A view that starts an engine call. From authentication until the call is admitted it holds a
+    turn of this process's admission gate (inference.admission_gate); `post` ends the turn then."""
+
     authentication_classes = [ApiKeyAuthentication]
 
+    async def async_dispatch(self, request, *args, **kwargs):
+        async with admission_gate().turn() as self.admission_turn:  # DRF authenticates in here
+            return await super().async_dispatch(request, *args, **kwargs)
+
+
+class CompletionsApi(_CallApi):
     @extend_schema(summary="Create a completion", request=CompletionRequestSerializer, responses=OPENAI_RESPONSE)
     async def post(self, request):
         async with services.refusal_counted(request.auth):
             data = await off_loop(validated, CompletionRequestSerializer, request.data)  # 1,024 messages: ~0.15 s
             call = await services.start_completion(api_key=request.auth, data=data)
+        self.admission_turn.end()  # admitted: streaming or collecting waits on the engine, not on this process
         return await _respond(call, data["stream"])
 
 
-class ChatCompletionsApi(APIView):
-    authentication_classes = [ApiKeyAuthentication]
-
+class ChatCompletionsApi(_CallApi):
     @extend_schema(summary="Create a chat completion", request=ChatCompletionRequestSerializer,
                    responses=OPENAI_RESPONSE)
     async def post(self, request):
         async with services.refusal_counted(request.auth):
             data = await off_loop(validated, ChatCompletionRequestSerializer, request.data)  # 1,024 messages: ~0.15 s
             call = await services.start_chat(api_key=request.auth, data=data)
+        self.admission_turn.end()
         return await _respond(call, data["stream"])
 
 
@@ -134,18 +144,23 @@ async def _respond(call: services.Call, stream: bool):
 async def _sse(call: services.Call):
     """`data: {chunk}` events, then `data: [DONE]`: a stream always ends with [DONE], after an error
     event in OpenAI's shape if something failed (the engine, Redis out of reach, a bug), never with a
-    silent close. A client that disconnects cancels this generator, which aborts the engine requests."""
+    silent close. A client that disconnects cancels this generator, which aborts the engine requests.
+
+    The call is settled (quota, usage, its concurrency slot) after [DONE] has gone out, so the answer
+    never waits for the bookkeeping, and before the response ends, so a client that reads to the
+    end (the openai SDK does) has its slot back for its next call."""
     try:
-        async for chunk in call.chunks():
-            yield _event(chunk)
-    except Exception as exc:
-        yield _event(_stream_error(exc).body())
+        try:
+            async for chunk in call.chunks():
+                yield _event(chunk)
+        except Exception as exc:
+            yield _event(_stream_error(exc).body())
+        yield b"data: [DONE]\n\n"
     finally:
         try:
             await call.close()
         except Exception:  # settling failed (logged there); the caller has its answer all the same
             logger.exception("closing streamed call %s failed", call.plan.request_id)
-    yield b"data: [DONE]\n\n"
 
 
 def _event(payload: dict) -> bytes:

@@ -23,6 +23,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from inference import json_parsing, services
+from inference.admission_gate import admission_gate
 from inference.authentication import api_key_from_header, authenticate
 from inference.engine_client import get_engine_client
 from inference.errors import OpenAIError, openai_error_or_raise
@@ -144,7 +145,8 @@ class InferenceConsumer(AsyncJsonWebsocketConsumer):
     async def _run(self, call_id: str, endpoint, body) -> None:
         call = None
         try:
-            async with services.refusal_counted(self.api_key):  # as over REST: a refused frame is a request
+            # As over REST: admitted in turns (inference.admission_gate), and a refused frame is a request.
+            async with admission_gate().turn(), services.refusal_counted(self.api_key):
                 if not isinstance(endpoint, str) or endpoint not in BY_NAME:
                     raise OpenAIError("'endpoint' must be chat.completions or completions.", param="endpoint")
                 if not isinstance(body, dict):

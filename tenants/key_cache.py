@@ -77,6 +77,11 @@ def invalidate_api_keys() -> None:
 api_key_cache = ApiKeyCache()
 
 
+def connect_key_cache() -> None:
+    """Open the cache's Redis connection now (a web process warming up) rather than in a first call."""
+    _redis().ping()
+
+
 def _generation_key() -> str:
     return f"{settings.ENGINE_KEY_PREFIX}:apikeys:generation"
 

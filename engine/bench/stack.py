@@ -2,10 +2,12 @@
 
 A Redis (the one at --redis-url if it answers, else a private server), a key prefix of its own, a
 throwaway SQLite database with a tenant whose limits never bind, one engine replica and the web
-tier. Each child runs in a session of its own and logs to a file; one that exits while the stack
-starts fails the start at once, with its log tail. Everything is stopped on exit, error, Ctrl-C or
-SIGTERM. The offline benchmarks run in a child process too: its exit frees all the GPU memory it
-held, which deleting an `LLM` in this process does not guarantee.
+tier, ready once /ready sees the engine and every web worker has reported itself warm (it has paid
+at its start what its first calls would). Each child runs in a session of its own and logs to a
+file; one that exits while the stack starts fails the start at once, with its log tail. Everything
+is stopped on exit, error, Ctrl-C or SIGTERM. The offline benchmarks run in a child process too:
+its exit frees all the GPU memory it held, which deleting an `LLM` in this process does not
+guarantee.
 """
 
 from __future__ import annotations
@@ -106,9 +108,10 @@ class LaunchedStack:
         self._manage(env, "create_tenant", TENANT, *UNBOUNDED_LIMITS)
         self.api_key = self._manage(env, "create_api_key", TENANT).splitlines()[-1].strip()
         port = free_port()
-        self._spawn("web", self._web_command(port), env)
+        web = self._spawn("web", self._web_command(port), env)
         self.base_url = f"http://127.0.0.1:{port}"
         self._wait_for(self._healthy, f"{self.base_url}/ready to report an engine for {self.model}")
+        self._wait_for(lambda: self._web_workers_warm(web), f"all {self.web_workers} web workers to warm up")
 
     def _start_redis(self) -> None:
         server = shutil.which("redis-server") or shutil.which("valkey-server")
@@ -147,6 +150,22 @@ class LaunchedStack:
             return False
         return response.status_code == 200 and response.json()["engines"].get(self.model, 0) > 0
 
+    def _web_workers_warm(self, web: Child) -> bool:
+        """Whether every web worker has reported itself warm for the model: each one writes
+        `{prefix}:web-warm:{its client id}` = {"pid", "models"} once it has paid what a first call
+        would (inference/warmup.py), so a run's first requests find no cold worker."""
+        workers = {web.process.pid} if self.web_workers == 1 else _children(web.process.pid)
+        if len(workers) < self.web_workers:
+            return False
+        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=10)
+        try:
+            keys = list(client.scan_iter(match=f"{self.prefix}:web-warm:*", count=1000))
+            reports = [json.loads(value) for value in client.mget(keys) if value is not None] if keys else []
+        finally:
+            client.close()
+        warm = {report["pid"] for report in reports if self.model in report["models"]}
+        return workers <= warm
+
     def _wait_for(self, predicate, what: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not predicate():
@@ -172,6 +191,13 @@ class LaunchedStack:
                       file=sys.stderr)
         else:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def _children(pid: int) -> set[int]:
+    """The pids of a process's children (the supervisor's workers)."""
+    with contextlib.suppress(FileNotFoundError):
+        return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    return set()
 
 
 def _exit_on_sigterm(signum, frame) -> None:

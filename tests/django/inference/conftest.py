@@ -6,6 +6,8 @@ database), each test with its own tenant, so tests never share limits or usage.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,46 @@ class LiveStack:
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=120)
+
+
+async def asgi_completion(key: str, body: dict, *, on_start=None, on_body=None,
+                          gone_at_start: bool = False) -> tuple[int, bytes]:
+    """`POST /v1/completions` through the project's ASGI application in this process: (status, body).
+    `on_start()` is awaited when the response starts and `on_body(body so far)` called at each body
+    message; with `gone_at_start` the client disconnects as soon as the response starts."""
+    from project.asgi import application
+
+    payload = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                         (b"authorization", f"Bearer {key}".encode()), (b"content-length", str(len(payload)).encode())],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    incoming = [{"type": "http.request", "body": payload, "more_body": False}]
+    gone, status, received = asyncio.Event(), [], bytearray()
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+            if gone_at_start:
+                gone.set()
+            if on_start is not None:
+                await on_start()
+        elif message["type"] == "http.response.body":
+            received.extend(message.get("body", b""))
+            if on_body is not None:
+                on_body(bytes(received))
+            if not message.get("more_body"):
+                gone.set()
+
+    await asyncio.wait_for(application(scope, receive, send), 120)
+    return status[0], bytes(received)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from websockets.sync.client import connect
 from tenants.models import UsageEvent
 from tests.service.conftest import wait_until
 
-from .conftest import MODEL
+from .conftest import MODEL, asgi_completion
 
 pytestmark = pytest.mark.timeout(300)
 LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True}
@@ -65,37 +65,14 @@ def test_a_client_gone_before_the_stream_starts_frees_its_holds(live):
     rather than when the lease expires. Driven through the project's real ASGI application, with a
     client whose socket never takes the headers."""
     key = live.new_key(max_concurrent_requests=1)
-    body = json.dumps({**LONG, "max_tokens": 16, "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
-                         (b"authorization", f"Bearer {key}".encode()), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
-    statuses = []
 
-    async def scenario():
-        from project.asgi import application
-
-        headers_sent = asyncio.Event()
-        incoming = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive():
-            if incoming:
-                return incoming.pop(0)
-            await headers_sent.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message):
-            if message["type"] == "http.response.start":
-                statuses.append(message["status"])
-                headers_sent.set()
-                await asyncio.Event().wait()  # the client is gone: these headers are never taken
-
-        await asyncio.wait_for(application(scope, receive, send), 60)
+    async def headers_never_taken():
+        await asyncio.Event().wait()  # the client is gone: these headers are never taken
 
     with override_settings(ENGINE_KEY_PREFIX=live.prefix):
-        asyncio.run(scenario())
-    assert statuses == [200]
+        status, _ = asyncio.run(asgi_completion(key, {**LONG, "max_tokens": 16, "stream": True},
+                                                on_start=headers_never_taken, gone_at_start=True))
+    assert status == 200
     tenant = live.tenant_of(key)
     event = wait_until(lambda: UsageEvent.objects.filter(tenant=tenant).first(), 30, "the usage event")
     assert event.status == "cancelled" and event.completion_tokens == 0
