@@ -132,7 +132,7 @@ def test_sampled_tokens_follow_the_target_distribution(tiny_hf_checkpoint):
 def test_every_triple_is_reachable_so_the_test_above_can_fail():
     """Guard on the statistic: 3,000 draws from a wrong distribution (one triple twice as likely)."""
     expected = {k: 1 / 8 for k in itertools.product((0, 1), repeat=3)}
-    wrong = dict(expected, **{(0, 0, 0): 2 / 8})
+    wrong = {**expected, (0, 0, 0): 2 / 8}
     counts = {k: round(3000 * p / sum(wrong.values())) for k, p in wrong.items()}
     statistic, dof = chi_square(counts, expected, sum(counts.values()))
     assert statistic > CHI2_CRITICAL[dof]
