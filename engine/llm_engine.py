@@ -255,8 +255,9 @@ class LLMEngine:
         """Stop the tensor-parallel workers, if any (also done when the engine is garbage collected)."""
         if self.workers is not None:
             self.workers.shutdown()
-        if self._structured_outputs is not None:
-            self._structured_outputs.shutdown()
+        grammars = getattr(self, "_structured_outputs", None)  # unset when the model failed to load
+        if grammars is not None:
+            grammars.shutdown()
 
     def stats(self) -> dict:
         kv = self.kv_cache_manager
