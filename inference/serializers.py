@@ -69,16 +69,24 @@ class JsonSchemaField(serializers.Field):
         return value
 
 
-class JsonSchemaFormatSerializer(StrictSerializer):
-    name = StrictCharField(max_length=64)
-    description = StrictCharField(required=False, allow_blank=True, max_length=MAX_SPEC_CHARS)
-    schema = JsonSchemaField(required=False, allow_null=True)
-    strict = StrictBooleanField(required=False, allow_null=True)
+class NameField(StrictCharField):
+    """A function's or a schema's name, by OpenAI's rule."""
 
-    def validate_name(self, value):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(max_length=64, **kwargs)
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
         if not NAME_PATTERN.fullmatch(value):
             raise serializers.ValidationError("Must be letters, digits, underscores and dashes (at most 64).")
         return value
+
+
+class JsonSchemaFormatSerializer(StrictSerializer):
+    name = NameField()
+    description = StrictCharField(required=False, allow_blank=True, max_length=MAX_SPEC_CHARS)
+    schema = JsonSchemaField(required=False, allow_null=True)
+    strict = StrictBooleanField(required=False, allow_null=True)
 
 
 class ResponseFormatSerializer(StrictSerializer):
@@ -231,15 +239,10 @@ class MessageSerializer(StrictSerializer):
 
 
 class FunctionDefinitionSerializer(StrictSerializer):
-    name = StrictCharField(max_length=64)
+    name = NameField()
     description = StrictCharField(required=False, allow_blank=True, max_length=MAX_SPEC_CHARS)
     parameters = JsonSchemaField(required=False, allow_null=True)
     strict = StrictBooleanField(required=False, allow_null=True)
-
-    def validate_name(self, value):
-        if not NAME_PATTERN.fullmatch(value):
-            raise serializers.ValidationError("Must be letters, digits, underscores and dashes (at most 64).")
-        return value
 
 
 class ToolSerializer(StrictSerializer):
