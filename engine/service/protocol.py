@@ -18,7 +18,8 @@ from engine.sampling_params import SamplingParams
 # final deltas their engine timings, heartbeats preemptions / prefix-cache counters / step time, model
 # cards the model's sampling defaults (a version-2 reader would refuse these fields one by one).
 # 4: sampling params may carry structured_outputs; heartbeats speculative-decoding counters.
-PROTOCOL_VERSION = 4
+# 5: requests may name a LoRA adapter (lora_name); heartbeats list the adapters held and those that failed.
+PROTOCOL_VERSION = 5
 
 
 class ProtocolError(ValueError):
@@ -39,6 +40,7 @@ class EngineRequest:
     submitted_at: float = field(default_factory=time.time)
     reply_to: str = ""  # the client id whose reply stream gets the deltas (transport.Keys.reply)
     trace_context: dict = field(default_factory=dict)  # W3C trace headers ({} untraced): engine/tracing.py
+    lora_name: str | None = None  # a registered adapter of `model` (engine/service/lora_control.py), None: the base
 
     def sampling_params(self) -> SamplingParams:
         """Validated parameters; a bad field raises ProtocolError naming it."""
@@ -108,6 +110,8 @@ class Heartbeat:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_num_steps: int = 0
+    lora_adapters: list[str] = field(default_factory=list)  # LoRA adapters loaded and servable
+    lora_errors: dict[str, str] = field(default_factory=dict)  # adapter name -> why it failed to load
     sent_at: float = field(default_factory=time.time)
 
 
@@ -186,7 +190,7 @@ def decode_request(data: bytes, *, check_params: bool = True) -> EngineRequest:
     request = _build(EngineRequest, _unpack(data), {
         "request_id": str, "model": str, "tenant": str, "prompt": str, "prompt_token_ids": list, "params": dict,
         "priority": int, "deadline": (int, float), "stream": bool, "submitted_at": (int, float), "reply_to": str,
-        "trace_context": dict})
+        "trace_context": dict, "lora_name": str})
     if not request.request_id:
         raise ProtocolError("EngineRequest.request_id must not be empty")
     if not request.reply_to:
@@ -226,7 +230,8 @@ def _delta_from(payload) -> OutputDelta:
 
 
 def decode_heartbeat(data: bytes) -> Heartbeat:
-    return _build(Heartbeat, _unpack(data), {"replica_id": str, "model": str})
+    return _build(Heartbeat, _unpack(data), {"replica_id": str, "model": str, "lora_adapters": list,
+                                             "lora_errors": dict})
 
 
 def decode_model_card(data: bytes) -> ModelCard:

@@ -15,6 +15,8 @@
   after ABORTS_TTL_S without an abort).
 - `{prefix}:hb:{model}:{replica}`: a replica's latest Heartbeat, expiring after HEARTBEAT_TTL_S.
 - `{prefix}:model:{model}`: the model's ModelCard (tokenizer and chat template for the web side).
+- `{prefix}:loras:{model}`: the model's registered LoRA adapters, name -> JSON {"path", "int_id"}
+  (engine/service/lora_control.py); `{prefix}:lora-ids:{model}` the counter their int ids come from.
 - `{prefix}:deadletter`: messages that did not validate, with the reason (the last DEAD_LETTER_MAXLEN,
   each cut to DEAD_LETTER_BYTES).
 """
@@ -65,6 +67,12 @@ class Keys:
 
     def heartbeat(self, model: str, replica_id: str) -> str:
         return f"{self.prefix}:hb:{model}:{replica_id}"
+
+    def loras(self, model: str) -> str:
+        return f"{self.prefix}:loras:{model}"
+
+    def lora_ids(self, model: str) -> str:
+        return f"{self.prefix}:lora-ids:{model}"
 
     def heartbeat_pattern(self, model: str | None = None) -> str:
         return f"{self.prefix}:hb:{model}:*" if model else f"{self.prefix}:hb:*"
