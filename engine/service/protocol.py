@@ -18,7 +18,8 @@ from engine.sampling_params import SamplingParams
 # final deltas their engine timings, heartbeats preemptions / prefix-cache counters / step time, model
 # cards the model's sampling defaults (a version-2 reader would refuse these fields one by one).
 # 4: sampling params may carry structured_outputs; heartbeats speculative-decoding counters.
-# 5: requests may name a LoRA adapter (lora_name); heartbeats list the adapters held and those that failed.
+# 5: requests may name a LoRA adapter (lora_name); heartbeats list the adapters held and those that failed,
+#    and the largest rank they load (max_lora_rank).
 PROTOCOL_VERSION = 5
 
 
@@ -112,6 +113,7 @@ class Heartbeat:
     spec_num_steps: int = 0
     lora_adapters: list[str] = field(default_factory=list)  # LoRA adapters loaded and servable
     lora_errors: dict[str, str] = field(default_factory=dict)  # adapter name -> why it failed to load
+    max_lora_rank: int = 0  # the largest adapter rank it loads (--max-lora-rank); 0: it runs without LoRA
     sent_at: float = field(default_factory=time.time)
 
 
