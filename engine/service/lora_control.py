@@ -4,8 +4,9 @@
 register an adapter there; each replica reads the hash with its heartbeat, loads what is new, drops
 what is gone, and says in its heartbeat which ones it holds (`lora_adapters`) and which failed
 (`lora_errors`). The int id (the engine's `LoRARequest.lora_int_id`, which keys the prefix cache) comes
-from the counter `{prefix}:lora-ids:{model}` and stays with the name for as long as it is registered,
-so every replica agrees on it.
+from the counter `{prefix}:lora-ids:{model}` and stays with the name and path for as long as they are
+registered, so every replica agrees on it; a name pointed at a new path gets a new id (its weights,
+and so its prefix-cache entries, are new).
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from engine.service.transport import DEFAULT_PREFIX, Keys
 
 def register_adapter(client, model: str, name: str, path: str, *, key_prefix: str = DEFAULT_PREFIX) -> int:
     """Register (or re-point) adapter `name` of `model` at `path`; returns its int id (kept when the
-    name is already registered, a new one from the counter otherwise)."""
+    name is already registered at this path, a new one from the counter otherwise)."""
     if not name or not isinstance(name, str):
         raise ValueError("an adapter needs a non-empty name")
     if not path or not isinstance(path, str):
         raise ValueError(f"adapter {name!r} needs a path")
     keys = Keys(key_prefix)
     existing = _entry(client.hget(keys.loras(model), name))
-    int_id = existing[1] if existing else int(client.hincrby(keys.lora_ids(model), "next", 1))
+    if existing is not None and existing[0] == path:
+        return existing[1]
+    int_id = int(client.hincrby(keys.lora_ids(model), "next", 1))
     client.hset(keys.loras(model), name, json.dumps({"path": path, "int_id": int_id}))
     return int_id
 
