@@ -15,9 +15,9 @@ from inference import metrics, services
 from inference.admission_gate import admission_gate
 from inference.authentication import ApiKeyAuthentication
 from inference.engine_client import get_engine_client
-from inference.errors import OpenAIError, expected_error
+from inference.errors import OpenAIError, expected_error, model_not_found
 from inference.metrics_access import check_metrics_access
-from inference.selectors import live_replicas, redis_is_reachable, served_models
+from inference.selectors import live_replicas, redis_is_reachable, served_lora_adapters, served_models
 from inference.serializers import ChatCompletionRequestSerializer, CompletionRequestSerializer, validated
 from inference.tokenizing import off_loop
 
@@ -73,8 +73,7 @@ class ModelListApi(APIView):
     @extend_schema(summary="Models with a live engine that this key may use", responses=OPENAI_RESPONSE,
                    operation_id="list_models")
     async def get(self, request):
-        models = await served_models(client=get_engine_client(), api_key=request.auth)
-        return JsonResponse({"object": "list", "data": [_model_object(m, b) for m, b in sorted(models.items())]})
+        return JsonResponse({"object": "list", "data": await _model_objects(request.auth)})
 
 
 class ModelDetailApi(APIView):
@@ -82,15 +81,27 @@ class ModelDetailApi(APIView):
 
     @extend_schema(summary="One model", responses=OPENAI_RESPONSE, operation_id="retrieve_model")
     async def get(self, request, model: str):
-        models = await served_models(client=get_engine_client(), api_key=request.auth)
-        if model not in models:
-            raise OpenAIError(f"The model `{model}` does not exist or you do not have access to it.", status=404,
-                              param="model", code="model_not_found")
-        return JsonResponse(_model_object(model, models[model]))
+        found = [m for m in await _model_objects(request.auth) if m["id"] == model]
+        if not found:
+            raise model_not_found(model)
+        return JsonResponse(found[0])
 
 
-def _model_object(model: str, beats) -> dict:
-    return {"id": model, "object": "model", "created": int(min(b.sent_at for b in beats)), "owned_by": "llm-serve",
+async def _model_objects(api_key) -> list[dict]:
+    """vLLM's model cards: each served base model the key may call (root: itself, no parent), then each
+    adapter of its tenant on one of them (root: the adapter's folder, parent: its base model)."""
+    client = get_engine_client()
+    models = await served_models(client=client, api_key=api_key)
+    bases = [_model_object(model, beats, root=model, parent=None) for model, beats in sorted(models.items())]
+    adapters = [_model_object(adapter.name, beats, root=adapter.path, parent=adapter.base_model,
+                              created=adapter.created)
+                for adapter, beats in await served_lora_adapters(client=client, api_key=api_key)]
+    return bases + adapters
+
+
+def _model_object(model: str, beats, *, root: str, parent: str | None, created: int | None = None) -> dict:
+    return {"id": model, "object": "model", "created": created or int(min(b.sent_at for b in beats)),
+            "owned_by": "llm-serve", "root": root, "parent": parent,
             "max_model_len": max(b.max_model_len for b in beats)}
 
 

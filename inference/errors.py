@@ -46,6 +46,12 @@ def invalid(param: str | None, message: str, code: str | None = None) -> OpenAIE
     return OpenAIError(message, param=param, code=code)
 
 
+def model_not_found(model: str) -> OpenAIError:
+    """The one answer for a model that is unknown, not served, or another tenant's adapter (no existence leak)."""
+    return OpenAIError(f"The model `{model}` does not exist or you do not have access to it.", status=404,
+                       param="model", code="model_not_found")
+
+
 def from_drf(exc: exceptions.APIException) -> OpenAIError:
     if isinstance(exc, exceptions.ParseError):
         return OpenAIError(

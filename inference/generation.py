@@ -18,22 +18,24 @@ from engine.service.protocol import EngineRequest, OutputDelta, Usage
 @dataclass
 class GenerationPlan:
     request_id: str
-    model: str
+    model: str  # as the call named it (a base model or a LoRA adapter): responses and usage carry it
     tenant: str
     prompts: list[list[int]]  # token ids, one list per prompt
     params: dict  # SamplingParams fields
     priority: int = 0
     prompt_texts: list[str] = field(default_factory=list)  # for `echo`
     trace_context: dict = field(default_factory=dict)  # W3C trace headers of the call's span (engine/tracing.py)
+    base_model: str = ""  # whose replicas run it; "" : `model` itself
+    lora_name: str | None = None  # the LoRA adapter those replicas apply (inference/model_targets.py)
 
     @property
     def n(self) -> int:
         return self.params.get("n", 1)
 
     def engine_requests(self) -> list[EngineRequest]:
-        return [EngineRequest(request_id=f"{self.request_id}-{index}", model=self.model, tenant=self.tenant,
-                              prompt_token_ids=prompt, params=self.params, priority=self.priority,
-                              trace_context=self.trace_context)
+        return [EngineRequest(request_id=f"{self.request_id}-{index}", model=self.base_model or self.model,
+                              tenant=self.tenant, prompt_token_ids=prompt, params=self.params, priority=self.priority,
+                              trace_context=self.trace_context, lora_name=self.lora_name)
                 for index, prompt in enumerate(self.prompts)]
 
 

@@ -5,6 +5,8 @@ from redis.exceptions import RedisError
 
 from engine.service.client import EngineClient
 from engine.service.protocol import Heartbeat
+from tenants.lora_cache import OwnedAdapter
+from tenants.lora_selectors import callable_lora_adapters
 from tenants.models import ApiKey
 from tenants.selectors import model_allowed
 
@@ -41,3 +43,12 @@ async def served_models(*, client: EngineClient, api_key: ApiKey) -> dict[str, l
     """Models with at least one live replica that `api_key` may call."""
     return {model: beats for model, beats in (await client.models()).items()
             if model_allowed(api_key=api_key, model=model)}
+
+
+async def served_lora_adapters(*, client: EngineClient, api_key: ApiKey) -> list[tuple[OwnedAdapter, list[Heartbeat]]]:
+    """The adapters of `api_key`'s tenant that it may call and whose base model has a live replica,
+    each with those replicas (never another tenant's adapters)."""
+    models = await client.models()
+    return [(adapter, models[adapter.base_model])
+            for adapter in await callable_lora_adapters(redis_client=client.redis, api_key=api_key)
+            if models.get(adapter.base_model)]

@@ -25,10 +25,11 @@ from engine.service.client import EngineUnavailable
 from engine.service.protocol import Usage
 from inference import metrics
 from inference.call_registry import register_call
-from inference.engine_client import get_engine_client, prompt_tokenizers
+from inference.engine_client import get_engine_client
 from inference.errors import OpenAIError, invalid
 from inference.formats import ChatFormat, CompletionFormat, _Format
 from inference.generation import EngineFailed, GenerationPlan, generate, total_usage
+from inference.model_targets import ModelTarget, resolve_model
 from inference.prompt_limits import chat_chars, check_text_length, check_token_ids
 from inference.prompt_tokenizer import PromptError, PromptTokenizer
 from inference.request_cleanup import close_when_request_ends
@@ -39,7 +40,7 @@ from inference.tools import ToolPlan
 from tenants.admission import AdmissionRefused, admit
 from tenants.models import ApiKey
 from tenants.request_gate import count_refused, refuse_early
-from tenants.selectors import effective_limits, model_allowed
+from tenants.selectors import effective_limits
 from tenants.services import usage_event
 from tenants.usage_buffer import buffer_usage, ensure_usage_flusher
 
@@ -49,6 +50,7 @@ ENGINE_ERRORS = {  # engine error code -> (HTTP status, OpenAI error type)
     "invalid_request": (400, "invalid_request_error"),
     "engine_unavailable": (503, "server_error"),
     "deadline_exceeded": (504, "server_error"),
+    "lora_not_found": (503, "server_error"),  # an adapter registered moments ago, not loaded yet (or failed to)
 }
 
 
@@ -130,7 +132,8 @@ class Call:
 async def start_completion(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -> Call:
     async with refusal_counted(api_key):
         await _refuse_early(api_key, "completions")  # before any work: at its limits, a tenant costs no more
-        tokenizer = await _tokenizer_for(api_key, data["model"])
+        target = await resolve_model(api_key=api_key, model=data["model"])
+        tokenizer = target.tokenizer
         limits = effective_limits(api_key=api_key)
         for prompt in data["prompt"]:
             if isinstance(prompt, str):
@@ -147,7 +150,7 @@ async def start_completion(*, api_key: ApiKey, data: dict, priority_offset: int 
                                  model_defaults=tokenizer.card.sampling_defaults,
                                  tenant_defaults=limits.sampling_defaults)
         await _constrain(fields, requested_constraint(data))
-        plan = _plan(api_key, data, "cmpl", prompts, fields, texts)
+        plan = _plan(api_key, target, "cmpl", prompts, fields, texts)
         plan.priority += priority_offset  # batch jobs run behind interactive calls
         fmt = CompletionFormat(plan, echo=data["echo"], logprobs=logprobs, prompt_token_texts=token_texts,
                                include_usage=_include_usage(data))
@@ -157,7 +160,8 @@ async def start_completion(*, api_key: ApiKey, data: dict, priority_offset: int 
 async def start_chat(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -> Call:
     async with refusal_counted(api_key):
         await _refuse_early(api_key, "chat.completions")
-        tokenizer = await _tokenizer_for(api_key, data["model"])
+        target = await resolve_model(api_key=api_key, model=data["model"])
+        tokenizer = target.tokenizer
         limits = effective_limits(api_key=api_key)
         messages = [dict(m) for m in data["messages"]]
         tools = ToolPlan.of(data, tokenizer.card.chat_template)
@@ -177,7 +181,7 @@ async def start_chat(*, api_key: ApiKey, data: dict, priority_offset: int = 0) -
         if forced is not None and asked is not None:
             raise invalid(asked[0], f"tool_choice {tools.choice!r} already constrains the output; drop {asked[0]}.")
         await _constrain(fields, ("tools", forced.as_dict()) if forced is not None else asked)
-        plan = _plan(api_key, data, "chatcmpl", prompts, fields, [])
+        plan = _plan(api_key, target, "chatcmpl", prompts, fields, [])
         plan.priority += priority_offset
         return await _admit(api_key, "chat.completions", plan,
                             ChatFormat(plan, top_logprobs=top, include_usage=_include_usage(data), tools=tools),
@@ -231,17 +235,6 @@ def _refusal_error(api_key: ApiKey, endpoint: str, refused: AdmissionRefused) ->
                        headers=refused.headers)
 
 
-async def _tokenizer_for(api_key: ApiKey, model: str) -> PromptTokenizer:
-    if not model_allowed(api_key=api_key, model=model):
-        raise OpenAIError(f"This API key may not use the model `{model}`.", status=403, param="model",
-                          code="model_not_allowed")
-    tokenizer = await prompt_tokenizers.get(get_engine_client(), model)
-    if tokenizer is None:
-        raise OpenAIError(f"The model `{model}` does not exist or you do not have access to it.", status=404,
-                          param="model", code="model_not_found")
-    return tokenizer
-
-
 @contextmanager
 def _prompt_errors(param: str):
     try:
@@ -278,13 +271,14 @@ def _max_tokens(api_key: ApiKey, tokenizer: PromptTokenizer, prompts: list[list[
     return max_tokens
 
 
-def _plan(api_key: ApiKey, data: dict, kind: str, prompts, fields: dict, texts: list[str]) -> GenerationPlan:
+def _plan(api_key: ApiKey, target: ModelTarget, kind: str, prompts, fields: dict, texts: list[str]) -> GenerationPlan:
     limits = effective_limits(api_key=api_key)
     _check_sequences(limits, n=fields.get("n", 1), prompts=len(prompts))
     # The trace context is taken here, in the view's span: a stream's body runs after that span ends.
-    return GenerationPlan(request_id=f"{kind}-{uuid.uuid4().hex}", model=data["model"], tenant=str(api_key.tenant_id),
+    return GenerationPlan(request_id=f"{kind}-{uuid.uuid4().hex}", model=target.model, tenant=str(api_key.tenant_id),
                           prompts=prompts, params=fields, priority=limits.priority_tier, prompt_texts=texts,
-                          trace_context=tracing.current_context())
+                          trace_context=tracing.current_context(), base_model=target.base_model,
+                          lora_name=target.lora_name)
 
 
 def _check_sequences(limits, *, n: int, prompts: int) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 from inference.errors import OpenAIError, invalid
 from inference.prompt_limits import chat_chars, check_text_length, vocab_size
 from inference.prompt_tokenizer import PromptError, PromptTokenizer
-from inference.services import _tokenizer_for
+from inference.model_targets import resolve_model
 from inference.tokenizing import off_loop
 from tenants.models import ApiKey
 from tenants.selectors import effective_limits
 
 
 async def tokenize(*, api_key: ApiKey, data: dict) -> dict:
-    tokenizer = await _tokenizer_for(api_key, data["model"])
+    tokenizer = (await resolve_model(api_key=api_key, model=data["model"])).tokenizer  # an adapter's: its base's
     limits = effective_limits(api_key=api_key)
     if "messages" in data:
         messages = [dict(m) for m in data["messages"]]  # as start_chat renders them: guarded content
@@ -31,7 +31,7 @@ async def tokenize(*, api_key: ApiKey, data: dict) -> dict:
 
 
 async def detokenize(*, api_key: ApiKey, data: dict) -> dict:
-    tokenizer = await _tokenizer_for(api_key, data["model"])
+    tokenizer = (await resolve_model(api_key=api_key, model=data["model"])).tokenizer
     tokens, limits, vocab = data["tokens"], effective_limits(api_key=api_key), vocab_size(tokenizer)
     if len(tokens) > limits.max_prompt_tokens:
         raise OpenAIError(f"There are {len(tokens)} tokens; this API key allows at most {limits.max_prompt_tokens} "

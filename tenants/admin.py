@@ -1,11 +1,15 @@
-"""Django admin: tenants and keys (every change audited), usage and the audit log (read-only).
+"""Django admin: tenants and keys (every change audited), LoRA adapters (registered and removed through
+their services), usage and the audit log (read-only).
 
 Keys are created by command or service, never here.
 """
+from django import forms
 from django.contrib import admin, messages
 
 from tenants.audit import deleted, form_changes, record_audit
-from tenants.models import ApiKey, AuditLog, DailyUsage, Tenant, UsageEvent
+from tenants.errors import LoRAAdapterRefused
+from tenants.lora_services import check_lora_adapter, register_lora_adapter, remove_lora_adapter
+from tenants.models import ApiKey, AuditLog, DailyUsage, LoRAAdapter, Tenant, UsageEvent
 from tenants.services import revoke_api_key
 
 
@@ -102,6 +106,57 @@ class ApiKeyAdmin(AuditedAdmin):
             revoke_api_key(api_key=api_key, actor=request.user)
             count += 1
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+
+
+class LoRAAdapterAddForm(forms.ModelForm):
+    """Checks the adapter as registration will (its folder, rank and name), so a refusal shows on the form."""
+
+    class Meta:
+        model = LoRAAdapter
+        fields = ("tenant", "name", "base_model", "path")
+
+    def clean(self):
+        data = super().clean()
+        if not self.errors:
+            try:
+                check_lora_adapter(name=data["name"], base_model=data["base_model"], path=data["path"])
+            except LoRAAdapterRefused as error:
+                raise forms.ValidationError(str(error)) from None
+        return data
+
+
+@admin.register(LoRAAdapter)
+class LoRAAdapterAdmin(admin.ModelAdmin):
+    list_display = ("name", "tenant", "base_model", "rank", "alpha", "created_at", "disabled_at")
+    list_filter = ("tenant", "base_model")
+    list_select_related = ("tenant",)
+    search_fields = ("name", "base_model", "tenant__name")
+    actions = ["remove_selected"]
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = LoRAAdapterAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_readonly_fields(self, request, obj=None):
+        """Registered adapters are read-only: a change is a removal and a new registration."""
+        return () if obj is None else ("tenant", "name", "base_model", "path", "rank", "alpha", "created_at",
+                                       "disabled_at")
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            adapter = register_lora_adapter(tenant=obj.tenant, name=obj.name, base_model=obj.base_model, path=obj.path,
+                                            actor=request.user)
+            obj.pk = adapter.pk
+            obj.refresh_from_db()  # rank and alpha, read from the adapter's config
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # usage rows name the adapter: it is removed (disabled), never deleted
+
+    @admin.action(description="Remove selected adapters", permissions=["change"])
+    def remove_selected(self, request, queryset):
+        removed = [remove_lora_adapter(adapter=a, actor=request.user) for a in queryset.filter(disabled_at__isnull=True)]
+        self.message_user(request, f"Removed {len(removed)} adapter(s).", messages.SUCCESS)
 
 
 @admin.register(UsageEvent)

@@ -25,3 +25,7 @@ class InvalidApiKey(TenantsError):
 
 class TenantAlreadyExists(TenantsError):
     """create_tenant with a name that is taken."""
+
+
+class LoRAAdapterRefused(TenantsError):
+    """A LoRA adapter that cannot be registered (its folder, its rank, its name); the message says why."""

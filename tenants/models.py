@@ -1,6 +1,7 @@
-"""Tenants, their API keys and limits; usage events and roll-ups; the audit log of admin changes."""
+"""Tenants, their API keys, limits and LoRA adapters; usage events and roll-ups; the audit log of admin changes."""
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
+from django.core.validators import RegexValidator
 from django.db import models
 from django.utils import timezone
 
@@ -97,6 +98,42 @@ class ApiKey(models.Model):
         if self.is_expired:
             return "expired"
         return "active"
+
+
+# What clients may send as `model` and what the engine names models by: letters, digits and ._:/-
+# ("HuggingFaceTB/SmolLM2-135M-Instruct", "dummy:llama-3.1-8b"), starting with a letter or digit.
+validate_model_name = RegexValidator(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*\Z",
+                                     "Use letters, digits and . _ : / - (starting with a letter or digit).")
+
+
+class LoRAAdapter(models.Model):
+    """A LoRA adapter of one tenant on a base model: clients call it by `name` as their `model`.
+
+    Only the owning tenant's keys see and call it; to everyone else the name does not exist. The
+    name is held for good (usage rows name the adapter), also once removed: `disabled_at` is set
+    and the engines drop it. `rank` and `alpha` are read from its adapter_config.json at registration.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="lora_adapters")
+    name = models.CharField(max_length=200, unique=True, validators=[validate_model_name])
+    base_model = models.CharField(max_length=200)
+    # A PEFT adapter folder, as the engine replicas see it (and the process that registers it).
+    path = models.CharField(max_length=1000)
+    rank = models.PositiveIntegerField()
+    alpha = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    disabled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "LoRA adapter"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_active(self) -> bool:
+        return self.disabled_at is None
 
 
 class UsageStatus(models.TextChoices):

@@ -37,3 +37,9 @@ class ApiKeyCreateForm(forms.Form):
 
     def clean_allowed_models(self) -> list[str]:
         return [name.strip() for name in self.cleaned_data["allowed_models"].split(",") if name.strip()]
+
+
+class LoRAAdapterRegisterForm(forms.Form):
+    name = forms.CharField(max_length=200, help_text="The model name the tenant's clients send.")
+    base_model = forms.CharField(max_length=200, help_text="A served model the adapter was trained on.")
+    path = forms.CharField(max_length=1000, help_text="The PEFT adapter folder, as the engine replicas see it.")

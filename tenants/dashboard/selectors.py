@@ -65,6 +65,11 @@ class ModelStatus:
     def tokens_per_s(self) -> float:
         return sum(beat.tokens_per_s for beat in self.replicas)
 
+    @property
+    def lora_adapters(self) -> list[str]:
+        """LoRA adapters loaded on at least one replica."""
+        return sorted({name for beat in self.replicas for name in beat.lora_adapters})
+
 
 @dataclass(frozen=True)
 class BudgetStatus:
@@ -96,8 +101,15 @@ def top_tenants(*, limit: int = 5, days: int = WINDOW_DAYS) -> list[tuple[Tenant
     return [(tenants[tenant_id], usage) for tenant_id, usage in ranked if tenant_id in tenants]
 
 
+def usage_by_model(*, tenant: Tenant, days: int = WINDOW_DAYS) -> list[tuple[str, Usage]]:
+    """`tenant`'s usage of the last `days` days per model, most tokens first; a LoRA adapter's calls
+    count under the adapter's name (the model they named), not its base model's."""
+    totals = _usage_totals(key="model", tenant=tenant, days=days)
+    return sorted(totals.items(), key=lambda item: (-item[1].tokens, item[0]))
+
+
 def _usage_totals(*, key: str, days: int, tenant: Tenant | None = None) -> dict:
-    """Usage summed by `key` ("day" or "tenant"): roll-ups before today plus today's events."""
+    """Usage summed by `key` ("day", "tenant" or "model"): roll-ups before today plus today's events."""
     today = utc_today()
     rollups = DailyUsage.objects.filter(day__gte=today - timedelta(days=days - 1), day__lt=today)
     events = UsageEvent.objects.filter(created_at__gte=datetime.combine(today, time.min, tzinfo=UTC))

@@ -22,4 +22,6 @@ urlpatterns = [
     path("tenants/<int:pk>/limits/", views.tenant_limits, name="tenant-limits"),
     path("tenants/<int:pk>/keys/", views.key_create, name="key-create"),
     path("keys/<int:pk>/revoke/", views.key_revoke, name="key-revoke"),
+    path("tenants/<int:pk>/adapters/", views.adapter_register, name="adapter-register"),
+    path("adapters/<int:pk>/remove/", views.adapter_remove, name="adapter-remove"),
 ]

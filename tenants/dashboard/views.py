@@ -16,9 +16,11 @@ from django.views.decorators.http import require_GET, require_POST
 
 from tenants.dashboard import selectors
 from tenants.dashboard.charts import Series, bar_chart, line_chart
-from tenants.dashboard.forms import ApiKeyCreateForm, TenantCreateForm, TenantLimitsForm
-from tenants.errors import TenantAlreadyExists
-from tenants.models import ApiKey, Tenant
+from tenants.dashboard.forms import ApiKeyCreateForm, LoRAAdapterRegisterForm, TenantCreateForm, TenantLimitsForm
+from tenants.errors import LoRAAdapterRefused, TenantAlreadyExists
+from tenants.lora_selectors import adapter_load_status, get_tenant_lora_adapters
+from tenants.lora_services import register_lora_adapter, remove_lora_adapter
+from tenants.models import ApiKey, LoRAAdapter, Tenant
 from tenants.selectors import get_tenant_keys
 from tenants.services import create_api_key, create_tenant, revoke_api_key, update_tenant
 
@@ -60,7 +62,7 @@ def tenant_create(request):
 @staff_required
 def tenant_detail(request, pk: int):
     tenant = get_object_or_404(Tenant, pk=pk)
-    return _render_tenant(request, tenant, limits_form=_limits_form(tenant), key_form=ApiKeyCreateForm())
+    return _render_tenant(request, tenant, limits_form=_limits_form(tenant))
 
 
 @require_POST
@@ -69,7 +71,7 @@ def tenant_limits(request, pk: int):
     tenant = get_object_or_404(Tenant, pk=pk)
     form = TenantLimitsForm(request.POST)
     if not form.is_valid():
-        return _render_tenant(request, tenant, limits_form=form, key_form=ApiKeyCreateForm(), status=400)
+        return _render_tenant(request, tenant, limits_form=form, status=400)
     update_tenant(tenant=tenant, actor=request.user, **form.cleaned_data)
     messages.success(request, f"Saved the limits of {tenant.name}.")
     return redirect("dashboard:tenant", pk=tenant.pk)
@@ -96,6 +98,31 @@ def key_revoke(request, pk: int):
     return redirect("dashboard:tenant", pk=api_key.tenant_id)
 
 
+@require_POST
+@staff_required
+def adapter_register(request, pk: int):
+    tenant = get_object_or_404(Tenant, pk=pk)
+    form = LoRAAdapterRegisterForm(request.POST)
+    if form.is_valid():
+        try:
+            adapter = register_lora_adapter(tenant=tenant, actor=request.user, **form.cleaned_data)
+        except LoRAAdapterRefused as error:
+            form.add_error(None, str(error))
+    if not form.is_valid():
+        return _render_tenant(request, tenant, limits_form=_limits_form(tenant), adapter_form=form, status=400)
+    messages.success(request, f"Registered LoRA adapter {adapter.name}; replicas load it within seconds.")
+    return redirect("dashboard:tenant", pk=tenant.pk)
+
+
+@require_POST
+@staff_required
+def adapter_remove(request, pk: int):
+    adapter = get_object_or_404(LoRAAdapter.objects.select_related("tenant"), pk=pk)
+    remove_lora_adapter(adapter=adapter, actor=request.user)
+    messages.success(request, f"Removed LoRA adapter {adapter.name}.")
+    return redirect("dashboard:tenant", pk=adapter.tenant_id)
+
+
 def _render_overview(request, create_form: TenantCreateForm, status: int = 200):
     usage = selectors.usage_by_day()
     engines = selectors.engine_status()
@@ -111,15 +138,19 @@ def _render_overview(request, create_form: TenantCreateForm, status: int = 200):
     }, status=status)
 
 
-def _render_tenant(request, tenant: Tenant, *, limits_form, key_form, status: int = 200):
+def _render_tenant(request, tenant: Tenant, *, limits_form, key_form=None, adapter_form=None, status: int = 200):
+    replicas = {engine.model: engine.replicas for engine in selectors.engine_status() or ()}
     return render(request, "dashboard/tenant.html", {
         "tenant": tenant,
         "charts": _usage_charts(selectors.usage_by_day(tenant=tenant)),
+        "usage_by_model": selectors.usage_by_model(tenant=tenant),
         "budget": selectors.budget_status(tenant=tenant),
         "keys": get_tenant_keys(tenant=tenant),
+        "adapters": adapter_load_status(adapters=get_tenant_lora_adapters(tenant=tenant), replicas_by_model=replicas),
         "audit_entries": selectors.tenant_audit_entries(tenant=tenant),
         "limits_form": limits_form,
-        "key_form": key_form,
+        "key_form": key_form or ApiKeyCreateForm(),
+        "adapter_form": adapter_form or LoRAAdapterRegisterForm(),
     }, status=status)
 
 
