@@ -9,7 +9,7 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 model=(--model dummy:llama-3.1-8b --dtype bfloat16 --max-model-len 4096)
 previous=(--no-async-scheduling --max-num-seqs 256 --max-num-batched-tokens 8192)

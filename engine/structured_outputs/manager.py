@@ -73,7 +73,10 @@ class StructuredOutputManager:
         self.vocab_size = max(vocab_size, len(tokenizer))
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar")
         # The token trie takes ~0.4 s to build: once, in the pool, before the first grammar.
-        self._tokenizer = self._pool.submit(_llg_tokenizer, tokenizer, self.vocab_size, sorted(eos_token_ids))
+        # A model whose stop ids lie past its tokenizer's (a dummy preset borrowing a smaller tokenizer)
+        # ends constrained output when the grammar completes; llguidance refuses ids it cannot decode.
+        eos_in_tokenizer = sorted(i for i in eos_token_ids if i < len(tokenizer))
+        self._tokenizer = self._pool.submit(_llg_tokenizer, tokenizer, self.vocab_size, eos_in_tokenizer)
         self._templates: OrderedDict[str, Future] = OrderedDict()
         self._lock = threading.Lock()
         self._failed: list[tuple[str, str]] = []  # (request id, why), filled from pool threads

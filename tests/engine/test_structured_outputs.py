@@ -148,6 +148,17 @@ def test_a_request_waits_in_the_queue_until_its_grammar_is_built(make_scheduler,
     manager.shutdown()
 
 
+def test_a_model_whose_stop_ids_lie_past_its_tokenizer_still_compiles(bundled_tokenizer):
+    """A dummy Llama 3 preset (vocab 128,256, EOS 128009) borrowing the 49,152-token SmolLM2 tokenizer:
+    llguidance refuses an EOS it cannot decode, so only the tokenizer's own ids are passed as stops."""
+    manager = StructuredOutputManager(bundled_tokenizer, 128_256, {2, 128_009})
+    grammar = manager.grammar_for("x", StructuredOutputsParams(choice=["yes", "no"]))
+    grammar.future.result(timeout=30)
+    assert grammar.is_ready() and manager.take_failed() == []
+    assert manager.bitmask([(0, grammar)]).words.shape[1] == -(-128_256 // 32)
+    manager.shutdown()
+
+
 def test_the_constrained_distribution_is_the_model_renormalised_over_allowed_tokens(bundled_tokenizer):
     """A tiny random llama's next-token logits; a regex allowing some of its tokens; 20,000 draws."""
     model = build_tiny_hf_model("llama")
