@@ -13,6 +13,7 @@ _LAZY_EXPORTS = {
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "Logprob": "engine.outputs",
+    "LoRARequest": "engine.lora.request",
 }
 
 __all__ = list(_LAZY_EXPORTS)

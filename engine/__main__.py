@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                             "more fills the batch sooner when many finish together; less leaves more for others)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds to finish in-flight requests after SIGTERM")
+    serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                       help="LoRA adapters to register for the model at start (with --enable-lora); more can be "
+                            "registered in Redis while it runs (engine/service/lora_control.py)")
     add_engine_args(serve)
     gen = sub.add_parser("generate", help="generate text for prompts")
     gen.add_argument("prompts", nargs="+", help="prompt texts")
@@ -77,12 +80,38 @@ def _serve(args) -> int:
 
     if tracing.configure("llm-engine"):
         logging.getLogger(__name__).info("tracing: spans go to %s", os.environ[tracing.ENDPOINT_VARIABLE])
+    lora_modules = _parse_lora_modules(args.lora_modules)
     engine = LLMEngine(engine_config_from_args(args))
+    if lora_modules:
+        _register_lora_modules(args, lora_modules)
     status = EngineServer(engine, args.redis_url, args.served_model_name or args.model, key_prefix=args.key_prefix,
                           replica_id=args.replica_id, reclaim_idle_s=args.reclaim_idle,
                           shutdown_timeout_s=args.shutdown_timeout, max_queued=args.max_queued).serve_forever()
     engine.shutdown()  # a group that lost an NCCL rank is left to parallel_state's exit hook
     return status
+
+
+def _parse_lora_modules(items: list[str]) -> dict[str, str]:
+    modules = {}
+    for item in items:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise SystemExit(f"--lora-modules takes NAME=PATH, got {item!r}")
+        modules[name] = path
+    return modules
+
+
+def _register_lora_modules(args, modules: dict[str, str]) -> None:
+    """Put the adapters in the model's registry in Redis; every replica of the model loads them."""
+    import redis
+
+    from engine.service.lora_control import register_adapter
+
+    client = redis.Redis.from_url(args.redis_url)
+    for name, path in modules.items():
+        register_adapter(client, args.served_model_name or args.model, name, os.path.abspath(path),
+                         key_prefix=args.key_prefix)
+    client.close()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from engine.lora.config import LoRAConfig
 from engine.spec_decode.config import SpeculativeConfig
 
 from engine.sampling_params import check_field
@@ -40,6 +41,12 @@ class EngineConfig:
     # {"method": "ngram", "num_speculative_tokens": k, ...} (engine/spec_decode/config.py); async
     # scheduling is off while it is on (the next step depends on how many proposals were accepted).
     speculative_config: dict | None = None
+    # LoRA adapters chosen per request (engine/lora/): max_loras of them per step in device slots, up
+    # to max_cpu_loras (default max_loras) in host memory, ranks up to max_lora_rank.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         self.dtype = str(self.dtype).replace("torch.", "")
@@ -64,6 +71,7 @@ class EngineConfig:
         check_field(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
                "num_gpu_blocks_override", "must be at least 2")
         SpeculativeConfig.from_dict(self.speculative_config)  # raises ValueError naming the field
+        LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)  # the same
 
     def with_device_defaults(self, on_cuda: bool) -> "EngineConfig":
         """The options left to the device filled in: a GPU runs far larger batches than a CPU."""

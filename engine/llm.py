@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from engine.config import BUNDLED_MODEL, EngineConfig
 from engine.llm_engine import LLMEngine, PromptType
+from engine.lora.request import LoRARequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.special_token_guard import SpecialTokenGuard
@@ -41,8 +42,10 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in the order of the prompts."""
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of the prompts. `lora_request` is
+        one adapter for all prompts, or a list with one (or None) per prompt."""
         prompts = _as_prompt_list(prompts)
         if isinstance(sampling_params, Sequence):
             if len(sampling_params) != len(prompts):
@@ -52,13 +55,19 @@ class LLM:
             params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        if isinstance(lora_request, Sequence):
+            if len(lora_request) != len(prompts):
+                raise ValueError(f"got {len(lora_request)} lora_requests for {len(prompts)} prompts")
+            lora_list = list(lora_request)
+        else:
+            lora_list = [lora_request] * len(prompts)
 
         request_ids = []
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 request_id = str(next(self._counter))
                 self.llm_engine.add_request(request_id, prompt, params.clone(output_kind=RequestOutputKind.FINAL_ONLY),
-                                            priority=priority[i] if priority else 0)
+                                            priority=priority[i] if priority else 0, lora_request=lora_list[i])
                 request_ids.append(request_id)
             return self._run_engine(request_ids, use_tqdm)
         except BaseException:
@@ -67,7 +76,7 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
-             ) -> list[RequestOutput]:
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation or a list of them, then generate.
         Special-token strings typed into a message are text, as on the API (engine.special_token_guard)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -79,7 +88,7 @@ class LLM:
                                                  add_generation_prompt=add_generation_prompt)
 
         prompts = [{"prompt_token_ids": guard.encode_chat(c, render)} for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -20,6 +20,8 @@ from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.scheduler import Scheduler
 from engine.core.scheduler_output import SchedulerOutput
 from engine.errors import EngineDeadError
+from engine.lora.config import LoRAConfig
+from engine.lora.request import LoRARequest
 from engine.output_processor import OutputProcessor, RequestState, SequenceState
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus, child_request_id
@@ -64,7 +66,11 @@ class LLMEngine:
         self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
                                                config.enable_prefix_caching)
         self.speculative_config = SpeculativeConfig.from_dict(config.speculative_config)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager, self.speculative_config)
+        self.lora_config = LoRAConfig.from_engine_config(config)
+        # Every adapter ever added, by lora_int_id: an id never names two adapters (it keys the prefix cache).
+        self.lora_requests: dict[int, LoRARequest] = {}
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager, self.speculative_config,
+                                   self.lora_config and self.lora_config.max_loras)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config)
         self.vocab_size = self.model_config.vocab_size
         self.output_processor = OutputProcessor(self.tokenizer, config.stream_interval)
@@ -91,14 +97,17 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, *,
                     priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None,
-                    tenant: str | None = None) -> None:
+                    tenant: str | None = None, lora_request: LoRARequest | None = None) -> None:
         """`tenant` names who asked: waiting requests are admitted fairly between tenants within a
-        priority (None, the offline default, is one tenant)."""
+        priority (None, the offline default, is one tenant). `lora_request` runs it under that adapter;
+        one the model cannot take raises LoRAAdapterError here, before anything runs."""
         if request_id in self.output_processor.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams(**self.sampling_defaults)
         prompt_text, prompt_ids = self._tokenize(prompt)
         self._validate_prompt(prompt_ids, params)
+        if lora_request is not None:
+            self.add_lora(lora_request)
         params = params.clone()
         if self.tokenizer is None:
             params.detokenize = False
@@ -109,13 +118,37 @@ class LLMEngine:
             child_id = request_id if n == 1 else child_request_id(request_id, index)
             request = Request(child_id, prompt_ids, params, priority=priority, arrival_time=arrival_time,
                               cache_salt=cache_salt, parent_id=None if n == 1 else request_id, index=index,
-                              tenant=tenant)
+                              tenant=tenant, lora_request=lora_request)
             if params.structured_outputs is not None:
                 request.grammar = self.structured_outputs.grammar_for(child_id, params.structured_outputs)
             sequences.append(SequenceState(request, self.tokenizer))
         self.output_processor.add(RequestState(request_id, prompt_text, prompt_ids, params, sequences))
         for sequence in sequences:
             self.scheduler.add_request(sequence.request)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Check an adapter and load it into the host cache (vLLM's name); False if it was loaded.
+        Raises ValueError without enable_lora, LoRAAdapterError for an adapter this model cannot take."""
+        if self.lora_config is None:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested, but the engine runs without "
+                             "LoRA: start it with enable_lora=True (--enable-lora)")
+        known = self.lora_requests.get(lora_request.lora_int_id)
+        if known is not None and known != lora_request:
+            raise ValueError(f"lora_int_id {lora_request.lora_int_id} is adapter {known.lora_name!r} at "
+                             f"{known.lora_path!r}; give {lora_request.lora_name!r} an id of its own")
+        loaded = self.runner.lora_manager.add_adapter(lora_request)
+        self.lora_requests[lora_request.lora_int_id] = lora_request
+        return loaded
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Drop an adapter no unfinished request uses from memory (vLLM's name)."""
+        if any(r.lora_int_id == lora_int_id for r in self.scheduler.requests.values()):
+            raise ValueError(f"LoRA adapter {lora_int_id} is in use by unfinished requests")
+        return self.lora_config is not None and self.runner.lora_manager.remove_adapter(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters in host memory."""
+        return set(self.runner.lora_manager.list_adapters()) if self.lora_config is not None else set()
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stop requests now; their KV blocks are free before the next step."""

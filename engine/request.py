@@ -54,6 +54,7 @@ class Request:
         parent_id: str | None = None,
         index: int = 0,
         tenant: str | None = None,
+        lora_request=None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -64,6 +65,7 @@ class Request:
         self.parent_id = parent_id
         self.index = index
         self.tenant = tenant  # who asked: the scheduler shares admissions fairly between tenants
+        self.lora_request = lora_request  # engine.lora.request.LoRARequest, or None for the base model
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0  # advanced when a step is scheduled (its KV is written by then)
@@ -93,6 +95,11 @@ class Request:
     @property
     def num_tokens_with_placeholders(self) -> int:
         return len(self.all_token_ids) + self.num_output_placeholders
+
+    @property
+    def lora_int_id(self) -> int:
+        """Its adapter's id, 0 for the base model."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def num_output_tokens(self) -> int:

@@ -66,13 +66,17 @@ class FreeKVCacheBlockQueue:
             block = block.next_free
 
 
-def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int], cache_salt: str | None) -> bytes:
-    """Chained hash: a block's hash covers every token before it, and the salt isolates tenants."""
+def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int], cache_salt: str | None,
+                      lora_int_id: int = 0) -> bytes:
+    """Chained hash: a block's hash covers every token before it; the salt isolates tenants, and the
+    LoRA adapter (0: the base model) isolates KV computed under different weights."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(parent_hash if parent_hash is not None else b"\x00root")
     digest.update(array("q", token_ids).tobytes())
     if parent_hash is None and cache_salt:
         digest.update(cache_salt.encode())
+    if parent_hash is None and lora_int_id:
+        digest.update(b"\x00lora" + lora_int_id.to_bytes(8, "little"))
     return digest.digest()
 
 

@@ -100,7 +100,8 @@ class KVCacheManager:
         hashes, size, tokens = request.block_hashes, self.block_size, request.all_token_ids
         for start in range(len(hashes) * size, len(tokens) - size + 1, size):
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, tokens[start:start + size], request.cache_salt))
+            hashes.append(hash_block_tokens(parent, tokens[start:start + size], request.cache_salt,
+                                            request.lora_int_id))
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Register blocks that will be full once this step's tokens are written."""

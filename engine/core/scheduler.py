@@ -26,6 +26,7 @@ from operator import attrgetter
 
 from engine.config import SchedulerConfig
 from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.lora_admission import LoRAAdmission
 from engine.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.core.waiting_queue import WaitingQueue
 from engine.request import Request, RequestStatus, child_request_id
@@ -50,7 +51,7 @@ class ScheduledRequest:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
-                 speculative_config: SpeculativeConfig | None = None) -> None:
+                 speculative_config: SpeculativeConfig | None = None, max_loras: int | None = None) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.speculative_config = speculative_config
@@ -69,6 +70,8 @@ class Scheduler:
         # Unfinished requests whose sampling reads their whole history on the host (penalties): the
         # engine plans no step ahead of their last token (no async scheduling while there are any).
         self.num_requests_reading_history = 0
+        # With LoRA: at most max_loras distinct adapters among the running requests (the device slots).
+        self.lora_admission = LoRAAdmission(max_loras) if max_loras else None
 
     # -- queue management ---------------------------------------------------------------------------
 
@@ -156,7 +159,7 @@ class Scheduler:
                 sent, new_block_ids = 0, manager.get_block_ids(request_id)
                 output.new_requests.append(NewRequestData(
                     request_id, request.prompt_token_ids, list(request.output_token_ids), request.sampling_params,
-                    request.index, new_block_ids, request.num_computed_tokens))
+                    request.index, new_block_ids, request.num_computed_tokens, request.lora_request))
             self._num_blocks_sent[request_id] = sent + len(new_block_ids)
             output.num_scheduled_tokens[request_id] = num_new
             request.num_computed_tokens += num_new
@@ -176,6 +179,9 @@ class Scheduler:
         return output
 
     def _admit_waiting(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
+        lora = self.lora_admission
+        if lora is not None:
+            lora.begin_pass(self.running, self.waiting, self._next_step_id)
         with closing(self.waiting.in_admission_order()) as candidates:
             for request in candidates:
                 if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
@@ -184,6 +190,8 @@ class Scheduler:
                     continue
                 if request.grammar is not None and not request.grammar.is_ready():
                     continue  # its grammar is still compiling (in the background): the queue moves on
+                if lora is not None and not lora.allows(request, self._next_step_id):
+                    continue  # every adapter slot is taken by other adapters (see lora_admission.py)
                 sibling = self._sibling_with_prompt(request)
                 if sibling is False:  # an earlier sibling is still computing the shared prompt
                     continue
@@ -194,6 +202,8 @@ class Scheduler:
                 if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
                     break  # the pool is full; keep the fair order rather than skipping ahead
                 self.waiting.admit(request)
+                if lora is not None:
+                    lora.admitted(request)
                 request.num_computed_tokens += num_computed
                 if request.num_preemptions == 0:
                     request.num_cached_tokens = num_computed

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
 
 
@@ -28,6 +29,7 @@ class NewRequestData:
     index: int  # which of the `n` sequences: a seeded one draws from seed + index
     block_ids: list[int]
     num_computed_tokens: int  # served by the prefix cache: this step computes from here
+    lora_request: LoRARequest | None = None  # its adapter (the runner puts it in a slot), None: the base
 
 
 @dataclass(slots=True)

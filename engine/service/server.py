@@ -32,6 +32,7 @@ from engine.service.protocol import (
     CompletionDelta, EngineRequest, Heartbeat, ModelCard, OutputDelta, ProtocolError, Usage, decode_request,
     encode, error_delta,
 )
+from engine.service.lora_sync import ReplicaAdapters
 from engine.service.replies import ClientWatch, ReplyWriter
 from engine.service.transport import (
     DEAD_LETTER_BYTES, DEAD_LETTER_MAXLEN, GROUP, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, Backoff, Keys,
@@ -84,6 +85,7 @@ class EngineServer:
         self.num_aborted = 0  # requests stopped by an abort (their client's, or their client died)
         self.replies = ReplyWriter(self.keys)  # writer thread only
         self.client_watch = ClientWatch(self.keys)  # writer thread only
+        self.adapters = ReplicaAdapters(engine, model_name, key_prefix)  # LoRA adapters, synced by their thread
 
     # -- main thread --------------------------------------------------------------------------------
 
@@ -93,6 +95,9 @@ class EngineServer:
         signal.signal(signal.SIGINT, lambda *_: self.request_shutdown())
         threads = [threading.Thread(target=self._reader, name="redis-reader", daemon=True),
                    threading.Thread(target=self._writer, name="redis-writer", daemon=True)]
+        if self.engine.lora_config is not None:
+            threads.append(threading.Thread(target=self.adapters.run, args=(self.redis_url, self.stopped),
+                                            name="lora-sync", daemon=True))
         for thread in threads:
             thread.start()
         logger.info("replica %s serving %r from %s", self.replica_id, self.model_name, self.redis_url)
@@ -101,6 +106,7 @@ class EngineServer:
             self._accept_new_requests()
             self._apply_aborts()
             self._expire_deadlines()
+            self.adapters.drop_retired()
             if self.engine.has_unfinished_requests():
                 self._step()
             else:
@@ -169,10 +175,21 @@ class EngineServer:
                 self.replica_id))
             return
         prompt = request.prompt if request.prompt is not None else {"prompt_token_ids": request.prompt_token_ids}
+        lora_request = None
+        if request.lora_name is not None:
+            lora_request = self.adapters.servable.get(request.lora_name)
+            if lora_request is None:
+                why = self.adapters.errors.get(request.lora_name)
+                self._send(request.reply_to, error_delta(
+                    request.request_id, 0, "lora_not_found",
+                    f"LoRA adapter {request.lora_name!r} is not loaded for model {self.model_name!r}"
+                    + (f": {why}" if why else ""), self.replica_id))
+                return
         try:
             params = request.sampling_params().clone(output_kind=RequestOutputKind.DELTA)
             self.engine.add_request(request.request_id, prompt, params, priority=request.priority,
-                                    cache_salt=request.tenant or None, tenant=request.tenant or None)
+                                    cache_salt=request.tenant or None, tenant=request.tenant or None,
+                                    lora_request=lora_request)
         except ValueError as error:
             self._send(request.reply_to, error_delta(request.request_id, 0, "invalid_request", str(error),
                                                      self.replica_id))
@@ -302,7 +319,9 @@ class EngineServer:
                          step_seconds=sum(steps) / len(steps) if steps else 0.0,
                          spec_num_draft_tokens=self.engine.scheduler.num_draft_tokens,
                          spec_num_accepted_tokens=self.engine.scheduler.num_accepted_tokens,
-                         spec_num_steps=self.engine.scheduler.num_spec_steps)
+                         spec_num_steps=self.engine.scheduler.num_spec_steps,
+                         lora_adapters=sorted(self.adapters.servable), lora_errors=dict(self.adapters.errors),
+                         max_lora_rank=self.engine.lora_config.max_lora_rank if self.engine.lora_config else 0)
 
     def model_card(self) -> ModelCard:
         tokenizer = self.engine.tokenizer

@@ -37,8 +37,10 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, model: torch.nn.Module, buffers: InputBuffers, max_num_seqs: int) -> None:
+    def __init__(self, model: torch.nn.Module, buffers: InputBuffers, max_num_seqs: int,
+                 before_capture=None) -> None:
         self.model = model
+        self.before_capture = before_capture  # called with each graph's size first (LoRA fills its mapping)
         self.buffers = buffers
         self.sizes = capture_sizes(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -56,6 +58,8 @@ class CudaGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             inputs = self.buffers.prepare([], [], padded_seqs=size)
+            if self.before_capture is not None:
+                self.before_capture(size)
             with set_forward_context(inputs.metadata):
                 self.model(inputs.input_ids, inputs.positions)  # compiles the Triton kernels outside capture
                 torch.cuda.synchronize()

@@ -25,6 +25,7 @@ from engine.core.scheduler_output import SchedulerOutput
 from engine.distributed import parallel_state
 from engine.layers.attention import Attention, AttentionMetadata, set_forward_context
 from engine.layers.sampler import DeviceSample, Sampler, to_device, top_logprobs
+from engine.lora.config import LoRAConfig
 from engine.models.registry import get_model_class
 from engine.weights import ModelSource, load_weights_into
 from engine.worker.cpu_kv_budget import available_memory_bytes, cpu_kv_cache_bytes, kv_bytes_per_token
@@ -104,6 +105,13 @@ class ModelRunner:
         self.is_driver = parallel_state.tp_rank() == 0  # the rank that samples; the others only compute
         torch.manual_seed(config.seed)
         self.model = self._load_model(source)
+        self.lora_manager = None  # LoRA layers are swapped in after loading (the base weights' names stay)
+        lora_config = LoRAConfig.from_engine_config(config)
+        if lora_config is not None:
+            from engine.lora.manager import LoRAModelManager
+
+            self.lora_manager = LoRAModelManager(self.model, model_config, lora_config, max_num_batched_tokens,
+                                                 self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = self._agree(self._decide_num_blocks())
         self._allocate_kv_cache(self.num_blocks)
@@ -120,7 +128,8 @@ class ModelRunner:
         self.cuda_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             max_batch = min(config.max_num_seqs, max_num_batched_tokens)
-            self.cuda_graphs = CudaGraphRunner(self.model, self.inputs, max_batch)
+            self.cuda_graphs = CudaGraphRunner(self.model, self.inputs, max_batch,
+                                               self.lora_manager and self.lora_manager.prepare_capture)
             self.cuda_graphs.capture()
 
     # -- set-up -------------------------------------------------------------------------------------
@@ -269,6 +278,9 @@ class ModelRunner:
         if self.cuda_graphs is not None and num_tokens == len(batch):
             graph_size = self.cuda_graphs.padded_size(num_tokens)
         inputs = self.inputs.prepare(batch, sample_rows, graph_size)
+        if self.lora_manager is not None:
+            self.lora_manager.prepare_step([(state.lora_request, num_new) for state, num_new in batch],
+                                           graph_size or num_tokens)
         if inputs.unknown_token_rows:
             self._feed_sampled_tokens(inputs)
         if graph_size is not None:

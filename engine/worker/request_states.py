@@ -17,10 +17,11 @@ class CachedRequestState:
     """What the runner and the sampler read of one request (the names match engine.request.Request)."""
 
     __slots__ = ("request_id", "prompt_token_ids", "all_token_ids", "output_token_ids", "sampling_params", "index",
-                 "block_ids", "num_computed_tokens", "num_output_tokens", "spec_token_ids")
+                 "block_ids", "num_computed_tokens", "num_output_tokens", "spec_token_ids", "lora_request")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-                 sampling_params: SamplingParams, index: int, block_ids: list[int], num_computed_tokens: int) -> None:
+                 sampling_params: SamplingParams, index: int, block_ids: list[int], num_computed_tokens: int,
+                 lora_request=None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids = list(output_token_ids)
@@ -31,6 +32,7 @@ class CachedRequestState:
         self.num_computed_tokens = num_computed_tokens  # where this step starts
         self.num_output_tokens = len(output_token_ids)  # sampled before this step's token (placeholders too)
         self.spec_token_ids: list[int] = []  # this step's proposals (speculative decoding), fed after the last token
+        self.lora_request = lora_request  # its LoRA adapter, None for the base model
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -59,7 +61,7 @@ class RequestStates(dict):
         for data in output.new_requests:
             self[data.req_id] = CachedRequestState(data.req_id, data.prompt_token_ids, data.output_token_ids,
                                                    data.sampling_params, data.index, data.block_ids,
-                                                   data.num_computed_tokens)
+                                                   data.num_computed_tokens, data.lora_request)
         for data in output.cached_requests:
             state = self[data.req_id]
             state.block_ids[data.first_new_block:] = data.new_block_ids

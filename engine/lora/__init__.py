@@ -1,0 +1,1 @@
+"""Multi-adapter LoRA (vLLM's API and names): many PEFT adapters on one base model, chosen per request."""
