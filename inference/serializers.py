@@ -5,14 +5,13 @@ types are strict, and ranges are OpenAI's. Output shapes are documented for the 
 """
 from __future__ import annotations
 
-import json
 import re
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 
-from engine.structured_outputs.params import MAX_CHOICES, MAX_SPEC_CHARS
+from engine.structured_outputs.params import MAX_CHOICES, MAX_SPEC_CHARS, check_schema_depth, schema_from_text
 from inference.errors import from_drf
 from inference.fields import (
     MAX_TOKEN_ID, PromptField, StopField, StrictBooleanField, StrictCharField, StrictFloatField, StrictIntegerField,
@@ -56,13 +55,14 @@ class JsonSchemaField(serializers.Field):
     """A JSON Schema: an object (or, as vLLM takes it, the text of one)."""
 
     def to_internal_value(self, data):
-        if isinstance(data, str):
-            try:
-                data = json.loads(data)
-            except ValueError:
-                raise serializers.ValidationError("Must be a JSON Schema object (the string is not JSON).") from None
-        if not isinstance(data, dict):
-            raise serializers.ValidationError("Must be a JSON Schema object.")
+        try:
+            if isinstance(data, str):
+                data = schema_from_text(data, "The schema")
+            if not isinstance(data, dict):
+                raise serializers.ValidationError("Must be a JSON Schema object.")
+            check_schema_depth(data, "The schema")
+        except ValueError as error:
+            raise serializers.ValidationError(str(error)) from None
         return data
 
     def to_representation(self, value):

@@ -11,7 +11,35 @@ from dataclasses import asdict, dataclass
 
 MAX_SPEC_CHARS = 64 * 1024  # a schema, regex or grammar: compiled per request, so kept small
 MAX_CHOICES = 1024
+# Objects and arrays in a schema: real ones nest a few dozen deep; far deeper ones overflow the
+# recursive encoders and parsers on the way (json, Jinja's tojson for tool definitions, llguidance),
+# which raise RecursionError instead of an error a client can read.
+MAX_SCHEMA_DEPTH = 128
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def schema_from_text(text: str, what: str):
+    """json.loads for a schema sent as text; ValueError (never RecursionError) when it is not JSON or
+    nests too deep."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} is nested deeper than {MAX_SCHEMA_DEPTH} levels") from None
+    except ValueError as error:
+        raise ValueError(f"{what} is not valid JSON: {error}") from None
+
+
+def check_schema_depth(value, what: str) -> None:
+    """ValueError when objects and arrays nest deeper than MAX_SCHEMA_DEPTH (walked without recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"{what} is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+        pending.extend((child, depth + 1) for child in children)
 
 
 @dataclass(frozen=True)
@@ -24,10 +52,7 @@ class StructuredOutputsParams:
 
     def __post_init__(self) -> None:
         if isinstance(self.json, str):
-            try:
-                object.__setattr__(self, "json", json.loads(self.json))
-            except ValueError as error:
-                raise ValueError(f"structured_outputs.json is not valid JSON: {error}") from None
+            object.__setattr__(self, "json", schema_from_text(self.json, "structured_outputs.json"))
         if self.choice is not None:
             if not isinstance(self.choice, (list, tuple)) or not all(isinstance(c, str) for c in self.choice):
                 raise ValueError("structured_outputs.choice must be a list of strings")
@@ -64,6 +89,7 @@ class StructuredOutputsParams:
                              + (f" (got {', '.join(set_kinds)})" if set_kinds else ""))
         if self.json is not None and not isinstance(self.json, dict):
             raise ValueError("structured_outputs.json must be a JSON Schema object")
+        check_schema_depth(self.json, "structured_outputs.json")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):

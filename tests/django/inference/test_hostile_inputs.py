@@ -97,6 +97,11 @@ CASES = [
     ("messages nested 100k deep", CHAT, raw(chat(messages=NEST), NEST=nested(100_000))),
     ("content nested 2000 deep", CHAT, raw(chat(messages=[{"role": "user", "content": NEST}]), NEST=nested(2000))),
     ("logit_bias nested 1100 deep", CHAT, raw(chat(logit_bias={"1": NEST}), NEST=nested(1100))),
+    ("guided_json text nested 100k deep", CHAT, raw(chat(guided_json="[" * 100_000 + "]" * 100_000))),
+    ("tool parameters nested 400 objects deep", CHAT, raw(chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": NEST}}]), NEST='{"type": "object", "properties": {"a": ' * 400 + "{}" + "}}" * 400)),
+    ("a response_format schema of 70 KB", CHAT, raw(chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "wide", "schema": {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(4000)}}}}))),
     ("1025 messages", CHAT, raw(chat(messages=MSG * 1025))),
     ("a 2.3 MB chat of 1024 messages", CHAT, raw(chat(messages=[{"role": "user", "content": "z" * 2300}] * 1024))),
     ("stream_options.include_usage 2^64", CHAT, raw(chat(stream_options={"include_usage": 2**64}))),
