@@ -84,7 +84,7 @@ def test_cuda_graph_replays_fill_shrink_expand_for_new_slots():
     dtype = torch.bfloat16
     x = randn(num_tokens, in_features, dtype=dtype, seed=1)
     lora_a = randn(num_slots, 3 * max_rank, in_features, dtype=dtype, seed=2) / in_features ** 0.5
-    lora_b = randn(num_slots, slice_starts[-1], max_rank, dtype=dtype, seed=3)
+    lora_b = randn(num_slots, slice_starts[-1], max_rank, dtype=dtype, seed=3) / max_rank ** 0.5
     base = randn(num_tokens, slice_starts[-1], dtype=dtype, seed=4)
     slots_input = torch.full((num_tokens,), -1, dtype=torch.int32, device=DEVICE)
     mapping = LoRATokenMapping(num_tokens, num_slots, DEVICE)
