@@ -42,7 +42,8 @@ class ShrinkLaunch:
 
 
 def shrink_launch_for(num_tokens: int, rank_width: int, in_features: int) -> ShrinkLaunch:
-    """Few tokens: small tiles over many K splits; many tokens: taller tiles and fewer splits."""
+    """Token tiles about as tall as a slot's share of the step; K split so that each program reads
+    about two K tiles (at most 16 splits): with a rank of 16 there are few output tiles to spread."""
     block_m = 16 if num_tokens <= 16 else 32 if num_tokens <= 128 else 64
     block_n = min(64, max(16, triton.next_power_of_2(rank_width)))
     block_k = 256 if block_m <= 32 else 128

@@ -71,6 +71,27 @@ def test_reference_is_a_per_token_product():
         torch.testing.assert_close(out[t], expected)
 
 
+def test_one_mapping_refilled_for_steps_of_different_sizes():
+    """As graph replay does: one mapping, filled for 30 tokens, then 7, then 19; the kernels must
+    read only the current step's entries."""
+    num_slots, in_features, max_rank, slice_starts = 3, 40, 8, (0, 24, 32)
+    mapping = LoRATokenMapping(30, num_slots, DEVICE)
+    lora_a = randn(num_slots, 2 * max_rank, in_features, dtype=torch.float32, seed=1)
+    lora_b = randn(num_slots, slice_starts[-1], max_rank, dtype=torch.float32, seed=2)
+    for seed, num_tokens in enumerate((30, 7, 19)):
+        token_slots = random_slots(num_tokens, num_slots, seed=seed)
+        mapping.fill(torch.tensor(token_slots, dtype=torch.int32, device=DEVICE))
+        x = randn(num_tokens, in_features, dtype=torch.float32, seed=seed + 3)
+        base = randn(num_tokens, slice_starts[-1], dtype=torch.float32, seed=seed + 4)
+        shrunk = lora_shrink(x, lora_a, mapping, torch.full((num_tokens, 2 * max_rank), float("nan"), device=DEVICE))
+        out = lora_expand(shrunk, lora_b, mapping, slice_starts, base.clone())
+        reference = filled_mapping(token_slots, num_slots)
+        expected_shrunk = lora_shrink_ref(x, lora_a, reference, torch.empty_like(shrunk))
+        assert_matches(shrunk, expected_shrunk, torch.float32)
+        assert_matches(out, lora_expand_ref(expected_shrunk, lora_b, reference, slice_starts, base.clone()),
+                       torch.float32)
+
+
 @gpu_only
 @pytest.mark.parametrize("num_tokens", [1, 16, 256, 1024])
 def test_bfloat16_llama_sizes_on_gpu(num_tokens):
