@@ -3,7 +3,7 @@ server, the official `openai` SDK. Two tenants register one adapter each (random
 bundled SmolLM2, made with `peft`) through the service staff use; the replica loads them from the
 adapter hash without a restart. Each tenant sees and calls only its own adapter (the other's is the
 404 of any unknown model), its greedy tokens are the offline engine's under that adapter and not the
-base model's, on REST, SSE and websockets alike, and usage rows name the adapter.
+base model's, on REST, SSE, websockets and batch lines alike, and usage rows name the adapter.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tenants.lora_services import register_lora_adapter, remove_lora_adapter
 from tenants.models import UsageEvent
 from tenants.services import create_api_key
 from tests.django.inference.conftest import MODEL, LiveStack
+from tests.django.inference.test_batches import Worker, results, submit, wait_for
 from tests.django.inference.test_streaming_transports import frames_until, ws_connect
 from tests.django.live_server import daphne_server
 from tests.service.conftest import REPO_ROOT, Replica, redis_answers, wait_until
@@ -145,3 +146,28 @@ def test_a_key_allowlist_applies_to_adapters_and_removal_ends_calls(lora_live, a
     with pytest.raises(openai.NotFoundError):
         lora_live.openai(key).completions.create(model=name, prompt=PROMPT, **GREEDY)
     wait_until(lambda: name not in lora_live.replica.heartbeat().lora_adapters, 60, f"the replica to drop {name}", 0.2)
+
+
+def test_batch_lines_call_the_tenants_own_adapter(lora_live, adapter_folders, tmp_path):
+    suffix = uuid.uuid4().hex[:6]
+    own, other = f"acme-batch-{suffix}", f"globex-batch-{suffix}"
+    key = registered(lora_live, adapter_folders["a"], name=own)
+    registered(lora_live, adapter_folders["b"], name=other)
+    client = lora_live.openai(key)
+    interactive = client.completions.create(model=own, prompt=PROMPT, **GREEDY).choices[0].text
+    worker = Worker(lora_live, tmp_path).start()
+    try:
+        lines = [{"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+                  "body": {"model": model, "prompt": PROMPT, **GREEDY}}
+                 for custom_id, model in (("own", own), ("other", other), ("base", MODEL))]
+        batch = submit(client, lines, endpoint="/v1/completions")
+        done = wait_for(client, batch.id, lambda b: b.status in ("completed", "failed"), worker=worker)
+    finally:
+        worker.kill()
+        print("--- celery log ---\n" + worker.log_tail())
+    output = {line["custom_id"]: line["response"] for line in results(client, done.output_file_id)}
+    errors = {line["custom_id"]: line["response"] for line in results(client, done.error_file_id)}
+    assert set(output) == {"own", "base"} and set(errors) == {"other"}
+    assert output["own"]["body"]["model"] == own and output["own"]["body"]["choices"][0]["text"] == interactive
+    assert output["base"]["body"]["choices"][0]["text"] != interactive
+    assert errors["other"]["status_code"] == 404 and errors["other"]["body"]["error"]["code"] == "model_not_found"
