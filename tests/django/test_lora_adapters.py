@@ -5,6 +5,7 @@ from io import StringIO
 
 import pytest
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 
 from engine.service.lora_control import registered_adapters
@@ -165,3 +166,22 @@ def test_the_command_registers_and_removes(base, tmp_path):
     with pytest.raises(CommandError, match="removed already"):
         call_command("register_lora_adapter", "--name", "acme-1", "--remove")
 
+
+
+def test_the_admin_registers_through_the_service_and_shows_refusals(client, base, tmp_path):
+    user = get_user_model().objects.create_superuser("root", "root@example.com", "pw")
+    client.force_login(user)
+    tenant = create_tenant(name="acme")
+    form = {"tenant": tenant.pk, "name": "acme-1", "base_model": BASE_MODEL}
+    refused = client.post("/admin/tenants/loraadapter/add/", {**form, "path": str(tmp_path / "none")})
+    assert refused.status_code == 200 and "does not exist" in refused.content.decode()
+    added = client.post("/admin/tenants/loraadapter/add/", {**form, "path": str(write_adapter(tmp_path / "a", rank=8))})
+    assert added.status_code == 302
+    adapter = LoRAAdapter.objects.get(name="acme-1")
+    assert adapter.rank == 8 and "acme-1" in registered_in_redis()
+    assert AuditLog.objects.get(action="lora_adapter.register").actor == user
+    change = client.get(f"/admin/tenants/loraadapter/{adapter.pk}/change/")
+    assert change.status_code == 200 and "path" not in change.context["adminform"].form.fields
+    client.post("/admin/tenants/loraadapter/", {"action": "remove_selected", "_selected_action": [adapter.pk]})
+    adapter.refresh_from_db()
+    assert not adapter.is_active and "acme-1" not in registered_in_redis()
