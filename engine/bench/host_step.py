@@ -40,7 +40,7 @@ def build_engine(num_seqs: int) -> LLMEngine:
     hidden_size = runner.model_config.hidden_size
     runner.model.forward = lambda input_ids, positions: torch.zeros(input_ids.shape[0], hidden_size)
     runner.compute_logits = lambda hidden: hidden[:, :1]
-    runner.sampler.sample = lambda logits, requests: DeviceSample(
+    runner.sampler.sample = lambda logits, requests, bitmask=None: DeviceSample(
         torch.randint(1000, 40000, (len(requests),), generator=generator), None, [None] * len(requests))
     return engine
 
