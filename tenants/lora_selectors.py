@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from django.db.models import QuerySet
 
 from engine.service.protocol import Heartbeat
+from tenants.dashboard.selectors import engine_status
 from tenants.lora_cache import OwnedAdapter, lora_adapter_cache
 from tenants.models import ApiKey, LoRAAdapter, Tenant
 from tenants.selectors import model_allowed
@@ -50,12 +51,22 @@ class AdapterLoadStatus:
     errors: dict[str, str]  # replica id -> why it failed to load there
 
     @property
+    def settled(self) -> bool:
+        """Every live replica has loaded it or said why it could not."""
+        return self.loaded + len(self.errors) >= self.replicas
+
+    @property
     def summary(self) -> str:
         if not self.adapter.is_active:
             return "removed"
         if not self.replicas:
             return "no live replica of its base model"
         return f"loaded on {self.loaded} of {self.replicas} replicas"
+
+
+def live_replicas_by_model() -> dict[str, list[Heartbeat]]:
+    """The heartbeats of every live replica, by model ({} when Redis does not answer)."""
+    return {engine.model: engine.replicas for engine in engine_status() or ()}
 
 
 def adapter_load_status(*, adapters, replicas_by_model: dict[str, list[Heartbeat]]) -> list[AdapterLoadStatus]:

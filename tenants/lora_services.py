@@ -21,8 +21,8 @@ from engine.lora.peft_config import LoRAAdapterError, PeftAdapterConfig, read_pe
 from engine.service.lora_control import register_adapter, unregister_adapter
 from engine.service.transport import Keys
 from tenants.audit import Actor, created, record_audit
-from tenants.dashboard.selectors import engine_status
 from tenants.errors import LoRAAdapterRefused
+from tenants.lora_selectors import live_replicas_by_model
 from tenants.models import LoRAAdapter, Tenant, validate_model_name
 
 AUDITED_FIELDS = ("name", "base_model", "path", "rank", "alpha")
@@ -56,7 +56,7 @@ def check_lora_adapter(*, name: str, base_model: str, path: str) -> PeftAdapterC
 
 def _check_rank(config: PeftAdapterConfig, base_model: str) -> None:
     """Against the live replicas of `base_model` (with none live, each replica checks as it loads)."""
-    replicas = next((status.replicas for status in engine_status() or () if status.model == base_model), [])
+    replicas = live_replicas_by_model().get(base_model, [])
     if not replicas:
         return
     max_rank = min(beat.max_lora_rank for beat in replicas)
@@ -75,6 +75,11 @@ def register_lora_adapter(*, tenant: Tenant, name: str, base_model: str, path: s
     config = check_lora_adapter(name=name, base_model=base_model, path=path)
     adapter = LoRAAdapter(tenant=tenant, name=name, base_model=base_model, path=path, rank=config.rank,
                           alpha=config.lora_alpha)
+    try:
+        adapter.full_clean()  # lengths the database enforces (a path over 1,000 characters, say)
+    except ValidationError as error:
+        raise LoRAAdapterRefused("; ".join(f"{field}: {' '.join(messages)}"
+                                           for field, messages in error.message_dict.items())) from None
     try:
         with transaction.atomic():
             adapter.save()

@@ -18,7 +18,7 @@ from tenants.dashboard import selectors
 from tenants.dashboard.charts import Series, bar_chart, line_chart
 from tenants.dashboard.forms import ApiKeyCreateForm, LoRAAdapterRegisterForm, TenantCreateForm, TenantLimitsForm
 from tenants.errors import LoRAAdapterRefused, TenantAlreadyExists
-from tenants.lora_selectors import adapter_load_status, get_tenant_lora_adapters
+from tenants.lora_selectors import adapter_load_status, get_tenant_lora_adapters, live_replicas_by_model
 from tenants.lora_services import register_lora_adapter, remove_lora_adapter
 from tenants.models import ApiKey, LoRAAdapter, Tenant
 from tenants.selectors import get_tenant_keys
@@ -139,14 +139,14 @@ def _render_overview(request, create_form: TenantCreateForm, status: int = 200):
 
 
 def _render_tenant(request, tenant: Tenant, *, limits_form, key_form=None, adapter_form=None, status: int = 200):
-    replicas = {engine.model: engine.replicas for engine in selectors.engine_status() or ()}
     return render(request, "dashboard/tenant.html", {
         "tenant": tenant,
         "charts": _usage_charts(selectors.usage_by_day(tenant=tenant)),
         "usage_by_model": selectors.usage_by_model(tenant=tenant),
         "budget": selectors.budget_status(tenant=tenant),
         "keys": get_tenant_keys(tenant=tenant),
-        "adapters": adapter_load_status(adapters=get_tenant_lora_adapters(tenant=tenant), replicas_by_model=replicas),
+        "adapters": adapter_load_status(adapters=get_tenant_lora_adapters(tenant=tenant),
+                                        replicas_by_model=live_replicas_by_model()),
         "audit_entries": selectors.tenant_audit_entries(tenant=tenant),
         "limits_form": limits_form,
         "key_form": key_form or ApiKeyCreateForm(),

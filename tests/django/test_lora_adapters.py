@@ -9,6 +9,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 
 from engine.service.lora_control import registered_adapters
+from engine.service.protocol import Heartbeat, encode
 from tenants.errors import LoRAAdapterRefused
 from tenants.lora_cache import lora_adapter_cache
 from tenants.lora_selectors import callable_lora_adapters, owned_lora_adapter
@@ -150,8 +151,9 @@ def test_the_command_registers_and_removes(base, tmp_path):
     folder = write_adapter(tmp_path / "a", rank=4, alpha=8)
     out = StringIO()
     call_command("register_lora_adapter", "--tenant", "acme", "--name", "acme-1", "--base-model", BASE_MODEL,
-                 "--path", str(folder), stdout=out)
+                 "--path", str(folder), "--wait", "0", stdout=out)
     assert "Registered LoRA adapter 'acme-1' (rank 4, alpha 8)" in out.getvalue()
+    assert "Loaded on 0 of 1 replicas so far" in out.getvalue()  # the heartbeat here never loads anything
     assert AuditLog.objects.get(action="lora_adapter.register").actor_label == "command"
     for args, message in ((["--name", "acme-2", "--tenant", "acme"], "needs --base-model, --path"),
                           (["--name", "acme-2", "--tenant", "ghost", "--base-model", "m", "--path", "p"],
@@ -185,3 +187,25 @@ def test_the_admin_registers_through_the_service_and_shows_refusals(client, base
     client.post("/admin/tenants/loraadapter/", {"action": "remove_selected", "_selected_action": [adapter.pk]})
     adapter.refresh_from_db()
     assert not adapter.is_active and "acme-1" not in registered_in_redis()
+
+
+def test_the_command_reports_what_the_replicas_said(tmp_path):
+    """It waits for each live replica to load the adapter or say why not (their heartbeats)."""
+    create_tenant(name="acme")
+    client = sync_redis()
+    with published_model(replicas_max_lora_rank=[16, 16]) as keys:
+        for n, loaded in enumerate(({"lora_adapters": ["acme-1"]}, {"lora_errors": {"acme-1": "wrong shapes"}})):
+            client.set(keys.heartbeat(BASE_MODEL, f"replica-{n}"),
+                       encode(Heartbeat(f"replica-{n}", BASE_MODEL, max_lora_rank=16, **loaded)), ex=60)
+        with pytest.raises(CommandError, match="loaded on 1 of 2 replicas; not loaded on replica-1: wrong shapes"):
+            call_command("register_lora_adapter", "--tenant", "acme", "--name", "acme-1", "--base-model", BASE_MODEL,
+                         "--path", str(write_adapter(tmp_path / "a")), "--wait", "5", stdout=StringIO())
+        assert LoRAAdapter.objects.get(name="acme-1").is_active  # registered all the same, until --remove
+        client.set(keys.heartbeat(BASE_MODEL, "replica-1"),
+                   encode(Heartbeat("replica-1", BASE_MODEL, max_lora_rank=16, lora_adapters=["acme-2"])), ex=60)
+        client.set(keys.heartbeat(BASE_MODEL, "replica-0"),
+                   encode(Heartbeat("replica-0", BASE_MODEL, max_lora_rank=16, lora_adapters=["acme-2"])), ex=60)
+        out = StringIO()
+        call_command("register_lora_adapter", "--tenant", "acme", "--name", "acme-2", "--base-model", BASE_MODEL,
+                     "--path", str(write_adapter(tmp_path / "b")), stdout=out)
+        assert out.getvalue().splitlines()[-1] == "Loaded on 2 of 2 replicas."

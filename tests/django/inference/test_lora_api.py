@@ -7,7 +7,9 @@ base model's, on REST, SSE, websockets and batch lines alike, and usage rows nam
 """
 from __future__ import annotations
 
+import io
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -15,6 +17,7 @@ import uuid
 import openai
 import pytest
 from django.conf import settings
+from django.core.management import CommandError, call_command
 
 from tenants.lora_services import register_lora_adapter, remove_lora_adapter
 from tenants.models import UsageEvent
@@ -23,6 +26,7 @@ from tests.django.inference.conftest import MODEL, LiveStack
 from tests.django.inference.test_batches import Worker, results, submit, wait_for
 from tests.django.inference.test_streaming_transports import frames_until, ws_connect
 from tests.django.live_server import daphne_server
+from tests.django.lora_testing import write_adapter
 from tests.service.conftest import REPO_ROOT, Replica, redis_answers, wait_until
 
 PROMPT = "The capital of France is"
@@ -171,3 +175,20 @@ def test_batch_lines_call_the_tenants_own_adapter(lora_live, adapter_folders, tm
     assert output["own"]["body"]["model"] == own and output["own"]["body"]["choices"][0]["text"] == interactive
     assert output["base"]["body"]["choices"][0]["text"] != interactive
     assert errors["other"]["status_code"] == 404 and errors["other"]["body"]["error"]["code"] == "model_not_found"
+
+
+def test_an_adapter_made_for_another_model_fails_to_load_with_the_replicas_reason(lora_live, tmp_path):
+    """Only loading knows the base model's shapes: the command reports the replica's reason, and a
+    call of the adapter is a 503 `lora_not_found` that leaves the base model's calls alone."""
+    name = f"acme-wrong-{uuid.uuid4().hex[:6]}"
+    key = lora_live.new_key()
+    folder = write_adapter(tmp_path / "wrong", rank=4, hidden=32)  # SmolLM2's hidden size is 576
+    reason = re.escape("has shape [4, 32], but this model needs [4, 576]")
+    with pytest.raises(CommandError, match=f"loaded on 0 of 1 replicas; not loaded on lora-replica: .*{reason}"):
+        call_command("register_lora_adapter", "--tenant", lora_live.tenant_of(key).name, "--name", name,
+                     "--base-model", MODEL, "--path", str(folder), "--wait", "60", stdout=io.StringIO())
+    client = lora_live.openai(key)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model=name, prompt=PROMPT, **GREEDY)
+    assert info.value.status_code == 503 and info.value.body["code"] == "lora_not_found"
+    assert client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY).usage.completion_tokens == 8
