@@ -102,6 +102,13 @@ def test_two_tenants_each_see_and_call_only_their_own_adapter(lora_live, adapter
         with pytest.raises(openai.NotFoundError):
             client_a.models.retrieve(missing)
 
+    with lora_live.http() as http:  # vLLM's /tokenize: an adapter tokenizes as its base model does
+        def tokenize(model):
+            return http.post("/tokenize", json={"model": model, "prompt": PROMPT},
+                             headers={"Authorization": f"Bearer {key_a}"})
+        assert tokenize(name_a).json()["tokens"] == tokenize(MODEL).json()["tokens"]
+        assert tokenize(name_b).json()["error"]["code"] == "model_not_found"
+
     base = client_a.completions.create(model=MODEL, prompt=PROMPT, **GREEDY).choices[0].text
     texts = {}
     for name, client in ((name_a, client_a), (name_b, client_b)):
