@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     speculative.add_argument("--prompt-lookup-max", type=int, default=4)
     speculative.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     add_engine_args(speculative)
+    lora = sub.add_parser("lora", help="throughput and batch 1 with random adapters vs the base model")
+    lora.add_argument("--num-loras", type=int, default=8, help="distinct adapters, round-robin over the requests")
+    lora.add_argument("--lora-rank", type=int, default=16)
+    lora.add_argument("--num-prompts", type=int, default=1000)
+    lora.add_argument("--input-len", type=LengthRange.parse, default=LengthRange.parse("256"))
+    lora.add_argument("--output-len", type=LengthRange.parse, default=LengthRange.parse("256"))
+    lora.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    add_engine_args(lora)
     attention = sub.add_parser("attention", help="paged decode attention kernel: bandwidth vs copy bandwidth")
     attention.add_argument("--batch-size", type=int, default=64)
     attention.add_argument("--context-len", type=int, default=4096)
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args, command)
     if args.command == "speculative":
         return _speculative(args, command)
+    if args.command == "lora":
+        return _lora(args, command)
     options = asdict(engine_config_from_args(args))
     # Token-id workloads need no tokenizer (none may be shipped), except to compile grammars.
     options["skip_tokenizer_init"] = not getattr(args, "structured_fraction", 0)
@@ -291,6 +301,28 @@ def _speculative(args, command: str) -> int:
     _print("speculative", {k: v for k, v in results.items() if k != "command"})
     _write_json(args.json, results)
     return 0 if all(v for k, v in results.items() if k.startswith("identical_")) else 1
+
+
+def _lora(args, command: str) -> int:
+    import torch
+
+    from engine.bench.lora import run_lora_bench
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    options = asdict(engine_config_from_args(args))
+    options["skip_tokenizer_init"] = True
+    for name in ("enable_lora", "max_loras", "max_lora_rank"):
+        options.pop(name, None)
+    results = {"command": command, **run_lora_bench(
+        options, args.num_loras, args.lora_rank, args.num_prompts, args.input_len, args.output_len, args.seed,
+        release_memory=lambda: _release_memory(device))}
+    for name in ("base", "lora"):
+        _print(f"{name} throughput", results[name]["throughput"])
+        _print(f"{name} batch 1", results[name]["batch_1"])
+    print(f"throughput with {args.num_loras} adapters / base: {results['throughput_ratio']:.3f}; "
+          f"batch-1 speed with an adapter / base: {results['batch_1_speed_ratio']:.3f}")
+    _write_json(args.json, results)
+    return 0
 
 
 def _write_json(path: str | None, results: dict) -> None:

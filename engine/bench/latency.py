@@ -11,10 +11,11 @@ from engine.bench.workload import BenchRequest
 from engine.sampling_params import SamplingParams
 
 
-def run_engine_latency(llm, requests: list[BenchRequest], warmup: int, iters: int) -> dict:
+def run_engine_latency(llm, requests: list[BenchRequest], warmup: int, iters: int, lora_request=None) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=requests[0].max_tokens, ignore_eos=True, detokenize=False)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    return _time_iterations(lambda: llm.generate(prompts, params, use_tqdm=False), requests, warmup, iters)
+    return _time_iterations(lambda: llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request),
+                            requests, warmup, iters)
 
 
 def run_hf_latency(model, requests: list[BenchRequest], warmup: int, iters: int, device: torch.device) -> dict:

@@ -21,7 +21,8 @@ BENCH_SCHEMA = {"type": "array", "items": {"type": "object", "properties": {
 
 
 def run_engine_throughput(llm, requests: list[BenchRequest], ignore_eos: bool, use_tqdm: bool = False,
-                          structured_fraction: float = 0.0, structured_schema: str | None = None) -> dict:
+                          structured_fraction: float = 0.0, structured_schema: str | None = None,
+                          lora_requests: list | None = None) -> dict:
     """`structured_fraction` of the requests (every k-th) sample under a JSON schema; they stop when it
     is complete, so output tokens per second, not the total, is what compares."""
     engine = llm.llm_engine
@@ -33,7 +34,7 @@ def run_engine_throughput(llm, requests: list[BenchRequest], ignore_eos: bool, u
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     with grammar_cost(engine) as grammar:
         started = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+        outputs = llm.generate(prompts, params, use_tqdm=use_tqdm, lora_request=lora_requests)
         elapsed = time.perf_counter() - started
     stop_ids = set() if ignore_eos else engine.eos_token_ids
     useful = sum(useful_length(o.outputs[0].token_ids, r.max_tokens, stop_ids) for o, r in zip(outputs, requests))
