@@ -40,24 +40,29 @@ class LoRAModelManager:
         self._num_activations = 0
         self._host_cache: OrderedDict[int, SlotImages] = OrderedDict()  # LRU: most recently used last
         self._host_lock = threading.Lock()  # the service loads adapters from another thread
-        self._names: dict[int, LoRARequest] = {}
 
     # -- host cache -----------------------------------------------------------------------------------
 
     def add_adapter(self, lora_request: LoRARequest) -> bool:
         """Load an adapter into the host cache (the LRU one out if full); False if it was there.
         Raises LoRAAdapterError for one this model cannot take. Callable from any thread."""
+        return self._cached_images(lora_request)[1]
+
+    def _cached_images(self, lora_request: LoRARequest) -> tuple[SlotImages, bool]:
+        """An adapter's slot images from the host cache, read from disk (and cached) if missing;
+        whether they were read."""
+        lora_id = lora_request.lora_int_id
         with self._host_lock:
-            if lora_request.lora_int_id in self._host_cache:
-                self._host_cache.move_to_end(lora_request.lora_int_id)
-                return False
-        images = self._slot_images(lora_request)
+            if lora_id in self._host_cache:
+                self._host_cache.move_to_end(lora_id)
+                return self._host_cache[lora_id], False
+        images = self._slot_images(lora_request)  # outside the lock: reading files takes a while
         with self._host_lock:
-            self._host_cache[lora_request.lora_int_id] = images
-            self._host_cache.move_to_end(lora_request.lora_int_id)
+            self._host_cache[lora_id] = images
+            self._host_cache.move_to_end(lora_id)
             while len(self._host_cache) > self.lora_config.max_cpu_loras:
                 self._host_cache.popitem(last=False)
-        return True
+        return images, True
 
     def remove_adapter(self, lora_int_id: int) -> bool:
         """Drop an adapter from the host cache and its slot (the caller makes sure no request uses it)."""
@@ -101,9 +106,7 @@ class LoRAModelManager:
         return empty[0] if empty else min(candidates, key=self._slot_last_used.__getitem__)
 
     def _load_slot(self, slot: int, lora_request: LoRARequest) -> None:
-        self.add_adapter(lora_request)  # from disk again if the host cache let it go
-        with self._host_lock:
-            images = self._host_cache[lora_request.lora_int_id]
+        images, _ = self._cached_images(lora_request)  # from disk again if the host cache let it go
         for name, layer in self.layers.items():
             layer.set_slot(slot, images[name])
         self.slot_ids[slot] = lora_request.lora_int_id

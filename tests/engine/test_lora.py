@@ -142,10 +142,12 @@ def test_a_batch_mixing_four_adapters_and_the_base_gives_each_its_own_answer(lor
                                    atol=1e-4, rtol=0)
 
 
-def test_more_adapters_than_slots_and_host_cache_all_finish(lora_llm, adapters):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_more_adapters_than_slots_and_host_cache_all_finish(lora_llm, adapters, async_scheduling):
     """max_loras=2 slots and 2 in host memory for 4 adapters: the scheduler defers, the LRU reloads;
-    no step's running set ever holds more than 2 adapters."""
-    llm = lora_llm("llama", max_loras=2, max_cpu_loras=2)
+    no step's running set ever holds more than 2 adapters. Async scheduling plans a step while the one
+    before runs: slots change between steps in flight."""
+    llm = lora_llm("llama", max_loras=2, max_cpu_loras=2, async_scheduling=async_scheduling)
     engine = llm.llm_engine
     expected = {}
     for n, (name, (lora_request, peft_model)) in enumerate(adapters("llama").items()):
@@ -256,3 +258,23 @@ def test_two_ranks_with_adapters_match_one(tiny_hf_checkpoint, adapters):
             llm.llm_engine.shutdown()
 
     assert [o.outputs[0].token_ids for o in generate(2)] == [o.outputs[0].token_ids for o in generate(1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda-graphs", "eager"])
+def test_adapters_on_cuda_match_peft(tiny_hf_checkpoint, adapters, enforce_eager):
+    """The Triton shrink/expand kernels, inside the decode CUDA graphs too, with async scheduling and
+    two slots for four adapters (slot swaps queued behind the step in flight)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    llm = LLM(model=str(tiny_hf_checkpoint("llama")[0]), **(ENGINE | dict(
+        device="cuda", max_loras=2, enforce_eager=enforce_eager, async_scheduling=True)))
+    assert (llm.llm_engine.runner.cuda_graphs is None) == enforce_eager
+    loras = list(adapters("llama").values())
+    choices = [loras[i % 4][0] if i % 5 else None for i in range(10)]
+    prompt_list = [prompts()[i % 3] for i in range(10)]
+    outputs = run(llm, prompt_list, choices, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    references = {lora.lora_int_id: model for lora, model in loras}
+    for prompt, choice, output in zip(prompt_list, choices, outputs):
+        model = tiny_hf_checkpoint("llama")[1] if choice is None else references[choice.lora_int_id]
+        assert output.outputs[0].token_ids == peft_greedy(model, prompt)
