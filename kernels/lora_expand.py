@@ -21,21 +21,6 @@ from kernels.lora_mapping import LoRATokenMapping
 from kernels.lora_shrink import slot_tile_tokens
 
 
-def lora_expand_ref(y: torch.Tensor, lora_b: torch.Tensor, mapping: LoRATokenMapping,
-                    slice_starts: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
-    """y `[T, num_slices * max_rank]` float32; lora_b `[num_slots, out_features, max_rank]`;
-    slice_starts: output-row boundaries of the slices (0, ..., out_features); out `[T, out_features]`
-    accumulated in place: rows of slice j += lora_b[slot[t], rows] @ y[t, j * max_rank:(j + 1) * max_rank]."""
-    assert y.shape[0] == mapping.num_tokens
-    max_rank = lora_b.shape[2]
-    for slot, tokens in mapping.slot_token_groups():
-        for j, (start, end) in enumerate(zip(slice_starts, slice_starts[1:])):
-            shrunk = y[tokens, j * max_rank:(j + 1) * max_rank].to(lora_b.dtype).float()
-            delta = shrunk @ lora_b[slot, start:end].float().T
-            out[tokens, start:end] = (out[tokens, start:end].float() + delta).to(out.dtype)
-    return out
-
-
 @dataclass(frozen=True)
 class ExpandLaunch:
     """Tile sizes of one expand launch (block_k covers the rank, looping when it is larger)."""

@@ -19,17 +19,6 @@ import triton.language as tl
 from kernels.lora_mapping import LoRATokenMapping
 
 
-def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, mapping: LoRATokenMapping,
-                    out: torch.Tensor) -> torch.Tensor:
-    """x `[T, in]`; lora_a `[num_slots, num_slices * max_rank, in]`; out `[T, num_slices * max_rank]`
-    float32, written: lora_a[slot[t]] @ x[t] in float32, zero where slot[t] is -1."""
-    assert x.shape[0] == mapping.num_tokens
-    out.zero_()
-    for slot, tokens in mapping.slot_token_groups():
-        out[tokens] = x[tokens].float() @ lora_a[slot].float().T
-    return out
-
-
 @dataclass(frozen=True)
 class ShrinkLaunch:
     """Tile sizes of one shrink launch; split_k > 1 zeroes `out` first and adds partial sums atomically."""

@@ -17,9 +17,10 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from kernels.lora_expand import lora_expand, lora_expand_ref
+from kernels.lora_expand import lora_expand
 from kernels.lora_mapping import LoRATokenMapping
-from kernels.lora_shrink import lora_shrink, lora_shrink_ref, shrink_launch_for
+from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+from kernels.lora_shrink import lora_shrink, shrink_launch_for
 
 SPLIT_K_CHOICES = (1, 4, 8, 16)
 

@@ -18,9 +18,9 @@ from torch import nn
 from engine.distributed.layers import ColumnParallelLinear, RowParallelLinear
 from engine.distributed.parallel_state import all_reduce, tp_rank
 from engine.lora.adapter import LoRALayerWeights
-from kernels.lora_expand import lora_expand, lora_expand_ref
+from kernels import triton_or_reference
 from kernels.lora_mapping import LoRATokenMapping
-from kernels.lora_shrink import lora_shrink, lora_shrink_ref
+from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 
 # The projections LoRA wraps, by their path under a decoder layer.
 LORA_MODULES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -73,12 +73,8 @@ class LoRALinear(nn.Module):
     def _add_lora(self, x: torch.Tensor, out: torch.Tensor) -> None:
         mapping = self.context.mapping
         shrunk = torch.empty(x.shape[0], self.lora_a.shape[1], dtype=torch.float32, device=x.device)
-        if x.is_cuda:
-            lora_shrink(x, self.lora_a, mapping, shrunk)
-            lora_expand(shrunk, self.lora_b, mapping, self.slice_starts, out)
-        else:
-            lora_shrink_ref(x, self.lora_a, mapping, shrunk)
-            lora_expand_ref(shrunk, self.lora_b, mapping, self.slice_starts, out)
+        triton_or_reference(x, "lora_shrink", lora_shrink_ref)(x, self.lora_a, mapping, shrunk)
+        triton_or_reference(x, "lora_expand", lora_expand_ref)(shrunk, self.lora_b, mapping, self.slice_starts, out)
 
     def slot_image(self, weights: LoRALayerWeights | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This rank's slot contents for an adapter (host tensors, zero-padded to max_rank), or None

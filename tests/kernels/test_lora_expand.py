@@ -8,9 +8,10 @@ rows of tokens without an adapter must come back bit-identical."""
 import pytest
 import torch
 
-from kernels.lora_expand import ExpandLaunch, lora_expand, lora_expand_ref
+from kernels.lora_expand import ExpandLaunch, lora_expand
 from kernels.lora_mapping import LoRATokenMapping
-from kernels.lora_shrink import lora_shrink, lora_shrink_ref
+from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+from kernels.lora_shrink import lora_shrink
 from tests.kernels.kernel_testing import DEVICE, DTYPES, TOLERANCE, assert_matches, gpu_only, randn
 from tests.kernels.test_lora_mapping import filled_mapping, random_slots
 

@@ -7,7 +7,8 @@ mapping's filled entries."""
 import pytest
 import torch
 
-from kernels.lora_shrink import ShrinkLaunch, lora_shrink, lora_shrink_ref
+from kernels.lora_ref import lora_shrink_ref
+from kernels.lora_shrink import ShrinkLaunch, lora_shrink
 from tests.kernels.kernel_testing import DEVICE, DTYPES, assert_matches, gpu_only, randn
 from tests.kernels.test_lora_mapping import filled_mapping, random_slots
 
