@@ -8,6 +8,7 @@ the test plays the model runner's part and feeds sampled token ids back into `Sc
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 
@@ -25,9 +26,16 @@ TINY_VOCAB = 256
 
 @pytest.fixture(scope="session")
 def bundled_tokenizer():
+    """SmolLM2's tokenizer from its GGUF; on a GPU machine where the 94 MB model package cannot travel,
+    the same tokenizer saved as a folder (`BUNDLED_TOKENIZER_DIR`, see benchmarks/h200_serving.sh)."""
     from engine.tokenization import load_tokenizer
     from engine.weights import resolve_model
 
+    saved = os.environ.get("BUNDLED_TOKENIZER_DIR")
+    if saved:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(saved)
     return load_tokenizer(resolve_model(BUNDLED_MODEL))
 
 
