@@ -20,7 +20,7 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from tenants.lora_services import register_lora_adapter, remove_lora_adapter
-from tenants.models import UsageEvent
+from tenants.models import AuditLog, LoRAAdapter, UsageEvent
 from tenants.services import create_api_key
 from tests.django.inference.conftest import MODEL, LiveStack
 from tests.django.inference.test_batches import Worker, results, submit, wait_for
@@ -70,6 +70,21 @@ def lora_live(django_test_database, tmp_path_factory):
     finally:
         replica.kill()
         print("--- engine log ---\n" + replica.log_tail())
+        _leave_as_found(redis_url, prefix)
+
+
+def _leave_as_found(redis_url: str, prefix: str) -> None:
+    """This module shares the session's key prefix and database with later tests (/ready's, the
+    adapter services'): drop the model card, heartbeats and adapter hash it left under the prefix,
+    and the adapters it registered (committed: the live server reads them)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{prefix}:*"):
+        client.delete(key)
+    client.close()
+    LoRAAdapter.objects.all().delete()
+    AuditLog.objects.filter(action__startswith="lora_adapter.").delete()
 
 
 def registered(live: LiveStack, folder, *, name: str) -> str:
