@@ -64,10 +64,6 @@ def _lora_shrink_expand_kernel(
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < MAX_RANK
 
-    # This program's B rows, requested first so their memory latency overlaps the shrink loop.
-    b_ptr = lora_b_ptr + slot.to(tl.int64) * stride_b_slot + (first_row + cols)[None, :].to(tl.int64) * stride_b_row
-    b = tl.load(b_ptr + ranks[:, None], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-
     # Shrink: y = x_tile @ A[slot, slice's rank rows]^T, float32 over the whole input width.
     a_ptr = (lora_a_ptr + slot.to(tl.int64) * stride_a_slot
              + (slice_index * MAX_RANK + ranks)[None, :].to(tl.int64) * stride_a_row)
@@ -81,6 +77,8 @@ def _lora_shrink_expand_kernel(
         y += tl.dot(x, a, input_precision=INPUT_PRECISION)
 
     # Expand: out rows += B[slot, rows] @ y, y rounded to the adapter's dtype first.
+    b_ptr = lora_b_ptr + slot.to(tl.int64) * stride_b_slot + (first_row + cols)[None, :].to(tl.int64) * stride_b_row
+    b = tl.load(b_ptr + ranks[:, None], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
     delta = tl.dot(y.to(b.dtype), b, input_precision=INPUT_PRECISION)
     add_to_rows(out_ptr, stride_out, tokens, row_mask, first_row, cols, col_mask, delta)
 
