@@ -26,25 +26,21 @@ from kernels.lora_shrink import slot_tile_tokens
 
 @dataclass(frozen=True)
 class ShrinkExpandLaunch:
-    """Tile sizes of one fused launch; the rank is one tile (block_r = its next power of two).
-    num_stages: how many input tiles of the shrink loop are in flight at once."""
+    """Tile sizes of one fused launch; the rank is one tile (block_r = its next power of two)."""
 
     block_m: int
     block_n: int
     block_k: int
-    num_stages: int = 3
     num_warps: int = 4
 
 
-def shrink_expand_launch_for(num_tokens: int, in_features: int, out_rows: int) -> ShrinkExpandLaunch:
-    """Each program's time is mostly its read of the slice's A over the input width (latency-bound
-    on one SM: wider input tiles keep more bytes in flight), the same for any row tile, so row tiles
-    are as wide as keeps about a hundred programs busy: wide tiles mean fewer redundant A reads.
-    4096 rows -> 64-row tiles (64 programs), 2 x 14336 -> 256 (112)."""
+def shrink_expand_launch_for(num_tokens: int, out_rows: int) -> ShrinkExpandLaunch:
+    """Each program's time is mostly its read of the slice's A over the input width, the same for
+    any row tile, so row tiles are as wide as keeps about a hundred programs busy: wide tiles mean
+    fewer redundant A reads. 4096 rows -> 64-row tiles (64 programs), 2 x 14336 -> 256 (112)."""
     block_m = 16 if num_tokens <= 16 else 32
     block_n = 64 if out_rows <= 8192 else 128 if out_rows <= 16384 else 256
-    block_k = 256 if in_features <= 4096 else 512
-    return ShrinkExpandLaunch(block_m, block_n, block_k)
+    return ShrinkExpandLaunch(block_m, block_n, block_k=256)
 
 
 @triton.jit
@@ -96,7 +92,7 @@ def lora_shrink_expand(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
     assert x.stride(1) == 1 and lora_a.stride(2) == 1 and lora_b.stride(2) == 1 and out.stride(1) == 1
     if num_tokens == 0:
         return out
-    launch = launch or shrink_expand_launch_for(num_tokens, in_features, out_features)
+    launch = launch or shrink_expand_launch_for(num_tokens, out_features)
     grid, max_slice_width = slice_row_grid(num_tokens, slice_starts, num_slots, launch.block_m, launch.block_n)
     _lora_shrink_expand_kernel[grid](
         x, lora_a, lora_b, out, mapping.sorted_token_ids, mapping.slot_starts, mapping.num_tokens_per_slot,
@@ -104,7 +100,6 @@ def lora_shrink_expand(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
         lora_b.stride(1), out.stride(0), IN_FEATURES=in_features, MAX_RANK=max_rank, NUM_SLICES=num_slices,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
-        INPUT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", num_stages=launch.num_stages,
-        num_warps=launch.num_warps,
+        INPUT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", num_warps=launch.num_warps,
     )
     return out

@@ -6,8 +6,8 @@ On CUDA the Triton path and the linear are timed as replays of a CUDA graph hold
 calls, as the engine's decode graphs run them (no launch overhead); the reference, which reads
 slot groups back to the host, is timed eagerly. Shrink alone is also timed for several SPLIT_K.
 Token counts the layers give the one-launch shrink + expand (FUSED_LORA_MAX_TOKENS) also time that
-path, with its default tiles and over a grid of row tiles, input tiles and pipeline depths. The
-Llama-3.1-8B projections: `--num-slices 1` (o), `--num-slices 2 --out-features 14336` (gate_up),
+path, with its default tiles and over a grid of row and input tile sizes. The Llama-3.1-8B
+projections: `--num-slices 1` (o), `--num-slices 2 --out-features 14336` (gate_up),
 `--in-features 14336` (down).
 """
 
@@ -29,9 +29,8 @@ from kernels.lora_shrink import lora_shrink, shrink_launch_for
 from kernels.lora_shrink_expand import lora_shrink_expand, shrink_expand_launch_for
 
 SPLIT_K_CHOICES = (1, 4, 8, 16)
-FUSED_BLOCK_N_CHOICES = (64, 128, 256)
-FUSED_BLOCK_K_CHOICES = (256, 512)
-FUSED_NUM_STAGES_CHOICES = (3, 4)
+FUSED_BLOCK_N_CHOICES = (32, 64, 128, 256)
+FUSED_BLOCK_K_CHOICES = (128, 256, 512)
 
 
 def _eager_ms(fn, iters: int) -> float:
@@ -114,7 +113,7 @@ def run_lora_kernels_bench(num_tokens: int, num_slots: int, rank: int, num_slice
 
 def _fused_timings(x, lora_a, lora_b, mapping, token_slots, slice_starts, out, expected, iters: int) -> dict:
     """The one-launch path (mapping fill + fused kernel): its error, its time with the default tiles
-    and by "block_n x block_k x num_stages"."""
+    and by "block_n x block_k"."""
     def fused_path(launch=None):
         mapping.fill(token_slots)
         lora_shrink_expand(x, lora_a, lora_b, mapping, slice_starts, out, launch=launch)
@@ -122,13 +121,11 @@ def _fused_timings(x, lora_a, lora_b, mapping, token_slots, slice_starts, out, e
     out.zero_()
     fused_path()
     max_error = (out.float() - expected.float()).abs().max().item()
-    default = shrink_expand_launch_for(*x.shape, out.shape[1])
-    by_tiles = {f"{block_n}x{block_k}x{stages}": _graph_ms(lambda n=block_n, k=block_k, s=stages: fused_path(
-                    replace(default, block_n=n, block_k=k, num_stages=s)), iters)
-                for block_n in FUSED_BLOCK_N_CHOICES for block_k in FUSED_BLOCK_K_CHOICES
-                for stages in FUSED_NUM_STAGES_CHOICES}
-    return {"fused_ms": _graph_ms(fused_path, iters),
-            "fused_default_tiles": f"{default.block_n}x{default.block_k}x{default.num_stages}",
+    default = shrink_expand_launch_for(x.shape[0], out.shape[1])
+    by_tiles = {f"{block_n}x{block_k}": _graph_ms(lambda n=block_n, k=block_k: fused_path(
+                    replace(default, block_n=n, block_k=k)), iters)
+                for block_n in FUSED_BLOCK_N_CHOICES for block_k in FUSED_BLOCK_K_CHOICES}
+    return {"fused_ms": _graph_ms(fused_path, iters), "fused_default_tiles": f"{default.block_n}x{default.block_k}",
             "fused_ms_by_tiles": by_tiles, "fused_max_abs_error_vs_reference": max_error}
 
 
