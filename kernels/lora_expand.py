@@ -37,15 +37,6 @@ def expand_launch_for(num_tokens: int, max_rank: int) -> ExpandLaunch:
     return ExpandLaunch(block_m, 128, block_k)
 
 
-def slice_row_grid(num_tokens: int, slice_starts: tuple[int, ...], num_slots: int, block_m: int,
-                   block_n: int) -> tuple[tuple[int, int, int], int]:
-    """The grid `slice_row_tile` reads (token tiles x row tiles of the widest slice, slice, slot) and
-    the widest slice's width. Shared with the fused shrink-expand kernel."""
-    max_slice_width = max(end - start for start, end in zip(slice_starts, slice_starts[1:]))
-    num_tiles = triton.cdiv(num_tokens, block_m) * triton.cdiv(max_slice_width, block_n)
-    return (num_tiles, len(slice_starts) - 1, num_slots), max_slice_width
-
-
 @triton.jit
 def _slice_rows(slice_starts, slice_index, NUM_SLICES: tl.constexpr):
     """(first row, row count) of slice `slice_index`; the tuple is indexed only by constants."""
@@ -58,29 +49,6 @@ def _slice_rows(slice_starts, slice_index, NUM_SLICES: tl.constexpr):
 
 
 @triton.jit
-def slice_row_tile(slice_starts, max_slice_width, NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Where a program of the (token tiles x row tiles of the widest slice, slice, slot) grid adds:
-    (its token tile, its slice's first row, its row tile's offsets in the slice, their mask, whether
-    the tile lies past the slice's width). Shared with the fused shrink-expand kernel."""
-    num_n_blocks = tl.cdiv(max_slice_width, BLOCK_N)
-    block_m = tl.program_id(0) // num_n_blocks
-    block_n = tl.program_id(0) % num_n_blocks
-    first_row, width = _slice_rows(slice_starts, tl.program_id(1), NUM_SLICES)
-    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return block_m, first_row, cols, cols < width, block_n * BLOCK_N >= width
-
-
-@triton.jit
-def add_to_rows(out_ptr, stride_out, tokens, row_mask, first_row, cols, col_mask, delta):
-    """out[tokens, first_row + cols] += delta: added in float32, rounded once to out's dtype.
-    Shared with the fused shrink-expand kernel."""
-    out_ptrs = out_ptr + tokens[:, None] * stride_out + first_row + cols[None, :]
-    out_mask = row_mask[:, None] & col_mask[None, :]
-    base = tl.load(out_ptrs, mask=out_mask, other=0.0)
-    tl.store(out_ptrs, (base.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
 def _lora_expand_kernel(
     y_ptr, lora_b_ptr, out_ptr, sorted_token_ids_ptr, slot_starts_ptr, num_tokens_per_slot_ptr, slice_starts,
     max_slice_width, stride_y, stride_b_slot, stride_b_row, stride_out,
@@ -89,11 +57,16 @@ def _lora_expand_kernel(
 ):
     slot = tl.program_id(2)
     slice_index = tl.program_id(1)
-    block_m, first_row, cols, col_mask, past_slice = slice_row_tile(slice_starts, max_slice_width, NUM_SLICES, BLOCK_N)
+    num_n_blocks = tl.cdiv(max_slice_width, BLOCK_N)
+    block_m = tl.program_id(0) // num_n_blocks
+    block_n = tl.program_id(0) % num_n_blocks
+    first_row, width = _slice_rows(slice_starts, slice_index, NUM_SLICES)
     count = tl.load(num_tokens_per_slot_ptr + slot)
-    if (block_m * BLOCK_M >= count) | past_slice:
+    if (block_m * BLOCK_M >= count) | (block_n * BLOCK_N >= width):
         return
     tokens, row_mask = slot_tile_tokens(sorted_token_ids_ptr, slot_starts_ptr, slot, block_m, count, BLOCK_M)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < width
 
     y_block_ptr = y_ptr + tokens[:, None] * stride_y + slice_index * MAX_RANK
     b_ptr = lora_b_ptr + slot.to(tl.int64) * stride_b_slot + (first_row + cols)[None, :].to(tl.int64) * stride_b_row
@@ -104,7 +77,11 @@ def _lora_expand_kernel(
         y = tl.load(y_block_ptr + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptr + ks[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc += tl.dot(y.to(b.dtype), b, input_precision=INPUT_PRECISION)
-    add_to_rows(out_ptr, stride_out, tokens, row_mask, first_row, cols, col_mask, acc)
+
+    out_ptrs = out_ptr + tokens[:, None] * stride_out + first_row + cols[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    base = tl.load(out_ptrs, mask=out_mask, other=0.0)
+    tl.store(out_ptrs, (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, mapping: LoRATokenMapping, slice_starts: tuple[int, ...],
@@ -120,7 +97,9 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, mapping: LoRATokenMapping
     if num_tokens == 0:
         return out
     launch = launch or expand_launch_for(num_tokens, max_rank)
-    grid, max_slice_width = slice_row_grid(num_tokens, slice_starts, num_slots, launch.block_m, launch.block_n)
+    max_slice_width = max(end - start for start, end in zip(slice_starts, slice_starts[1:]))
+    grid = (triton.cdiv(num_tokens, launch.block_m) * triton.cdiv(max_slice_width, launch.block_n), num_slices,
+            num_slots)
     _lora_expand_kernel[grid](
         y, lora_b, out, mapping.sorted_token_ids, mapping.slot_starts, mapping.num_tokens_per_slot,
         tuple(slice_starts), max_slice_width, y.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),

@@ -1,5 +1,5 @@
 """The plain-torch LoRA shrink and expand: the CPU path of engine/lora/layers.py and the oracle of the
-Triton kernels in lora_shrink.py / lora_expand.py / lora_shrink_expand.py (kept apart from them so CPU runs never import
+Triton kernels in lora_shrink.py / lora_expand.py (kept apart from them so CPU runs never import
 Triton). One matmul per adapter slot over the tokens that use it.
 """
 
@@ -21,6 +21,7 @@ def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, mapping: LoRATokenMap
     return out
 
 
+
 def lora_expand_ref(y: torch.Tensor, lora_b: torch.Tensor, mapping: LoRATokenMapping,
                     slice_starts: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
     """y `[T, num_slices * max_rank]` float32; lora_b `[num_slots, out_features, max_rank]`;
@@ -34,11 +35,3 @@ def lora_expand_ref(y: torch.Tensor, lora_b: torch.Tensor, mapping: LoRATokenMap
             delta = shrunk @ lora_b[slot, start:end].float().T
             out[tokens, start:end] = (out[tokens, start:end].float() + delta).to(out.dtype)
     return out
-
-
-def lora_shrink_expand_ref(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, mapping: LoRATokenMapping,
-                           slice_starts: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
-    """Shrink then expand, through a float32 `[T, num_slices * max_rank]` buffer: what the fused kernel does
-    in one launch. out `[T, out_features]` accumulated in place."""
-    shrunk = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
-    return lora_expand_ref(lora_shrink_ref(x, lora_a, mapping, shrunk), lora_b, mapping, slice_starts, out)

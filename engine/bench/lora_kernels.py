@@ -5,10 +5,6 @@ base layer's own `F.linear`, and against the torch reference, with tokens spread
 On CUDA the Triton path and the linear are timed as replays of a CUDA graph holding `--iters`
 calls, as the engine's decode graphs run them (no launch overhead); the reference, which reads
 slot groups back to the host, is timed eagerly. Shrink alone is also timed for several SPLIT_K.
-Token counts the layers give the one-launch shrink + expand (FUSED_LORA_MAX_TOKENS) also time that
-path, with its default tiles and over a grid of row and input tile sizes. The Llama-3.1-8B
-projections: `--num-slices 1` (o), `--num-slices 2 --out-features 14336` (gate_up),
-`--in-features 14336` (down).
 """
 
 from __future__ import annotations
@@ -21,16 +17,12 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from engine.lora.layers import FUSED_LORA_MAX_TOKENS
 from kernels.lora_expand import lora_expand
 from kernels.lora_mapping import LoRATokenMapping
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 from kernels.lora_shrink import lora_shrink, shrink_launch_for
-from kernels.lora_shrink_expand import lora_shrink_expand, shrink_expand_launch_for
 
 SPLIT_K_CHOICES = (1, 4, 8, 16)
-FUSED_BLOCK_N_CHOICES = (32, 64, 128, 256)
-FUSED_BLOCK_K_CHOICES = (128, 256, 512)
 
 
 def _eager_ms(fn, iters: int) -> float:
@@ -102,31 +94,10 @@ def run_lora_kernels_bench(num_tokens: int, num_slots: int, rank: int, num_slice
     shrink_ms = {split_k: _graph_ms(lambda s=split_k: lora_shrink(x, lora_a, mapping, shrunk,
                                                                   launch=replace(default, split_k=s)), iters)
                  for split_k in SPLIT_K_CHOICES}
-    row = {"num_tokens": num_tokens, "base_linear_ms": base_ms, "lora_ms": lora_ms,
-           "lora_over_base": lora_ms / base_ms, "reference_ms": _eager_ms(reference_path, max(1, iters // 10)),
-           "default_split_k": default.split_k, "shrink_ms_by_split_k": shrink_ms,
-           "max_abs_error_vs_reference": max_error}
-    if num_tokens <= FUSED_LORA_MAX_TOKENS:
-        row.update(_fused_timings(x, lora_a, lora_b, mapping, token_slots, slice_starts, out, expected, iters))
-    return row
-
-
-def _fused_timings(x, lora_a, lora_b, mapping, token_slots, slice_starts, out, expected, iters: int) -> dict:
-    """The one-launch path (mapping fill + fused kernel): its error, its time with the default tiles
-    and by "block_n x block_k"."""
-    def fused_path(launch=None):
-        mapping.fill(token_slots)
-        lora_shrink_expand(x, lora_a, lora_b, mapping, slice_starts, out, launch=launch)
-
-    out.zero_()
-    fused_path()
-    max_error = (out.float() - expected.float()).abs().max().item()
-    default = shrink_expand_launch_for(x.shape[0], out.shape[1])
-    by_tiles = {f"{block_n}x{block_k}": _graph_ms(lambda n=block_n, k=block_k: fused_path(
-                    replace(default, block_n=n, block_k=k)), iters)
-                for block_n in FUSED_BLOCK_N_CHOICES for block_k in FUSED_BLOCK_K_CHOICES}
-    return {"fused_ms": _graph_ms(fused_path, iters), "fused_default_tiles": f"{default.block_n}x{default.block_k}",
-            "fused_ms_by_tiles": by_tiles, "fused_max_abs_error_vs_reference": max_error}
+    return {"num_tokens": num_tokens, "base_linear_ms": base_ms, "lora_ms": lora_ms,
+            "lora_over_base": lora_ms / base_ms, "reference_ms": _eager_ms(reference_path, max(1, iters // 10)),
+            "default_split_k": default.split_k, "shrink_ms_by_split_k": shrink_ms,
+            "max_abs_error_vs_reference": max_error}
 
 
 def main(argv: list[str] | None = None) -> int:

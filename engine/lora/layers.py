@@ -20,13 +20,10 @@ from engine.distributed.parallel_state import all_reduce, tp_rank
 from engine.lora.adapter import LoRALayerWeights
 from kernels import triton_or_reference
 from kernels.lora_mapping import LoRATokenMapping
-from kernels.lora_ref import lora_expand_ref, lora_shrink_expand_ref, lora_shrink_ref
+from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 
 # The projections LoRA wraps, by their path under a decoder layer.
 LORA_MODULES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-# Steps of at most this many tokens take the one-launch shrink + expand (its every row tile redoes the
-# shrink, cheap for few tokens); larger ones the two kernels. x.shape[0] is fixed per CUDA graph.
-FUSED_LORA_MAX_TOKENS = 32
 
 
 class LoRAContext:
@@ -75,10 +72,6 @@ class LoRALinear(nn.Module):
 
     def _add_lora(self, x: torch.Tensor, out: torch.Tensor) -> None:
         mapping = self.context.mapping
-        if x.shape[0] <= FUSED_LORA_MAX_TOKENS:
-            fused = triton_or_reference(x, "lora_shrink_expand", lora_shrink_expand_ref)
-            fused(x, self.lora_a, self.lora_b, mapping, self.slice_starts, out)
-            return
         shrunk = torch.empty(x.shape[0], self.lora_a.shape[1], dtype=torch.float32, device=x.device)
         triton_or_reference(x, "lora_shrink", lora_shrink_ref)(x, self.lora_a, mapping, shrunk)
         triton_or_reference(x, "lora_expand", lora_expand_ref)(shrunk, self.lora_b, mapping, self.slice_starts, out)

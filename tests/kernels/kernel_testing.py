@@ -20,19 +20,6 @@ def gpu_only(test):
     return pytest.mark.gpu(pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")(test))
 
 
-def capture_cuda_graph(step) -> torch.cuda.CUDAGraph:
-    """`step` captured in a CUDA graph, after one warm-up run on a side stream (as the model runner does)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
 def randn(*shape: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=generator).to(DEVICE, dtype)

@@ -12,8 +12,7 @@ from kernels.lora_expand import ExpandLaunch, lora_expand
 from kernels.lora_mapping import LoRATokenMapping
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 from kernels.lora_shrink import lora_shrink
-from tests.kernels.kernel_testing import (DEVICE, DTYPES, TOLERANCE, assert_matches, capture_cuda_graph, gpu_only,
-                                          randn)
+from tests.kernels.kernel_testing import DEVICE, DTYPES, TOLERANCE, assert_matches, gpu_only, randn
 from tests.kernels.test_lora_mapping import filled_mapping, random_slots
 
 
@@ -120,7 +119,14 @@ def test_cuda_graph_replays_fill_shrink_expand_for_new_slots():
         out.copy_(base)
         lora_expand(shrunk, lora_b, mapping, slice_starts, out)
 
-    graph = capture_cuda_graph(step)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
 
     for seed, token_slots in enumerate([random_slots(num_tokens, num_slots, seed=10),
                                         random_slots(num_tokens, num_slots, seed=11, empty_slot=2),
