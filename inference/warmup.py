@@ -37,6 +37,9 @@ REPORT_TTL_S = 10
 _keep_warm_task: asyncio.Task | None = None  # a reference, so the task is not garbage-collected
 
 
+WARM_CONNECTIONS = 64
+
+
 def report_key(client: EngineClient) -> str:
     return f"{settings.ENGINE_KEY_PREFIX}:web-warm:{client.client_id}"
 
@@ -46,8 +49,10 @@ async def warm_up() -> None:
     resolve("/v1/completions")  # imports the URLconf: the views, serializers, the admin
     client = get_engine_client()
     await client.models()  # starts its reply reader, liveness key and replica list
-    # The connections a burst's admissions use at once, opened now (each costs a few ms to open).
-    await asyncio.gather(*(client.redis.ping() for _ in range(settings.WEB_ADMISSION_CONCURRENCY)))
+    # Connections a burst's admissions use at once, opened now (each costs a few ms to open); the pool
+    # grows past these on demand.
+    warm = min(settings.WEB_ADMISSION_CONCURRENCY, WARM_CONNECTIONS)
+    await asyncio.gather(*(client.redis.ping() for _ in range(warm)))
     await asyncio.to_thread(connect_key_cache)
     ensure_usage_flusher()
 
