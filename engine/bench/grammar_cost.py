@@ -9,9 +9,9 @@ makes lazily for its first grammar.
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 
+from engine.bench.timing import timed
 from engine.structured_outputs.manager import RequestGrammar, StructuredOutputManager
 
 
@@ -22,22 +22,12 @@ def grammar_cost(engine):
               "grammar_accepts": 0}
     originals = (StructuredOutputManager.bitmask, RequestGrammar.accept, engine.step)
 
-    def timed(name, count, method):
-        def run(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                totals[name] += time.perf_counter() - started
-                totals[count] += 1
-        return run
-
     def step():
         totals["steps"] += 1
         return originals[2]()
 
-    StructuredOutputManager.bitmask = timed("grammar_mask_s", "grammar_mask_calls", originals[0])
-    RequestGrammar.accept = timed("grammar_accept_s", "grammar_accepts", originals[1])
+    StructuredOutputManager.bitmask = timed(totals, "grammar_mask_s", originals[0], count="grammar_mask_calls")
+    RequestGrammar.accept = timed(totals, "grammar_accept_s", originals[1], count="grammar_accepts")
     engine.step = step
     try:
         yield totals

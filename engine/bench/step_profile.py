@@ -15,19 +15,9 @@ import time
 from collections import defaultdict
 from dataclasses import asdict
 
+from engine.bench.timing import timed
 from engine.bench.workload import LengthRange, make_workload
 from engine.cli_args import add_engine_args, engine_config_from_args
-
-
-def _timed(totals: dict, name: str, method):
-    def run(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            totals[name] += time.perf_counter() - started
-
-    return run
 
 
 def main() -> None:
@@ -49,7 +39,7 @@ def main() -> None:
     totals: dict[str, float] = defaultdict(float)
     for owner, name in ((engine.scheduler, "schedule"), (engine.scheduler, "update"), (engine.runner, "launch"),
                         (engine.runner, "fetch"), (engine.output_processor, "process")):
-        setattr(owner, name, _timed(totals, name, getattr(owner, name)))
+        setattr(owner, name, timed(totals, name, getattr(owner, name)))
     requests = make_workload(args.num_prompts, args.input_len, args.output_len, engine.vocab_size, args.seed)
     for i, request in enumerate(requests):
         engine.add_request(str(i), {"prompt_token_ids": request.prompt_token_ids},
