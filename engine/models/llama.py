@@ -51,12 +51,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, intermediate_size: int | None = None, reduce_results: bool = True) -> None:
+        """`intermediate_size`: the config's unless given (an MoE block's shared expert has its own).
+        `reduce_results=False`: under tensor parallelism the down projection leaves its partial sums to
+        the caller, which all-reduces them with others at once (an MoE block's shared expert)."""
         super().__init__()
-        self.intermediate_size = config.intermediate_size
+        self.intermediate_size = intermediate_size or config.intermediate_size
+        self.reduce_results = reduce_results
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,10 +68,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool, layer_index: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(config)
+        self.mlp = self.make_mlp(config, layer_index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Granite scales each block's output before the residual add.
@@ -87,13 +91,19 @@ class LlamaDecoderLayer(nn.Module):
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.residual_multiplier == 1.0 else x * self.residual_multiplier
 
+    @staticmethod
+    def make_mlp(config, layer_index: int) -> nn.Module:
+        """The layer's feed-forward block (mixture-of-experts models put their experts here)."""
+        return LlamaMLP(config)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config, decoder_layer, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embedding_multiplier = getattr(config, "embedding_multiplier", 1.0)  # Granite
-        self.layers = nn.ModuleList(decoder_layer(config, qkv_bias, qk_norm) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(decoder_layer(config, qkv_bias, qk_norm, index)
+                                    for index in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -117,7 +127,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
-        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False) or getattr(config, "qkv_bias", False)
         self.model = LlamaModel(config, self.decoder_layer, qkv_bias, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -161,13 +171,13 @@ class LlamaForCausalLM(nn.Module):
         return name, None
 
     def _shard_of(self, param: torch.Tensor, name: str, shard) -> torch.Tensor:
+        owner = self.get_submodule(name.rsplit(".", 2)[0])  # the attention or MLP holding the merged projection
         if "qkv_proj" in name:
-            attn = self.model.layers[0].self_attn
-            offsets = {"q": (0, attn.q_size), "k": (attn.q_size, attn.kv_size),
-                       "v": (attn.q_size + attn.kv_size, attn.kv_size)}
+            offsets = {"q": (0, owner.q_size), "k": (owner.q_size, owner.kv_size),
+                       "v": (owner.q_size + owner.kv_size, owner.kv_size)}
             start, size = offsets[shard]
         else:
-            size = self.model.layers[0].mlp.intermediate_size
+            size = owner.intermediate_size
             start = shard * size
         return param.narrow(0, start, size)
 

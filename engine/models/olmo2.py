@@ -31,7 +31,7 @@ class Olmo2Attention(LlamaAttention):
 
 
 class Olmo2DecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool, layer_index: int) -> None:
         super().__init__()
         self.self_attn = Olmo2Attention(config, qkv_bias)
         self.mlp = LlamaMLP(config)
