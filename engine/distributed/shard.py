@@ -83,12 +83,17 @@ def _shard_mlp(mlp: LlamaMLP, factory: dict) -> None:
 
 
 def _materialize_the_rest(model: nn.Module, config, device: torch.device) -> None:
-    """Norm weights get memory (the checkpoint fills them); rotary tables are rebuilt, not loaded."""
+    """Norm weights get memory (the checkpoint fills them); rotary tables are rebuilt, not loaded (a
+    table that layers share, as Gemma's do, stays shared)."""
+    rebuilt = {}
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, RotaryEmbedding):
-                max_position, half_dim = child.cos_cache.shape
-                setattr(parent, name, RotaryEmbedding(config, 2 * half_dim, max_position).to(device))
+                if id(child) not in rebuilt:
+                    max_position, half_dim = child.cos_cache.shape
+                    table = RotaryEmbedding(config, 2 * half_dim, max_position, child.layer_type)
+                    rebuilt[id(child)] = table.to(device)
+                setattr(parent, name, rebuilt[id(child)])
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if param.is_meta:

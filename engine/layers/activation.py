@@ -1,4 +1,4 @@
-"""SiLU-and-multiply: the gated activation of Llama-style MLPs over one merged gate/up projection."""
+"""The gated activations of Llama-style MLPs over one merged gate/up projection: SiLU (Llama) and GELU (Gemma)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,19 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return triton_or_reference(x, "silu_and_mul", silu_and_mul)(x)
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """gelu(gate) * up over one merged gate/up projection: Gemma's GeGLU ("gelu_pytorch_tanh" in its
+    configs is the tanh approximation, `approximate="tanh"`; "gelu" is the exact one, "none")."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate=approximate) * up
+
+
+class GeluAndMul(nn.Module):
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_and_mul(x, self.approximate)

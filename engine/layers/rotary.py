@@ -9,6 +9,10 @@ LongRoPE (Phi-3's "longrope"; Phi3Config renames the older "su") has short facto
 the call's length, so keys already cached under one set meet queries of the other. As vLLM does, we
 choose once, by the longest position the table serves: long factors when it exceeds the original
 length (always, for the 128k checkpoints), so every token of every sequence uses the same set.
+
+Gemma 3 keys its parameters by layer type (`rope_parameters["sliding_attention"]` and
+`["full_attention"]`: local and global layers rotate with bases, and scaling, of their own); a table
+for one of them is built with that `layer_type`.
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ from torch import nn
 from kernels import triton_or_reference
 
 
-def rope_parameters(config) -> dict:
+def rope_parameters(config, layer_type: str | None = None) -> dict:
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if layer_type is not None:
+        params = dict(params[layer_type])
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params.setdefault("rope_type", params.get("type", "default"))
     return params
 
 
-def inverse_frequencies(config, head_dim: int, max_position: int) -> tuple[torch.Tensor, float]:
-    params = rope_parameters(config)
+def inverse_frequencies(config, head_dim: int, max_position: int,
+                        layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(config, layer_type)
     rope_type = params["rope_type"]
     if params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
@@ -42,16 +49,18 @@ def inverse_frequencies(config, head_dim: int, max_position: int) -> tuple[torch
         raise ValueError(f"unsupported rope scaling type {rope_type!r}")
     # longrope takes its long factors iff `seq_len` exceeds original_max_position_embeddings.
     length = {"seq_len": max_position} if rope_type == "longrope" else {}
+    which = {} if layer_type is None else {"layer_type": layer_type}
     with torch.device("cpu"):  # real numbers even while the model is being built on `meta`
-        return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **length)
+        return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), **length, **which)
 
 
 class RotaryEmbedding(nn.Module):
     """Neox-style rotation (rotate halves), applied at absolute token positions."""
 
-    def __init__(self, config, head_dim: int, max_position: int) -> None:
+    def __init__(self, config, head_dim: int, max_position: int, layer_type: str | None = None) -> None:
         super().__init__()
-        inv_freq, attention_factor = inverse_frequencies(config, head_dim, max_position)
+        self.layer_type = layer_type
+        inv_freq, attention_factor = inverse_frequencies(config, head_dim, max_position, layer_type)
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq.float().to(t.device))
         self.register_buffer("cos_cache", freqs.cos() * attention_factor, persistent=False)

@@ -21,7 +21,8 @@ from engine.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool, rotary_emb: RotaryEmbedding | None = None) -> None:
+        """`rotary_emb`: a table the model's layers share (Gemma's: one per layer type), else one of its own."""
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -33,7 +34,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False)))
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.rotary_emb = RotaryEmbedding(config, self.head_dim, config.max_position_embeddings)
+        self.rotary_emb = rotary_emb or RotaryEmbedding(config, self.head_dim, config.max_position_embeddings)
         # Granite's attention_multiplier replaces 1/sqrt(head_dim).
         scale = getattr(config, "attention_multiplier", None) or self.head_dim ** -0.5
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale)

@@ -5,16 +5,16 @@ import torch
 
 from engine.layers.norm import fused_add_rms_norm as reference
 from kernels.fused_add_rms_norm import fused_add_rms_norm
-from tests.kernels.kernel_testing import DTYPES, assert_matches, gpu_only, randn
+from tests.kernels.kernel_testing import DEVICE, DTYPES, assert_matches, gpu_only, randn
 
 
-def check(rows, hidden, dtype, with_residual, strided=False):
+def check(rows, hidden, dtype, with_residual, strided=False, one_plus_weight=False):
     x = randn(rows, hidden + 3 if strided else hidden, dtype=dtype, seed=hidden)[:, :hidden]
     residual = randn(rows, hidden, dtype=dtype, seed=hidden + 1) if with_residual else None
     weight = randn(hidden, dtype=dtype, seed=hidden + 2)
     out = torch.full((rows, hidden), float("nan"), dtype=dtype, device=x.device)  # poisoned
-    result = fused_add_rms_norm(x, weight, 1e-6, residual, out=out)
-    expected = reference(x, weight, 1e-6, residual)
+    result = fused_add_rms_norm(x, weight, 1e-6, residual, out=out, one_plus_weight=one_plus_weight)
+    expected = reference(x, weight, 1e-6, residual, one_plus_weight=one_plus_weight)
     if with_residual:
         assert result[0] is out
         assert_matches(result[1], expected[1], dtype)
@@ -29,6 +29,15 @@ def check(rows, hidden, dtype, with_residual, strided=False):
 @pytest.mark.parametrize("rows, hidden", [(1, 16), (5, 96), (3, 130)])  # hidden not a power of two
 def test_matches_reference(dtype, with_residual, rows, hidden):
     check(rows, hidden, dtype, with_residual)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gemma_norm_scales_by_one_plus_weight(dtype, with_residual):
+    check(5, 96, dtype, with_residual, one_plus_weight=True)
+    x, weight = randn(2, 8, dtype=torch.float32), torch.zeros(8, device=DEVICE)  # a zero weight: the bare norm
+    assert_matches(fused_add_rms_norm(x, weight, 1e-6, one_plus_weight=True), x * x.pow(2).mean(-1, True).rsqrt(),
+                   torch.float32)
 
 
 def test_strided_rows_and_no_rows():
@@ -49,3 +58,4 @@ def test_heads_are_normalised_one_by_one():
 def test_bfloat16_on_gpu(hidden):
     check(300, hidden, torch.bfloat16, with_residual=True)
     check(300, hidden, torch.bfloat16, with_residual=False)
+    check(300, hidden, torch.bfloat16, with_residual=True, one_plus_weight=True)
