@@ -121,10 +121,13 @@ def num_splits_for(batch: int, num_kv_heads: int, max_seq_len: int, tile: int) -
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           out: torch.Tensor | None = None, max_seq_len: int | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, max_seq_len: int | None = None,
+                           sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
     """query `[batch, num_heads, head_dim]`; caches `[num_blocks, block_size, num_kv_heads, head_dim]`;
     every sequence must have at least one cached token. `max_seq_len`, an upper bound of `seq_lens`,
     sizes the launch: pass it to avoid a device sync (a CUDA graph passes `max_model_len`)."""
+    if sliding_window is not None or logits_soft_cap is not None:
+        raise NotImplementedError("sliding windows and soft-capping are not in the Triton kernel yet")
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads

@@ -81,10 +81,13 @@ def _prefill_kernel(
 
 def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                            scale: float, max_query_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                            scale: float, max_query_len: int, out: torch.Tensor | None = None,
+                            sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
     """query `[num_tokens, num_heads, head_dim]`; caches `[num_blocks, block_size, num_kv_heads, head_dim]`;
     block_tables `[num_seqs, max_blocks]`, seq_lens `[num_seqs]`, query_start_loc `[num_seqs + 1]` (rows
     of `query`; need not start at 0); `max_query_len` bounds the chunk lengths (sizes the grid, no sync)."""
+    if sliding_window is not None or logits_soft_cap is not None:
+        raise NotImplementedError("sliding windows and soft-capping are not in the Triton kernel yet")
     num_heads, head_dim = query.shape[1:]
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads

@@ -2,6 +2,8 @@
 
 Per-step metadata (built once by the model runner) is published through `set_forward_context`,
 so the model code reads like the paper and never threads batching details through its calls.
+Each layer may have its own `sliding_window` (Mistral, Gemma 2/3's local layers) and
+`logits_soft_cap` (Gemma 2), with the semantics of kernels/paged_attention_ref.py.
 """
 
 from __future__ import annotations
@@ -14,17 +16,6 @@ from torch import nn
 
 from kernels import triton_or_reference
 from kernels.paged_attention_ref import paged_decode_attention, reshape_and_cache, varlen_paged_prefill_attention
-
-
-def _decode(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len: int, out: torch.Tensor):
-    """The Triton kernel on CUDA, writing straight into `out` (a copy would be one more launch per
-    layer, which batch-1 decoding feels); the torch reference on the CPU (no Triton needed there)."""
-    if query.device.type == "cuda":
-        from kernels.paged_decode_attention import paged_decode_attention as triton_decode
-
-        triton_decode(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len, out=out)
-    else:
-        out.copy_(paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale))
 
 
 @dataclass
@@ -63,9 +54,13 @@ def get_forward_context() -> AttentionMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1, got {sliding_window}")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.sliding_window, self.logits_soft_cap = sliding_window, logits_soft_cap
         self.key_cache = torch.empty(0)  # bound by the model runner once the cache is allocated
         self.value_cache = torch.empty(0)
 
@@ -77,9 +72,13 @@ class Attention(nn.Module):
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes:
-            _decode(query[:num_decodes], self.key_cache, self.value_cache,
-                    meta.block_tables[:num_decodes, :meta.decode_max_blocks], meta.seq_lens[:num_decodes], self.scale,
-                    max_seq_len=meta.decode_max_seq_len, out=out[:num_decodes])
+            # Written straight into `out`: a copy would be one more launch per layer, which batch-1
+            # decoding feels.
+            decode = triton_or_reference(query, "paged_decode_attention", paged_decode_attention)
+            decode(query[:num_decodes], self.key_cache, self.value_cache,
+                   meta.block_tables[:num_decodes, :meta.decode_max_blocks], meta.seq_lens[:num_decodes], self.scale,
+                   out=out[:num_decodes], max_seq_len=meta.decode_max_seq_len, sliding_window=self.sliding_window,
+                   logits_soft_cap=self.logits_soft_cap)
         if num_decodes < len(meta.seq_lens_cpu):
             self._prefill(query, meta, out)
         return out
@@ -92,4 +91,13 @@ class Attention(nn.Module):
         query_start_loc = torch.tensor(starts, dtype=torch.int32).to(query.device, non_blocking=True)
         prefill = triton_or_reference(query, "paged_prefill_attention", varlen_paged_prefill_attention)
         prefill(query, self.key_cache, self.value_cache, meta.block_tables[num_decodes:], meta.seq_lens[num_decodes:],
-                query_start_loc, self.scale, max(end - start for start, end in zip(starts, starts[1:])), out=out)
+                query_start_loc, self.scale, max(end - start for start, end in zip(starts, starts[1:])), out=out,
+                sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap)
+
+
+def uniform_sliding_window(layers: list[Attention]) -> int | None:
+    """The window every attention layer slides over (Mistral), or None when any layer attends to
+    the whole context (Llama; Gemma 2/3's global layers): only then may the KV cache give back the
+    blocks that fall behind the window."""
+    windows = {layer.sliding_window for layer in layers}
+    return windows.pop() if len(windows) == 1 else None
