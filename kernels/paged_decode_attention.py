@@ -8,7 +8,9 @@ heads sharing a KV head are served by one program, so each K/V byte is read once
 The split count is fixed at launch from an upper bound of the context lengths; each sequence cuts
 its own context into that many chunks of at least `MIN_TILES_PER_SPLIT` tiles, so the programs
 a short sequence does not need exit at once. A CUDA graph can therefore launch it sized for
-`max_model_len` and replay it for any lengths.
+`max_model_len` and replay it for any lengths. With a sliding window the context is the window:
+the chunks start at its first token, so a long sequence costs window-sized work and the blocks
+behind the window (which the KV cache manager may have given away) are never read.
 On the CPU it runs under `TRITON_INTERPRET=1`.
 """
 
@@ -23,8 +25,16 @@ PIPELINE_STAGES = 3  # K/V tiles in flight per program (H200, batch 64 x 4096: 9
 
 
 @triton.jit
-def _attend_tile(start, chunk_end, q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, scale, stride_cb, stride_ct,
-                 dims, dim_mask, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+def apply_soft_cap(scores, cap):
+    """cap * tanh(scores / cap), from the exponential of a non-positive number: no overflow for any score."""
+    decay = tl.exp(-2.0 * tl.abs(scores) / cap)
+    capped = cap * (1.0 - decay) / (1.0 + decay)
+    return tl.where(scores < 0, -capped, capped)
+
+
+@triton.jit
+def _attend_tile(start, chunk_end, q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, scale, soft_cap, stride_cb,
+                 stride_ct, dims, dim_mask, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SOFT_CAP: tl.constexpr):
     """Folds the TILE context tokens from `start` into the online softmax state (m_i, l_i, acc)."""
     tokens = start + tl.arange(0, TILE)
     token_mask = tokens < chunk_end
@@ -35,6 +45,8 @@ def _attend_tile(start, chunk_end, q, m_i, l_i, acc, k_head_ptr, v_head_ptr, tab
     v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0)
 
     scores = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale  # [GROUP_PAD, TILE]
+    if SOFT_CAP:
+        scores = apply_soft_cap(scores, soft_cap)
     scores = tl.where(token_mask[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     correction = tl.exp(m_i - m_new)
@@ -47,18 +59,22 @@ def _attend_tile(start, chunk_end, q, m_i, l_i, acc, k_head_ptr, v_head_ptr, tab
 @triton.jit
 def _partial_kernel(
     partial_out_ptr, partial_max_ptr, partial_sum_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-    seq_lens_ptr, scale,
+    seq_lens_ptr, scale, window, soft_cap,
     stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-    MIN_TILES: tl.constexpr, PIPELINED: tl.constexpr, NUM_STAGES: tl.constexpr,
+    MIN_TILES: tl.constexpr, PIPELINED: tl.constexpr, NUM_STAGES: tl.constexpr, SLIDING: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    chunk_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE), MIN_TILES) * TILE
-    chunk_start = split * chunk_len
+    context_start = 0
+    if SLIDING:  # the query (at seq_len - 1) sees its last `window` tokens
+        context_start = tl.maximum(seq_len - window, 0)
+    chunk_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len - context_start, NUM_SPLITS), TILE), MIN_TILES) * TILE
+    chunk_start = context_start + split * chunk_len
     chunk_end = tl.minimum(chunk_start + chunk_len, seq_len)
 
     heads = tl.arange(0, GROUP_PAD)
@@ -77,12 +93,14 @@ def _partial_kernel(
     if PIPELINED:  # compiled: a `for` loop, which Triton pipelines (the next tiles' K/V loads in flight)
         for start in tl.range(chunk_start, chunk_end, TILE, num_stages=NUM_STAGES):
             m_i, l_i, acc = _attend_tile(start, chunk_end, q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr,
-                                         scale, stride_cb, stride_ct, dims, dim_mask, BLOCK_SIZE, TILE)
+                                         scale, soft_cap, stride_cb, stride_ct, dims, dim_mask, BLOCK_SIZE, TILE,
+                                         SOFT_CAP)
     else:  # the interpreter cannot range over a loaded bound
         start = chunk_start
         while start < chunk_end:
             m_i, l_i, acc = _attend_tile(start, chunk_end, q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr,
-                                         scale, stride_cb, stride_ct, dims, dim_mask, BLOCK_SIZE, TILE)
+                                         scale, soft_cap, stride_cb, stride_ct, dims, dim_mask, BLOCK_SIZE, TILE,
+                                         SOFT_CAP)
             start += TILE
 
     row = (seq * NUM_HEADS + kv_head * GROUP + heads) * NUM_SPLITS + split
@@ -126,8 +144,6 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     """query `[batch, num_heads, head_dim]`; caches `[num_blocks, block_size, num_kv_heads, head_dim]`;
     every sequence must have at least one cached token. `max_seq_len`, an upper bound of `seq_lens`,
     sizes the launch: pass it to avoid a device sync (a CUDA graph passes `max_model_len`)."""
-    if sliding_window is not None or logits_soft_cap is not None:
-        raise NotImplementedError("sliding windows and soft-capping are not in the Triton kernel yet")
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
@@ -139,6 +155,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     assert query.stride(-1) == 1 and out.stride(-1) == 1
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
+    if sliding_window is not None:  # no sequence attends to more
+        max_seq_len = min(max_seq_len, sliding_window)
     tile = max(64, block_size)
     num_splits = num_splits_for(batch, num_kv_heads, max_seq_len, tile)
     rows = batch * num_heads * num_splits
@@ -147,11 +165,12 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     partial_sum = torch.empty(rows, dtype=torch.float32, device=query.device)
     _partial_kernel[(batch, num_kv_heads, num_splits)](
         partial_out, partial_max, partial_sum, query, key_cache, value_cache, block_tables, seq_lens, scale,
-        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        block_tables.stride(0), NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        sliding_window or 0, logits_soft_cap or 0.0, query.stride(0), query.stride(1), key_cache.stride(0),
+        key_cache.stride(1), key_cache.stride(2), block_tables.stride(0), NUM_HEADS=num_heads, NUM_SPLITS=num_splits,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, TILE=tile,
         MIN_TILES=MIN_TILES_PER_SPLIT, PIPELINED=query.is_cuda, NUM_STAGES=PIPELINE_STAGES,
+        SLIDING=sliding_window is not None, SOFT_CAP=logits_soft_cap is not None,
     )
     _merge_kernel[(batch, num_heads)](
         out, partial_out, partial_max, partial_sum, out.stride(0), out.stride(1), NUM_HEADS=num_heads,

@@ -60,6 +60,14 @@ class PagedKV:
                           randn(total, num_kv_heads, head_dim, dtype=dtype, seed=seed + 2),
                           self.key_cache, self.value_cache, slots)
 
+    def poison_behind_window(self, seq: int, first_query_pos: int, sliding_window: int) -> None:
+        """NaN in sequence `seq`'s blocks wholly behind the window of its query at `first_query_pos`: the KV
+        cache manager gives such blocks back to the pool, so another request's KV may be there."""
+        first_visible = max(0, first_query_pos - sliding_window + 1)
+        for block in self.tables[seq][:first_visible // self.block_size]:
+            self.key_cache[block] = float("nan")
+            self.value_cache[block] = float("nan")
+
     def slots(self, seq: int, start: int, end: int) -> torch.Tensor:
         """Cache slots of positions start..end-1 of sequence `seq`."""
         table, size = self.tables[seq], self.block_size

@@ -5,6 +5,7 @@ import torch
 
 from kernels.paged_attention_ref import paged_decode_attention as reference
 from kernels.paged_decode_attention import paged_decode_attention
+from tests.kernels.kernel_testing import PagedKV, assert_matches, gpu_only, randn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter is wrong for bfloat16; the GPU run covers it.
@@ -59,6 +60,37 @@ def test_launch_sized_for_a_larger_bound_gives_the_same_result(max_seq_len):
     paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.2, out=out, max_seq_len=max_seq_len)
     expected = reference(query, key_cache, value_cache, block_tables, lens, 0.2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def check_window(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, sliding_window, soft_cap,
+                 max_seq_len=None):
+    """Against the reference, with NaN in every block behind a window (given back to the pool by then)."""
+    kv = PagedKV(seq_lens, num_kv_heads, head_dim, block_size, dtype)
+    for seq, seq_len in enumerate(seq_lens):
+        kv.poison_behind_window(seq, seq_len - 1, sliding_window)
+    query = randn(len(seq_lens), num_heads, head_dim, dtype=dtype, seed=5)
+    options = dict(sliding_window=sliding_window, logits_soft_cap=soft_cap)
+    out = torch.full_like(query, float("nan"))
+    paged_decode_attention(query, kv.key_cache, kv.value_cache, kv.block_tables, kv.seq_lens, head_dim ** -0.5,
+                           out=out, max_seq_len=max_seq_len, **options)
+    expected = reference(query.float(), kv.key_cache.float(), kv.value_cache.float(), kv.block_tables, kv.seq_lens,
+                         head_dim ** -0.5, **options)
+    assert_matches(out, expected, dtype)
+
+
+# Windows of one token, under a block (16), not a multiple of it, equal to a context (40), beyond every one.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("soft_cap", [None, 0.6])
+@pytest.mark.parametrize("sliding_window", [1, 5, 21, 40, 1000])
+def test_sliding_window_and_soft_cap_match_reference(dtype, sliding_window, soft_cap):
+    check_window([1, 17, 40, 130], 6, 2, 32, 16, dtype, sliding_window, soft_cap)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 32])
+def test_sliding_window_over_a_long_context_with_a_graph_sized_launch(block_size):
+    """A window of 300 over contexts up to 900: the window is split into chunks (some empty) from its
+    first token on, in a launch sized as a CUDA graph sizes it (max_model_len)."""
+    check_window([900, 3, 310, 299], 4, 2, 16, block_size, torch.float32, 300, None, max_seq_len=4096)
 
 
 def test_split_count_fills_the_gpu_without_tiny_chunks():
