@@ -11,52 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
+from engine.bench.timing import eager_ms, graph_ms
 from kernels.lora_expand import lora_expand
 from kernels.lora_mapping import LoRATokenMapping
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 from kernels.lora_shrink import lora_shrink, shrink_launch_for
 
 SPLIT_K_CHOICES = (1, 4, 8, 16)
-
-
-def _eager_ms(fn, iters: int) -> float:
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) * 1000 / iters
-
-
-def _graph_ms(fn, iters: int) -> float:
-    """Milliseconds per call, from one replay of a graph that holds `iters` calls."""
-    if not torch.cuda.is_available():
-        return _eager_ms(fn, iters)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def run_lora_kernels_bench(num_tokens: int, num_slots: int, rank: int, num_slices: int, in_features: int,
@@ -88,14 +54,14 @@ def run_lora_kernels_bench(num_tokens: int, num_slots: int, rank: int, num_slice
     lora_path()
     max_error = (out.float() - expected.float()).abs().max().item()
 
-    base_ms = _graph_ms(lambda: F.linear(x, weight), iters)
-    lora_ms = _graph_ms(lora_path, iters)
+    base_ms = graph_ms(lambda: F.linear(x, weight), iters)
+    lora_ms = graph_ms(lora_path, iters)
     default = shrink_launch_for(num_tokens, num_slices * rank, in_features)
-    shrink_ms = {split_k: _graph_ms(lambda s=split_k: lora_shrink(x, lora_a, mapping, shrunk,
-                                                                  launch=replace(default, split_k=s)), iters)
+    shrink_ms = {split_k: graph_ms(lambda s=split_k: lora_shrink(x, lora_a, mapping, shrunk,
+                                                                 launch=replace(default, split_k=s)), iters)
                  for split_k in SPLIT_K_CHOICES}
     return {"num_tokens": num_tokens, "base_linear_ms": base_ms, "lora_ms": lora_ms,
-            "lora_over_base": lora_ms / base_ms, "reference_ms": _eager_ms(reference_path, max(1, iters // 10)),
+            "lora_over_base": lora_ms / base_ms, "reference_ms": eager_ms(reference_path, max(1, iters // 10)),
             "default_split_k": default.split_k, "shrink_ms_by_split_k": shrink_ms,
             "max_abs_error_vs_reference": max_error}
 

@@ -38,17 +38,24 @@ class ColumnParallelLinear(nn.Linear):
 
 class RowParallelLinear(nn.Linear):
     """Each rank holds a slice of the input columns; the partial products are summed across ranks.
-    A bias (whole on every rank) is added once, after the sum."""
+    A bias (whole on every rank) is added once, after the sum. With `reduce_results=False` the
+    partial product is returned for the caller to sum with others (an MoE block's shared expert)."""
 
-    def __init__(self, in_features_per_rank: int, out_features: int, bias: bool = False, **factory) -> None:
+    def __init__(self, in_features_per_rank: int, out_features: int, bias: bool = False, reduce_results: bool = True,
+                 **factory) -> None:
         super().__init__(in_features_per_rank, out_features, bias=bias, **factory)
+        assert reduce_results or not bias, "a bias belongs after the sum"
+        self.reduce_results = reduce_results
         self.weight.tp_slice = self._slice
 
     def _slice(self, tensor: torch.Tensor, shard) -> torch.Tensor:
         return tensor.narrow(1, tp_rank() * self.in_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(F.linear(x, self.weight))
+        out = F.linear(x, self.weight)
+        if not self.reduce_results:
+            return out
+        out = all_reduce(out)
         return out if self.bias is None else out + self.bias
 
 

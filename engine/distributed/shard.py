@@ -5,7 +5,9 @@ sharded ones allocated on the real device, and the few small tensors left (norms
 are materialised; then `load_weights` fills each shard from the checkpoint, one tensor at a time.
 
 Query heads are split evenly; KV heads are split when there are at least as many as ranks, and
-replicated otherwise (each group of tp / num_kv_heads ranks shares one KV head), as in vLLM.
+replicated otherwise (each group of tp / num_kv_heads ranks shares one KV head), as in vLLM. MLPs
+are split along their intermediate dimension, each MoE expert's too (every rank holds a slice of
+every expert, so the routing needs no communication).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from engine.distributed.layers import (ColumnParallelLinear, ParallelRMSNorm, RowParallelLinear,
                                        VocabParallelEmbedding)
 from engine.distributed.parallel_state import tp_rank, tp_world_size
+from engine.layers.fused_moe import FusedMoE
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.llama import LlamaAttention, LlamaMLP
 
@@ -24,7 +27,10 @@ def check_tensor_parallel_size(model_config, size: int) -> None:
     """Refuse a tensor_parallel_size that cannot split the model's heads and MLP evenly."""
     heads = model_config.num_attention_heads
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    intermediate = model_config.intermediate_size
+    mlp_sizes = [(label, getattr(model_config, name, None)) for name, label in (
+        ("intermediate_size", "MLP size"), ("moe_intermediate_size", "expert MLP size"),
+        ("shared_expert_intermediate_size", "shared expert MLP size"))]
+    uneven = [f"{label} {value}" for label, value in mlp_sizes if value and value % size]
     problem = None
     if heads % size:
         problem = f"does not divide the model's {heads} attention heads"
@@ -32,8 +38,8 @@ def check_tensor_parallel_size(model_config, size: int) -> None:
         problem = f"does not divide the model's {kv_heads} KV heads"
     elif kv_heads < size and size % kv_heads:
         problem = f"is not a multiple of the model's {kv_heads} KV heads (needed to replicate them)"
-    elif intermediate % size:
-        problem = f"does not divide the model's MLP size {intermediate}"
+    elif uneven:
+        problem = f"does not divide the model's {uneven[0]}"
     if problem:
         raise ValueError(f"tensor_parallel_size={size} {problem}")
 
@@ -47,6 +53,8 @@ def build_sharded_model(model_class, config, device: torch.device, dtype: torch.
             _shard_attention(module, factory)
         elif isinstance(module, LlamaMLP):
             _shard_mlp(module, factory)
+        elif isinstance(module, FusedMoE):
+            _shard_experts(module, factory)
     model.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **factory)
     if model.lm_head is not None:
         model.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **factory)
@@ -78,8 +86,18 @@ def _shard_mlp(mlp: LlamaMLP, factory: dict) -> None:
     rows = (tp_rank() * size, size)
     bias = mlp.down_proj.bias is not None
     mlp.gate_up_proj = ColumnParallelLinear(mlp.gate_up_proj.in_features, {0: rows, 1: rows}, bias=bias, **factory)
-    mlp.down_proj = RowParallelLinear(size, mlp.down_proj.out_features, bias=bias, **factory)
+    mlp.down_proj = RowParallelLinear(size, mlp.down_proj.out_features, bias=bias,
+                                      reduce_results=mlp.reduce_results, **factory)
     mlp.intermediate_size = size
+
+
+def _shard_experts(experts: FusedMoE, factory: dict) -> None:
+    size = experts.intermediate_size // tp_world_size()
+    num_experts, hidden_size = experts.w2_weight.shape[:2]
+    experts.intermediate_rows = (tp_rank() * size, size)
+    experts.intermediate_size = size
+    experts.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * size, hidden_size, **factory), requires_grad=False)
+    experts.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, size, **factory), requires_grad=False)
 
 
 def _materialize_the_rest(model: nn.Module, config, device: torch.device) -> None:

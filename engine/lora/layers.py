@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.distributed.layers import ColumnParallelLinear, RowParallelLinear
 from engine.distributed.parallel_state import all_reduce, tp_rank
+from engine.layers.fused_moe import FusedMoE
 from engine.lora.adapter import LoRALayerWeights
 from kernels import triton_or_reference
 from kernels.lora_mapping import LoRATokenMapping
@@ -113,6 +114,8 @@ def wrap_lora_layers(model: nn.Module, module_specs: dict, context: LoRAContext,
                      max_rank: int) -> dict[str, LoRALinear]:
     """Swap every decoder layer's projections for LoRA layers (after the weights are loaded: the
     base weights move under `base_layer`); returns them by their module name."""
+    if any(isinstance(module, FusedMoE) for module in model.modules()):
+        raise ValueError("LoRA adapters on mixture-of-experts models are not supported")
     wrapped = {}
     for index, layer in enumerate(model.model.layers):
         for path in LORA_MODULES:

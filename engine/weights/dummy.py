@@ -61,6 +61,20 @@ PRESETS = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, embedding_multiplier=12.0,
         attention_multiplier=0.015625, residual_multiplier=0.22, logits_scaling=8.0, bos_token_id=0,
         eos_token_id=0, pad_token_id=0)),
+    # mistralai/Mixtral-8x7B-v0.1 (config.json): 8 experts of 14336, top-2; 46.7B parameters, ~93 GB in bf16.
+    "mixtral-8x7b": ("MixtralForCausalLM", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, bos_token_id=1, eos_token_id=2)),
+    # Qwen/Qwen3-30B-A3B (config.json): 128 experts of 768, top-8, renormalised, every layer sparse;
+    # 30.5B parameters (3.3B active per token), ~61 GB in bf16.
+    "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        bos_token_id=151643, eos_token_id=151645)),
 }
 
 

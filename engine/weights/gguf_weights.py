@@ -48,6 +48,9 @@ def load_gguf_config(path: Path):
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCHITECTURES)}")
+    if experts := _field(reader, f"{arch}.expert_count"):
+        raise ValueError(f"mixture-of-experts GGUF files ({arch}.expert_count={experts}) are not supported; "
+                         "load the model's Hugging Face checkpoint instead")
     tensor_names = {tensor.name for tensor in reader.tensors}
     num_heads = _field(reader, f"{arch}.attention.head_count")
     hidden = _field(reader, f"{arch}.embedding_length")

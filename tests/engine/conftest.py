@@ -165,6 +165,15 @@ _ROPE_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_
                   "short_factor": [1.0 + 0.3 * i for i in range(8)], "long_factor": [2.0 + 3.0 * i for i in range(8)]}
 _GRANITE = dict(embedding_multiplier=3.0, attention_multiplier=0.1, residual_multiplier=0.6, logits_scaling=1.7)
 
+# Mixture of experts: Mixtral's 8 experts of intermediate_size, top 2, renormalised; Qwen2-MoE's 8 small
+# experts, top 2 not renormalised, a shared expert, and a dense second layer (mlp_only_layers); Qwen3-MoE's
+# 16 experts, top 4 renormalised, sparse only on every second layer (decoder_sparse_step).
+_MIXTRAL = dict(tie_word_embeddings=False, num_local_experts=8, num_experts_per_tok=2)
+_QWEN2_MOE = dict(tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                  shared_expert_intermediate_size=96, norm_topk_prob=False, mlp_only_layers=[1])
+_QWEN3_MOE = dict(tie_word_embeddings=False, head_dim=32, num_experts=16, num_experts_per_tok=4,
+                  moe_intermediate_size=48, norm_topk_prob=True, decoder_sparse_step=2, num_hidden_layers=4)
+
 # name -> (config class name, extra config kwargs, save_pretrained kwargs)
 TINY_VARIANTS = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False), {}),
@@ -183,6 +192,9 @@ TINY_VARIANTS = {
                                            original_max_position_embeddings=64,
                                            rope_parameters={**_ROPE_LONGROPE, "original_max_position_embeddings": 64}),
                         {}),
+    "mixtral": ("MixtralConfig", _MIXTRAL, {}),
+    "qwen2-moe": ("Qwen2MoeConfig", _QWEN2_MOE, {}),
+    "qwen3-moe": ("Qwen3MoeConfig", _QWEN3_MOE, {}),
 }
 
 
