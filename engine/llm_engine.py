@@ -28,7 +28,7 @@ from engine.request import Request, RequestStatus, child_request_id
 from engine.sampling_params import SamplingParams
 from engine.spec_decode.config import SpeculativeConfig
 from engine.step_isolation import execute_isolating_faults, forget_uncomputed_blocks
-from engine.tokenization import eos_token_ids, load_tokenizer
+from engine.tokenization import eos_token_ids, load_tokenizer, token_id_limit
 from engine.weights import load_model_config, resolve_model
 from engine.weights.generation_defaults import load_sampling_defaults
 
@@ -48,8 +48,9 @@ class LLMEngine:
         self.scheduler_config = SchedulerConfig.resolve(config, model_context_length(self.model_config))
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(source, config.tokenizer)
         self.sampling_defaults = load_sampling_defaults(source)  # for fields a caller leaves unset
+        self.vocab_size = token_id_limit(source, self.model_config, self.tokenizer)
         runner_args = (config, self.model_config, source, self.scheduler_config.max_model_len,
-                       self.scheduler_config.max_num_batched_tokens)
+                       self.scheduler_config.max_num_batched_tokens, self.vocab_size)
         self.workers = None  # ranks 1..N-1 under tensor parallelism; this process is rank 0
         if config.tensor_parallel_size > 1:
             from engine.distributed.shard import check_tensor_parallel_size
@@ -72,7 +73,6 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager, self.speculative_config,
                                    self.lora_config and self.lora_config.max_loras)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config)
-        self.vocab_size = self.model_config.vocab_size
         self.output_processor = OutputProcessor(self.tokenizer, config.stream_interval)
         # Speculation plans each step from the tokens the last one accepted: no step planned ahead.
         self.async_scheduling = config.async_scheduling and self.speculative_config is None
@@ -337,7 +337,9 @@ class LLMEngine:
         if self._structured_outputs is None:
             from engine.structured_outputs.manager import StructuredOutputManager
 
-            self._structured_outputs = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            # Bitmasks as wide as the logits (the model's vocabulary, also where the tokenizer's is smaller).
+            self._structured_outputs = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
+                                                               self.eos_token_ids)
         return self._structured_outputs
 
     def _validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -45,6 +45,19 @@ def _gguf_tokenizer(path: Path):
     return tok
 
 
+def token_id_limit(source: ModelSource, model_config, tokenizer) -> int:
+    """The token ids the engine takes and samples: the model's vocabulary, except for a dummy model
+    whose borrowed tokenizer is smaller (SmolLM2's 49,152 ids under Gemma's 256k), where it stops at
+    the tokenizer's: beyond it an id has no text (it would decode to nothing). The model runner masks
+    the logits of the ids beyond (as vLLM masks a padded vocabulary), so the LM head and the sampler
+    still do the whole vocabulary's work and throughput stays that of the real model; refusing such
+    ids when detokenizing instead would fail nearly every request of a random-weight model."""
+    vocab_size = model_config.vocab_size
+    if source.kind == "dummy" and tokenizer is not None:
+        return min(vocab_size, len(tokenizer))
+    return vocab_size
+
+
 def eos_token_ids(tokenizer, model_config) -> set[int]:
     ids = set()
     for value in (getattr(model_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):

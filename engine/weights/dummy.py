@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Configs whose class is not named after the architecture (Gemma 3's text model: Gemma3Config is the multimodal one).
+_CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
+
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -61,6 +64,29 @@ PRESETS = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, embedding_multiplier=12.0,
         attention_multiplier=0.015625, residual_multiplier=0.22, logits_scaling=8.0, bos_token_id=0,
         eos_token_id=0, pad_token_id=0)),
+    # google/gemma-2-9b, its config.json (as recalled; the Hub is out of reach here): 42 layers alternating
+    # local (a 4096-token window) and global, head_dim 256 (not 3584 / 16 = 224), attention scaled by
+    # query_pre_attn_scalar 256, soft-caps 50 (attention logits) and 30 (final logits); 9.24B parameters,
+    # 18.5 GB in bf16.
+    "gemma-2-9b": ("Gemma2ForCausalLM", dict(
+        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=2, eos_token_id=1,
+        pad_token_id=0)),
+    # google/gemma-3-12b-pt, the text model of its config.json (as recalled). From text_config: hidden 3840,
+    # MLP 15360, 48 layers, 16 heads, 8 KV heads, a 1024-token window, linear rope scaling 8 on the global
+    # layers; the fields text_config leaves out take Gemma3TextConfig's defaults of that release
+    # (transformers 4.50): head_dim and query_pre_attn_scalar 256, rope_theta 1e6 (global layers),
+    # rope_local_base_freq 1e4, every 6th layer global, 131072 positions, vocabulary 262208; eos 1 and 106
+    # (<end_of_turn>). Without its vision tower (Gemma3ForCausalLM): 11.8B parameters, 23.5 GB in bf16.
+    "gemma-3-12b": ("Gemma3ForCausalLM", dict(
+        vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=1024,
+        sliding_window_pattern=6, rope_theta=1e6, rope_local_base_freq=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}, bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0)),
     # mistralai/Mixtral-8x7B-v0.1 (config.json): 8 experts of 14336, top-2; 46.7B parameters, ~93 GB in bf16.
     "mixtral-8x7b": ("MixtralForCausalLM", dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -84,7 +110,8 @@ def dummy_config(preset: str):
     if preset not in PRESETS:
         raise ValueError(f"unknown dummy preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
     architecture, kwargs = PRESETS[preset]
-    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    config_name = _CONFIG_CLASSES.get(architecture, architecture.replace("ForCausalLM", "Config"))
+    config_class = getattr(transformers, config_name)
     return config_class(architectures=[architecture], **kwargs)
 
 

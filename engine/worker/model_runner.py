@@ -94,9 +94,12 @@ class LaunchedStep:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config, source: ModelSource, max_model_len: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, token_id_limit: int | None = None) -> None:
+        """`token_id_limit`: ids from it up are never sampled (a dummy model's beyond its borrowed
+        tokenizer: engine/tokenization.py's `token_id_limit`)."""
         self.config = config
         self.model_config = model_config
+        self.token_id_limit = token_id_limit or model_config.vocab_size
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, model_config)
         self.block_size = config.block_size
@@ -161,7 +164,10 @@ class ModelRunner:
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits; under tensor parallelism each rank's vocabulary slice is gathered."""
         logits = parallel_state.all_gather_last_dim(self.model.compute_logits(hidden_states))
-        return logits[:, :self.model_config.vocab_size]
+        logits = logits[:, :self.model_config.vocab_size]
+        if self.token_id_limit < logits.shape[1]:
+            logits[:, self.token_id_limit:] = float("-inf")
+        return logits
 
     def _kv_bytes_per_token(self) -> int:
         layer = self.attention_layers[0]

@@ -164,6 +164,14 @@ _ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "lo
 _ROPE_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8,
                   "short_factor": [1.0 + 0.3 * i for i in range(8)], "long_factor": [2.0 + 3.0 * i for i in range(8)]}
 _GRANITE = dict(embedding_multiplier=3.0, attention_multiplier=0.1, residual_multiplier=0.6, logits_scaling=1.7)
+# Gemma: head_dim 32, not hidden / heads = 16. Gemma 2/3: an 8-token window (shorter than every test
+# prompt) on the sliding layers, an attention scale of query_pre_attn_scalar 24 (not head_dim), and
+# soft-caps low enough that tanh bends the tiny model's scores (up to ~12) and logits (up to ~7).
+# Gemma 3's global layers rotate with a base and linear scaling of their own.
+_GEMMA2 = dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+               final_logit_softcapping=4.0)
+_GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}
 
 # Mixture of experts: Mixtral's 8 experts of intermediate_size, top 2, renormalised; Qwen2-MoE's 8 small
 # experts, top 2 not renormalised, a shared expert, and a dense second layer (mlp_only_layers); Qwen3-MoE's
@@ -192,6 +200,12 @@ TINY_VARIANTS = {
                                            original_max_position_embeddings=64,
                                            rope_parameters={**_ROPE_LONGROPE, "original_max_position_embeddings": 64}),
                         {}),
+    "gemma": ("GemmaConfig", dict(head_dim=32, hidden_act="gelu_pytorch_tanh"), {}),
+    "gemma2": ("Gemma2Config", _GEMMA2, {}),
+    # Two local layers, then a global one; Gemma 3 has no attention soft-cap (transformers ignores it).
+    "gemma3": ("Gemma3TextConfig", dict(_GEMMA2, attn_logit_softcapping=None, num_hidden_layers=3,
+                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                        rope_parameters=_GEMMA3_ROPE), {}),
     "mixtral": ("MixtralConfig", _MIXTRAL, {}),
     "qwen2-moe": ("Qwen2MoeConfig", _QWEN2_MOE, {}),
     "qwen3-moe": ("Qwen3MoeConfig", _QWEN3_MOE, {}),
