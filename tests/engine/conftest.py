@@ -212,8 +212,9 @@ TINY_VARIANTS = {
 }
 
 
-def build_tiny_hf_model(variant: str, seed: int = 0):
-    """A tiny random transformers model (float32, eval mode) of one of TINY_VARIANTS."""
+def build_tiny_hf_model(variant: str, seed: int = 0, **overrides):
+    """A tiny random transformers model (float32, eval mode) of one of TINY_VARIANTS; `overrides` are
+    config fields that replace the variant's."""
     import torch
     import transformers
 
@@ -222,6 +223,7 @@ def build_tiny_hf_model(variant: str, seed: int = 0):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
                   bos_token_id=1, eos_token_id=2, initializer_range=0.1)
     kwargs.update(extra)
+    kwargs.update(overrides)
     config = getattr(transformers, config_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
