@@ -41,8 +41,8 @@ def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 @functools.cache
 def in_dtype(value: float, dtype: torch.dtype) -> float:
-    """`value` as `dtype` holds it."""
-    return torch.tensor(value, dtype=dtype).item()
+    """`value` as `dtype` holds it (worked out on the host: no device sync, also inside a CUDA graph capture)."""
+    return torch.tensor(value, dtype=dtype, device="cpu").item()
 
 
 class GemmaMLP(LlamaMLP):
