@@ -39,7 +39,7 @@ def moe_launch_for(num_pairs: int, num_experts: int) -> MoELaunch:
     two, and the kernel reads weights as wide and deep as it can; in prefill, square tiles reuse them."""
     pairs_per_expert = num_pairs / num_experts
     if pairs_per_expert <= 16:
-        return MoELaunch(block_m=16, block_n=64, block_k=128, group_m=1)
+        return MoELaunch(block_m=16, block_n=64, block_k=128, group_m=1, num_stages=4)
     if pairs_per_expert <= 64:
         return MoELaunch(block_m=32, block_n=64, block_k=128)
     return MoELaunch(block_m=64, block_n=128, block_k=64, num_stages=4)

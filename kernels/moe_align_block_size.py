@@ -111,16 +111,16 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     if num_pairs == 0:
         return alignment
     experts = triton.next_power_of_2(num_experts)
-    chunk = max(16, min(1024, ONE_HOT_ELEMENTS // experts, triton.next_power_of_2(num_pairs)))
+    rows = max(16, min(1024, ONE_HOT_ELEMENTS // experts))  # of a [rows, experts] matrix in one program
+    chunk = min(rows, max(16, triton.next_power_of_2(num_pairs)))
     num_chunks = triton.cdiv(num_pairs, chunk)
     ids = topk_ids.reshape(-1)
     chunk_counts = torch.empty(num_chunks, experts, dtype=torch.int32, device=device)
     padded_starts = torch.empty(experts, dtype=torch.int32, device=device)
     _count_kernel[(num_chunks,)](ids, chunk_counts, num_pairs, CHUNK=chunk, EXPERTS=experts)
     _offsets_kernel[(1,)](chunk_counts, padded_starts, sorted_ids, expert_ids, num_padded, num_chunks, num_pairs,
-                          num_experts, expert_ids.numel(), BLOCK_SIZE=block_size, EXPERTS=experts,
-                          ROWS=max(1, min(64, ONE_HOT_ELEMENTS // experts)), TILES=max(16, 4096 // experts),
-                          PAD=triton.next_power_of_2(block_size))
+                          num_experts, expert_ids.numel(), BLOCK_SIZE=block_size, EXPERTS=experts, ROWS=rows,
+                          TILES=rows, PAD=triton.next_power_of_2(block_size))
     _scatter_kernel[(num_chunks,)](ids, chunk_counts, padded_starts, sorted_ids, num_pairs, CHUNK=chunk,
                                    EXPERTS=experts)
     return alignment

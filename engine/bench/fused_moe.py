@@ -25,7 +25,8 @@ from kernels.fused_moe_ref import fused_moe_ref
 
 PRESETS = ("mixtral-8x7b", "qwen3-30b-a3b")
 LAUNCH_CHOICES = (
-    MoELaunch(16, 64, 128, group_m=1), MoELaunch(16, 128, 128, group_m=1), MoELaunch(16, 32, 256, group_m=1),
+    MoELaunch(16, 64, 128, group_m=1, num_stages=4), MoELaunch(16, 32, 128, group_m=1, num_stages=4),
+    MoELaunch(16, 128, 128, group_m=1), MoELaunch(16, 32, 256, group_m=1), MoELaunch(16, 64, 256, group_m=1),
     MoELaunch(32, 64, 128), MoELaunch(64, 64, 64), MoELaunch(64, 128, 64, num_stages=4),
     MoELaunch(128, 128, 64, num_warps=8, num_stages=3), MoELaunch(128, 256, 64, num_warps=8, num_stages=3),
 )

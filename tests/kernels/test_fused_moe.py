@@ -79,11 +79,12 @@ def test_all_pairs_on_one_expert():
 
 
 @pytest.mark.parametrize("num_tokens, num_experts, top_k, block_size", [
-    (1, 8, 2, 16), (37, 8, 2, 16), (19, 16, 8, 16), (300, 128, 8, 64), (2000, 8, 2, 32),
+    (1, 8, 2, 16), (37, 8, 2, 16), (19, 16, 8, 16), (300, 128, 8, 64), (2000, 8, 2, 32), (600, 128, 8, 16),
 ])
 def test_alignment_groups_every_pair_once_by_expert(num_tokens, num_experts, top_k, block_size):
     """Each pair exactly once, in its expert's group, token order kept; groups padded to whole tiles
-    of one expert; many chunks (2000 x 2 pairs) cross the chunk boundaries."""
+    of one expert. Several chunks (2000 x 2 pairs over 8 experts; 600 x 8 over 128, more chunks and
+    tiles than the offsets program handles at once) cross the chunk boundaries."""
     _, ids = skewed_routing(num_tokens, num_experts, top_k, idle=(1,), seed=num_tokens)
     alignment = moe_align_block_size(ids.to(torch.int32), num_experts, block_size)
     num_pairs = ids.numel()
