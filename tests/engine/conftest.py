@@ -153,6 +153,22 @@ def hf_log_softmax(hf_model, token_ids):
     return torch.log_softmax(logits, dim=-1)
 
 
+def assert_greedy_matches_transformers(llm, hf_model, prompts: list[list[int]], max_tokens: list[int]) -> None:
+    """The engine's greedy tokens for each prompt (with its own max_tokens, so requests finish at
+    different steps) equal transformers' `generate` on the device hf_model is on."""
+    import torch
+
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_tokens]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    device = next(hf_model.parameters()).device
+    for prompt, n, output in zip(prompts, max_tokens, outputs, strict=True):
+        ids = torch.tensor([prompt], device=device)
+        with torch.no_grad():
+            expected = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                         eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert output.outputs[0].token_ids == expected
+
+
 # -- tiny Hugging Face checkpoints ---------------------------------------------------------------
 
 _ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from tests.engine.conftest import build_tiny_hf_model
+from tests.engine.conftest import assert_greedy_matches_transformers, build_tiny_hf_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -21,16 +21,8 @@ def test_greedy_matches_transformers_on_cuda(tmp_path, variant, enforce_eager):
     hf = hf.to("cuda")
     llm = LLM(model=str(tmp_path), dtype="float32", device="cuda", skip_tokenizer_init=True, block_size=16,
               num_gpu_blocks_override=128, enforce_eager=enforce_eager)
-    lengths, max_tokens = (5, 40, 130, 1), (12, 3, 9, 1)
-    prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(length)] for i, length in enumerate(lengths)]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_tokens],
-                           use_tqdm=False)
-    for prompt, n, output in zip(prompts, max_tokens, outputs):
-        ids = torch.tensor([prompt], device="cuda")
-        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        assert output.outputs[0].token_ids == expected
+    prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(length)] for i, length in enumerate((5, 40, 130, 1))]
+    assert_greedy_matches_transformers(llm, hf, prompts, [12, 3, 9, 1])
 
 
 @pytest.mark.slow
