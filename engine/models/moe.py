@@ -43,6 +43,8 @@ def is_sparse_layer(config, layer_index: int) -> bool:
 class SparseMoeBlock(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"MoE experts with {config.hidden_act!r} activations are not supported (only silu)")
         num_experts = num_experts_of(config)
         self.gate = nn.Linear(config.hidden_size, num_experts, bias=False)
         # Mixtral always renormalises the top-k weights and keeps them in float32; Qwen's MoE routers

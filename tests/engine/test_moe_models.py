@@ -136,6 +136,14 @@ def test_a_size_that_does_not_divide_the_experts_is_refused(tiny_hf_checkpoint, 
         LLM(model=str(tmp_path), tensor_parallel_size=4, skip_tokenizer_init=True, **TINY)
 
 
+def test_experts_with_another_activation_are_refused(tiny_hf_checkpoint, tmp_path):
+    folder, _ = tiny_hf_checkpoint("mixtral")
+    config = json.loads((folder / "config.json").read_text()) | {"hidden_act": "gelu"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'gelu' activations are not supported"):
+        LLM(model=str(tmp_path), skip_tokenizer_init=True, **TINY)
+
+
 def test_lora_on_a_moe_model_is_refused(tiny_hf_checkpoint):
     folder, _ = tiny_hf_checkpoint("mixtral")
     with pytest.raises(ValueError, match="mixture-of-experts"):
