@@ -38,8 +38,9 @@ class EngineConfig:
     stream_interval: int = 1  # streamed (DELTA) outputs every N tokens (and the first, and the last)
     # Plan step N+1 while the device runs step N (default: on with CUDA); greedy outputs are the same.
     async_scheduling: bool | None = None
-    # {"method": "ngram", "num_speculative_tokens": k, ...} (engine/spec_decode/config.py); async
-    # scheduling is off while it is on (the next step depends on how many proposals were accepted).
+    # {"method": "ngram", "num_speculative_tokens": k, ...} or {"model": <draft>, "num_speculative_tokens": k}
+    # (engine/spec_decode/config.py); async scheduling is off while it is on (the next step depends on
+    # how many proposals were accepted).
     speculative_config: dict | None = None
     # LoRA adapters chosen per request (engine/lora/): max_loras of them per step in device slots, up
     # to max_cpu_loras (default max_loras) in host memory, ranks up to max_lora_rank.
@@ -70,7 +71,9 @@ class EngineConfig:
                     "max_num_seqs", f"must be a positive integer, got {self.max_num_seqs!r}")
         check_field(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
                "num_gpu_blocks_override", "must be at least 2")
-        SpeculativeConfig.from_dict(self.speculative_config)  # raises ValueError naming the field
+        speculative = SpeculativeConfig.from_dict(self.speculative_config)  # raises ValueError naming the field
+        check_field(speculative is None or not speculative.uses_draft_model or self.tensor_parallel_size == 1,
+                    "speculative_config", "a draft model runs with tensor_parallel_size=1 only")
         LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)  # the same
 
     def with_device_defaults(self, on_cuda: bool) -> "EngineConfig":

@@ -223,7 +223,8 @@ class LLMEngine:
                  launched_next=None) -> list[RequestOutput]:
         self._fail(scheduler_output, culprits)
         finished = {r.request_id for r in self.scheduler.update(scheduler_output, runner_output.sampled_token_ids,
-                                                                 runner_output.spec_token_ids)}
+                                                                 runner_output.spec_token_ids,
+                                                                 runner_output.draft_token_ids)}
         self._sample_constrained(launched_next)  # before the output work: the device waits for it
         processed = self.output_processor.process(scheduler_output.num_scheduled_tokens, runner_output, finished)
         self.scheduler.finish_requests(processed.stopped_req_ids, RequestStatus.FINISHED_STOPPED)
@@ -362,9 +363,12 @@ class LLMEngine:
         if len(prompt_ids) > self.max_model_len:
             raise ValueError(f"prompt is {len(prompt_ids)} tokens long, more than max_model_len="
                              f"{self.max_model_len}")
-        # A request that cannot fit the whole KV cache on its own could never finish.
+        # A request that cannot fit the whole KV cache on its own could never finish (with a draft
+        # model's proposals after its last token).
         max_tokens = self.max_model_len if params.max_tokens is None else params.max_tokens
-        longest = min(len(prompt_ids) + max_tokens, self.max_model_len)
+        spec = self.speculative_config
+        lookahead = spec.num_speculative_tokens if spec is not None and spec.uses_draft_model else 0
+        longest = min(len(prompt_ids) + max_tokens + lookahead, self.max_model_len)
         capacity = (self.runner.num_blocks - 1) * self.config.block_size
         if longest > capacity:
             raise ValueError(f"prompt plus max_tokens needs {longest} tokens of KV cache, but it holds only "

@@ -83,6 +83,7 @@ class Request:
         # it is admitted once the matcher is built, and every sampled token advances it.
         self.grammar = None
         self.spec_token_ids: list[int] = []  # proposals scheduled after its last token (speculative decoding)
+        self.draft_token_ids: list[int] = []  # a draft model's proposals after its last token, for the next step
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -92,6 +92,7 @@ def _halves(part: list) -> list[list]:
 def _merge(into, other):
     into.sampled_token_ids.update(other.sampled_token_ids)
     into.spec_token_ids.update(other.spec_token_ids)
+    into.draft_token_ids.update(other.draft_token_ids)
     into.logprobs.update(other.logprobs)
     into.prompt_logprobs.update(other.prompt_logprobs)
     return into

@@ -1,9 +1,12 @@
-"""`python -m engine.bench speculative`: n-gram speculation against plain decoding on copy-heavy work.
+"""`python -m engine.bench speculative`: speculation against plain decoding, in one process.
 
-Chat prompts that ask the model to repeat or lightly edit a given text (prose and code): the work
-prompt lookup is for. The same engine options run twice in this one process, without and with
-`speculative_config`, first one request at a time and then a batch; greedy, so the outputs must be
-identical (checked), and the figure is output tokens per second of each.
+N-gram prompt lookup by default, on chat prompts that ask the model to repeat or lightly edit a
+given text (prose and code): the work prompt lookup is for. With `--draft-model` (repeatable),
+draft-model speculation with each draft instead (the same prompts; with dummy weights their text
+does not matter). The same engine options run once plain and once per speculative config, first
+one request at a time and then a batch; greedy, so the outputs must be identical (checked; on a GPU
+in bfloat16 the verification's kernel may round differently from a decode's, so there the share of
+equal tokens is reported too), and the figure is output tokens per second of each.
 """
 
 from __future__ import annotations
@@ -31,17 +34,18 @@ def copy_prompts(count: int) -> list[str]:
             f"<|im_start|>assistant\n" for i in range(count)]
 
 
-def run_speculative_bench(options: dict, speculative_config: dict, batch_size: int, num_single: int,
+def run_speculative_bench(options: dict, speculative_configs: dict[str, dict], batch_size: int, num_single: int,
                           max_tokens: int) -> dict:
+    """`speculative_configs`: run name -> speculative_config, each measured against "plain"."""
     from engine.llm import LLM
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    labels = ("batch_1", f"batch_{batch_size}")
     results, outputs = {}, {}
-    for name, extra in (("plain", {}), ("ngram", {"speculative_config": speculative_config})):
+    for name, extra in (("plain", {}), *((n, {"speculative_config": c}) for n, c in speculative_configs.items())):
         llm = LLM(**options, **extra)
         llm.generate(copy_prompts(1), SamplingParams(max_tokens=8), use_tqdm=False)  # warm up
-        for label, prompts, batches in (("batch_1", copy_prompts(num_single), [[p] for p in copy_prompts(num_single)]),
-                                        (f"batch_{batch_size}", copy_prompts(batch_size), [copy_prompts(batch_size)])):
+        for label, batches in zip(labels, ([[p] for p in copy_prompts(num_single)], [copy_prompts(batch_size)])):
             started, tokens, texts = time.perf_counter(), 0, []
             for batch in batches:
                 for output in llm.generate(batch, params, use_tqdm=False):
@@ -53,7 +57,21 @@ def run_speculative_bench(options: dict, speculative_config: dict, batch_size: i
         results[f"{name}_stats"] = {k: v for k, v in llm.llm_engine.stats().items() if k.startswith("spec_")}
         llm.llm_engine.shutdown()
         del llm
-    for label in ("batch_1", f"batch_{batch_size}"):
-        results[f"speedup_{label}"] = results[f"ngram_{label}_tok_per_s"] / results[f"plain_{label}_tok_per_s"]
-        results[f"identical_{label}"] = outputs[("plain", label)] == outputs[("ngram", label)]
+    for name in speculative_configs:
+        for label in labels:
+            results[f"speedup_{name}_{label}"] = results[f"{name}_{label}_tok_per_s"] / results[f"plain_{label}_tok_per_s"]
+            results[f"identical_{name}_{label}"] = outputs[("plain", label)] == outputs[(name, label)]
+            results[f"equal_tokens_{name}_{label}"] = _share_of_equal_tokens(outputs[("plain", label)],
+                                                                            outputs[(name, label)])
     return results
+
+
+def _share_of_equal_tokens(expected: list[list[int]], got: list[list[int]]) -> float:
+    """Tokens equal to the expected ones up to each output's first difference, over all expected."""
+    equal = 0
+    for want, have in zip(expected, got):
+        for a, b in zip(want, have):
+            if a != b:
+                break
+            equal += 1
+    return equal / max(1, sum(len(want) for want in expected))

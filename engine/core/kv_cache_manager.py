@@ -59,11 +59,15 @@ class KVCacheManager:
         return computed, len(computed) * self.block_size
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[KVCacheBlock] | None = None) -> list[KVCacheBlock] | None:
-        """Make room for `num_new_tokens` more tokens; None (and no change) if the pool is too small."""
+                       new_computed_blocks: list[KVCacheBlock] | None = None,
+                       num_lookahead_tokens: int = 0) -> list[KVCacheBlock] | None:
+        """Make room for `num_new_tokens` more tokens; None (and no change) if the pool is too small.
+        `num_lookahead_tokens` more slots are reserved past them (a draft model writes its proposals'
+        KV there) but never cached: their tokens are not known yet."""
         if not new_computed_blocks:
             blocks = self.req_to_blocks.get(request.request_id)
-            if blocks and request.num_computed_tokens + num_new_tokens <= len(blocks) * self.block_size:
+            needed = request.num_computed_tokens + num_new_tokens + num_lookahead_tokens
+            if blocks and needed <= len(blocks) * self.block_size:
                 # A decoding request inside its last block (15 steps in 16): no pool work. At 1,000
                 # running sequences this path is most of the scheduler's time per step.
                 if self.enable_caching and not request.skip_prefix_cache:
@@ -72,7 +76,7 @@ class KVCacheManager:
         new_computed_blocks = new_computed_blocks or []
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
-        num_required = cdiv(num_computed + num_new_tokens, self.block_size)
+        num_required = cdiv(num_computed + num_new_tokens + num_lookahead_tokens, self.block_size)
         num_new_blocks = num_required - len(blocks) - len(new_computed_blocks)
         # Cache hits sitting in the free queue stop being allocatable once we touch them.
         num_evictable_hits = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)

@@ -119,7 +119,8 @@ class Scheduler:
                 continue
             request.spec_token_ids = self._propose(request, budget) if num_new == 1 else []
             num_new += len(request.spec_token_ids)
-            while self.kv_cache_manager.allocate_slots(request, num_new) is None:
+            lookahead = self._num_lookahead_tokens(request.num_computed_tokens + num_new)
+            while self.kv_cache_manager.allocate_slots(request, num_new, None, lookahead) is None:
                 victim = self.running.pop()  # see _order_running
                 self._preempt(victim)
                 preempted.append(victim)
@@ -169,6 +170,9 @@ class Scheduler:
             samples = (request.num_computed_tokens - len(drafts) == request.num_tokens_with_placeholders
                        and not request.is_prefill_only)
             if samples:
+                num_to_propose = self._num_draft_tokens_to_propose(request)
+                if num_to_propose:
+                    output.num_draft_tokens_to_propose[request_id] = num_to_propose
                 request.num_output_placeholders += 1
                 output.sampling_req_ids.add(request_id)
                 if request.grammar is not None:
@@ -199,7 +203,8 @@ class Scheduler:
                 remaining = request.num_tokens - request.num_computed_tokens - num_computed
                 num_others = len(self.waiting) - 1 + len(self.running)
                 num_new = min(remaining, budget, self._prefill_chunk_limit(num_others))
-                if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
+                lookahead = self._num_lookahead_tokens(request.num_computed_tokens + num_computed + num_new)
+                if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks, lookahead) is None:
                     break  # the pool is full; keep the fair order rather than skipping ahead
                 self.waiting.admit(request)
                 if lora is not None:
@@ -215,13 +220,16 @@ class Scheduler:
                 budget -= num_new
 
     def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int],
-               spec_token_ids: dict[str, list[int]] | None = None) -> list[Request]:
-        """Take in a step's sampled tokens (one per request that samples); return finished requests.
-        A request may have finished since (aborted, or stopped by an earlier step's token): its
-        token is dropped."""
+               spec_token_ids: dict[str, list[int]] | None = None,
+               draft_token_ids: dict[str, list[int]] | None = None) -> list[Request]:
+        """Take in a step's sampled tokens (one per request that samples, several when it speculated)
+        and a draft model's proposals for the next step; return finished requests. A request may have
+        finished since (aborted, or stopped by an earlier step's token): its token is dropped."""
         finished = []
         for record in self._in_flight.pop(output.step_id, ()):
             request = record.request
+            if draft_token_ids is not None:
+                request.draft_token_ids = draft_token_ids.get(request.request_id, [])
             if record.samples:
                 request.num_output_placeholders -= 1
             if request.is_finished():
@@ -246,12 +254,11 @@ class Scheduler:
         return finished
 
     def _propose(self, request: Request, budget: int) -> list[int]:
-        """Speculative proposals for a decoding request, within its limits and the step's budget.
-        Requests whose sampling reads more than the target's distribution per position (penalties,
-        grammars, min_tokens still due, logprobs) decode without speculation."""
+        """Speculative proposals for a decoding request, within its limits and the step's budget:
+        the n-gram lookup's, or what the draft model proposed after the last step."""
         spec, params = self.speculative_config, request.sampling_params
-        if (spec is None or request.grammar is not None or params.needs_penalties or params.logprobs is not None
-                or request.num_output_tokens < params.min_tokens or request.num_output_placeholders):
+        drafts, request.draft_token_ids = request.draft_token_ids, []
+        if spec is None or not self._may_speculate(request, request.num_output_tokens):
             return []
         room = min(spec.num_speculative_tokens, budget - 1,
                    self.config.max_model_len - request.num_tokens - 1)
@@ -259,7 +266,37 @@ class Scheduler:
             room = min(room, params.max_tokens - request.num_output_tokens - 1)
         if room <= 0:
             return []
+        if spec.uses_draft_model:
+            return drafts[:room]
         return propose_ngram(request.all_token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+
+    @staticmethod
+    def _may_speculate(request: Request, num_output_tokens: int) -> bool:
+        """Requests whose sampling reads more than the target's distribution per position (penalties,
+        grammars, min_tokens still due, logprobs) decode without speculation."""
+        params = request.sampling_params
+        return not (request.grammar is not None or params.needs_penalties or params.logprobs is not None
+                    or num_output_tokens < params.min_tokens or request.num_output_placeholders)
+
+    def _num_lookahead_tokens(self, end: int) -> int:
+        """Slots past a step's tokens (ending at position `end`) where a draft model may write the KV
+        of its proposals after the step: every step reserves them, so proposing never allocates."""
+        spec = self.speculative_config
+        if spec is None or not spec.uses_draft_model:
+            return 0
+        return max(0, min(spec.num_speculative_tokens, self.config.max_model_len - end))
+
+    def _num_draft_tokens_to_propose(self, request: Request) -> int:
+        """How many tokens the draft model proposes after the token this step samples for `request`
+        (its progress already counts the step): at most what the next step could verify."""
+        spec, params = self.speculative_config, request.sampling_params
+        if (spec is None or not spec.uses_draft_model or request.is_prefill_only
+                or not self._may_speculate(request, request.num_output_tokens + 1)):
+            return 0
+        room = min(spec.num_speculative_tokens, self.config.max_model_len - request.num_computed_tokens - 1)
+        if params.max_tokens is not None:
+            room = min(room, params.max_tokens - request.num_output_tokens - 2)
+        return max(room, 0)
 
     def _take_speculated(self, request: Request, record: ScheduledRequest, tokens: list[int]) -> RequestStatus | None:
         """Append a speculative step's tokens (the confirmed proposals and the sample after them) up to
@@ -344,7 +381,7 @@ class Scheduler:
             self.waiting.remove(request)
 
     def _preempt(self, request: Request) -> None:
-        request.spec_token_ids = []
+        request.spec_token_ids = request.draft_token_ids = []
         self.kv_cache_manager.free(request)
         self._num_blocks_sent.pop(request.request_id, None)
         request.status = RequestStatus.PREEMPTED

@@ -58,6 +58,9 @@ class SchedulerOutput:
     # tokens are that last token and these; the runner samples after each and keeps the longest prefix
     # of proposals the samples confirm, plus the sample after it.
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # Draft-model speculation: request id -> how many tokens the draft proposes after the token this
+    # step samples for it (ModelRunnerOutput.draft_token_ids); the slots they need are allocated.
+    num_draft_tokens_to_propose: dict[str, int] = field(default_factory=dict)
     # The runner forgets these before the step: finished or aborted (sampler state too), or preempted
     # (they come back as new requests; a seeded one keeps its generator).
     finished_req_ids: set[str] = field(default_factory=set)
@@ -84,5 +87,6 @@ class SchedulerOutput:
             sampling_req_ids=self.sampling_req_ids & keep,
             structured_output_req_ids=self.structured_output_req_ids & keep,
             scheduled_spec_decode_tokens={k: v for k, v in self.scheduled_spec_decode_tokens.items() if k in keep},
+            num_draft_tokens_to_propose={k: v for k, v in self.num_draft_tokens_to_propose.items() if k in keep},
             finished_req_ids=self.finished_req_ids - renewed,
             preempted_req_ids=[r for r in self.preempted_req_ids if r not in renewed])

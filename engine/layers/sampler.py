@@ -127,19 +127,16 @@ class Sampler:
                     logits[row].index_fill_(0, to_device(stop_ids, torch.long, logits.device), float("-inf"))
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        params = [r.sampling_params for r in requests]
-        temperature = to_device([p.temperature for p in params], torch.float32, logits.device)
-        logits = logits / temperature[:, None]
-        if any(p.top_k or p.top_p < 1.0 or p.min_p > 0 for p in params):
-            logits = filter_logits(logits, [p.top_k for p in params], [p.top_p for p in params],
-                                   [p.min_p for p in params])
-        probs = torch.softmax(logits, dim=-1)
+        return self.sample_from(sampling_probs(logits, [r.sampling_params for r in requests]), requests)
+
+    def sample_from(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One token per row of `probs` (need not sum to 1), drawn with its request's generator."""
         race = torch.empty_like(probs)
         for row, request in enumerate(requests):
-            race[row].exponential_(generator=self._generator_for(request))
+            race[row].exponential_(generator=self.generator_for(request))
         return (probs / race).argmax(dim=-1)
 
-    def _generator_for(self, request: Request) -> torch.Generator:
+    def generator_for(self, request: Request) -> torch.Generator:
         seed = request.sampling_params.seed
         if seed is None:
             return self.generator
@@ -153,6 +150,17 @@ class Sampler:
 def _plain_greedy(request) -> bool:
     p = request.sampling_params
     return p.is_greedy and not p.needs_penalties and request.num_output_tokens >= p.min_tokens
+
+
+def sampling_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """The distribution each row samples from: float32 logits after temperature, top-k, top-p, min-p
+    (every row random: temperature > 0)."""
+    temperature = to_device([p.temperature for p in params], torch.float32, logits.device)
+    logits = logits / temperature[:, None]
+    if any(p.top_k or p.top_p < 1.0 or p.min_p > 0 for p in params):
+        logits = filter_logits(logits, [p.top_k for p in params], [p.top_p for p in params],
+                               [p.min_p for p in params])
+    return torch.softmax(logits, dim=-1)
 
 
 def filter_logits(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:

@@ -27,6 +27,7 @@ from engine.layers.attention import Attention, AttentionMetadata, set_forward_co
 from engine.layers.sampler import DeviceSample, Sampler, to_device, top_logprobs
 from engine.lora.config import LoRAConfig
 from engine.models.registry import get_model_class
+from engine.spec_decode.config import SpeculativeConfig
 from engine.weights import ModelSource, load_weights_into
 from engine.worker.cpu_kv_budget import available_memory_bytes, cpu_kv_cache_bytes, kv_bytes_per_token
 from engine.worker.cuda_graphs import CudaGraphRunner
@@ -38,6 +39,22 @@ logger = logging.getLogger(__name__)
 _DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
                 "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def allocate_kv_cache(attention_layers: list[Attention], num_blocks: int, block_size: int, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor | None:
+    """One tensor for every layer's K and V blocks, bound to the layers (None and unbound for 0 blocks)."""
+    for layer in attention_layers:
+        layer.key_cache = layer.value_cache = torch.empty(0)
+    if num_blocks == 0:
+        return None
+    layer = attention_layers[0]
+    shape = (2, len(attention_layers), num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+    # Zeroed: padded slots are masked, but 0 * NaN from uninitialised memory would still be NaN.
+    kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+    for i, layer in enumerate(attention_layers):
+        layer.key_cache, layer.value_cache = kv_cache[0, i], kv_cache[1, i]
+    return kv_cache
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,6 +79,7 @@ def resolve_dtype(name: str, device: torch.device, model_config) -> torch.dtype:
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)  # a speculating request: its last token
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)  # ... and all it produced this step
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)  # a draft model's proposals for the next
     logprobs: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)
     # request id -> (first prompt position covered, one entry list per position)
     prompt_logprobs: dict[str, tuple[int, list[list[tuple[int, float, int]]]]] = field(default_factory=dict)
@@ -72,6 +90,8 @@ class LaunchedStep:
     """A step queued on the device; `fetch()` turns it into a ModelRunnerOutput."""
 
     output: ModelRunnerOutput  # prompt logprobs are in already
+    batch: list[tuple[CachedRequestState, int]] = field(default_factory=list)  # (request, tokens), decodes first
+    num_draft_tokens_to_propose: dict[str, int] = field(default_factory=dict)  # the step contract's
     sampling: list[tuple[CachedRequestState, int]] = field(default_factory=list)  # (request, its token's position)
     # A speculating request samples after its last token and after each proposal: its first row in
     # `sampling` (its rows follow one another) and its proposals.
@@ -107,7 +127,13 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.is_driver = parallel_state.tp_rank() == 0  # the rank that samples; the others only compute
         torch.manual_seed(config.seed)
-        self.model = self._load_model(source)
+        speculative_config = SpeculativeConfig.from_dict(config.speculative_config)
+        draft = None
+        if speculative_config is not None and speculative_config.uses_draft_model:
+            from engine.spec_decode.draft_model import load_draft_config
+
+            draft = load_draft_config(speculative_config.model, model_config, max_model_len)  # fails fast
+        self.model = self._load_model(model_config, source)
         self.lora_manager = None  # LoRA layers are swapped in after loading (the base weights' names stay)
         lora_config = LoRAConfig.from_engine_config(config)
         if lora_config is not None:
@@ -116,10 +142,21 @@ class ModelRunner:
             self.lora_manager = LoRAModelManager(self.model, model_config, lora_config, max_num_batched_tokens,
                                                  self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.num_blocks = self._agree(self._decide_num_blocks())
-        self._allocate_kv_cache(self.num_blocks)
         self.sampler = Sampler(config.seed, self.device)
         self.states = RequestStates()
+        self.drafter = None  # draft-model speculation (engine/spec_decode/draft_model.py)
+        if draft is not None:
+            from engine.spec_decode.draft_model import DraftModelProposer
+
+            draft_source, draft_config = draft
+            self.drafter = DraftModelProposer(
+                self._load_model(draft_config, draft_source), draft_config, self.sampler, self.states,
+                token_id_limit=self.token_id_limit, block_size=self.block_size, max_model_len=max_model_len,
+                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+                device=self.device, dtype=self.dtype,
+                cuda_graphs=self.device.type == "cuda" and not config.enforce_eager)
+        self.num_blocks = self._agree(self._decide_num_blocks())
+        self._allocate_kv_cache(self.num_blocks)
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None  # the last launched step's tokens
         on_cuda = self.device.type == "cuda"
         # Two steps at most are between launch and fetch: one pinned buffer each, used in turn.
@@ -134,21 +171,23 @@ class ModelRunner:
             self.cuda_graphs = CudaGraphRunner(self.model, self.inputs, max_batch,
                                                self.lora_manager and self.lora_manager.prepare_capture)
             self.cuda_graphs.capture()
+        if self.drafter is not None:
+            self.drafter.capture_cuda_graphs()
 
     # -- set-up -------------------------------------------------------------------------------------
 
-    def _load_model(self, source: ModelSource) -> torch.nn.Module:
-        model_class = get_model_class(self.model_config)
+    def _load_model(self, model_config, source: ModelSource) -> torch.nn.Module:
+        model_class = get_model_class(model_config)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             if parallel_state.tp_world_size() > 1:
                 from engine.distributed.shard import build_sharded_model
 
-                model = build_sharded_model(model_class, self.model_config, self.device, self.dtype)
+                model = build_sharded_model(model_class, model_config, self.device, self.dtype)
             else:
                 with torch.device(self.device):
-                    model = model_class(self.model_config)
+                    model = model_class(model_config)
         finally:
             torch.set_default_dtype(previous)
         with torch.no_grad():
@@ -170,9 +209,11 @@ class ModelRunner:
         return logits
 
     def _kv_bytes_per_token(self) -> int:
+        """A draft model's KV shares the blocks: each block holds both."""
         layer = self.attention_layers[0]
-        return kv_bytes_per_token(len(self.attention_layers), layer.num_kv_heads, layer.head_dim,
-                                  self.dtype.itemsize)
+        target = kv_bytes_per_token(len(self.attention_layers), layer.num_kv_heads, layer.head_dim,
+                                    self.dtype.itemsize)
+        return target + (self.drafter.kv_bytes_per_token() if self.drafter is not None else 0)
 
     def _kv_bytes_per_block(self) -> int:
         return self._kv_bytes_per_token() * self.block_size
@@ -232,22 +273,17 @@ class ModelRunner:
         self._allocate_kv_cache(0)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        for layer in self.attention_layers:
-            layer.key_cache = layer.value_cache = torch.empty(0)
-        if num_blocks == 0:
-            return
-        layer = self.attention_layers[0]
-        shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-        # Zeroed: padded slots are masked, but 0 * NaN from uninitialised memory would still be NaN.
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        for i, layer in enumerate(self.attention_layers):
-            layer.key_cache, layer.value_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.kv_cache = allocate_kv_cache(self.attention_layers, num_blocks, self.block_size, self.dtype, self.device)
+        if self.drafter is not None:
+            self.drafter.allocate_kv_cache(num_blocks)
 
     def memory_in_use(self) -> int:
         """Bytes of device memory held: the allocator's count on CUDA, weights plus KV cache on CPU."""
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
         tensors = [*self.model.parameters(), self.kv_cache]
+        if self.drafter is not None:
+            tensors += [*self.drafter.model.parameters(), self.drafter.kv_cache]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- one step -----------------------------------------------------------------------------------
@@ -264,7 +300,7 @@ class ModelRunner:
                         for request_id, num_new in scheduler_output.num_scheduled_tokens.items()),
                        key=lambda item: item[1] != 1)  # decodes first
         sample_rows, row = [], -1
-        launched = LaunchedStep(ModelRunnerOutput())
+        launched = LaunchedStep(ModelRunnerOutput(), batch, scheduler_output.num_draft_tokens_to_propose)
         constrained_ids = scheduler_output.structured_output_req_ids
         for state, num_new in batch:
             row += num_new
@@ -324,6 +360,8 @@ class ModelRunner:
         if self.is_driver:
             launched.sample = self.sampler.sample(logits, [state for state, _ in launched.sampling], bitmask)
             tokens = launched.sample.token_ids
+            if self.drafter is not None and launched.speculating:
+                self.drafter.rejection_sample(logits, tokens, launched.speculating, launched.sampling)
         else:
             tokens = torch.empty(len(launched.sampling), dtype=torch.long, device=self.device)
         tokens = parallel_state.broadcast_from_driver(tokens)
@@ -348,7 +386,15 @@ class ModelRunner:
         inputs.input_ids.index_copy_(0, rows, tokens.index_select(0, source))
 
     def fetch(self, launched: LaunchedStep) -> ModelRunnerOutput:
-        """Wait for a launched step's tokens; record them in the request states; rank 0's output."""
+        """Wait for a launched step's tokens; record them in the request states; rank 0's output. A
+        draft model then catches up on the step and proposes the next step's tokens."""
+        output = self._fetch_sampled(launched)
+        if self.drafter is not None:
+            output.draft_token_ids = self.drafter.propose(launched.batch, output.sampled_token_ids,
+                                                          launched.num_draft_tokens_to_propose)
+        return output
+
+    def _fetch_sampled(self, launched: LaunchedStep) -> ModelRunnerOutput:
         output = launched.output
         if not launched.sampling:
             return output

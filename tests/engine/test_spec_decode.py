@@ -36,7 +36,7 @@ def test_the_option_is_validated_with_vllms_names():
     assert (config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max) == (5, 2, 3)
     for bad, words in [({"method": "eagle"}, "method"), ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
                        ({"prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min"),
-                       ({"model": "dummy:llama-3.2-1b"}, "draft-model"), ({"k": 1}, "unknown")]:
+                       ({"method": "ngram", "model": "dummy:llama-3.2-1b"}, "model"), ({"k": 1}, "unknown")]:
         with pytest.raises(ValueError, match=words):
             EngineConfig(speculative_config=bad)
 
@@ -88,45 +88,51 @@ def test_greedy_tokens_on_a_tiny_random_model(tiny_hf_checkpoint):
     assert llm.llm_engine.stats()["spec_num_draft_tokens"] > 0
 
 
-def test_sampled_tokens_follow_the_target_distribution(tiny_hf_checkpoint):
-    """The first three tokens under top-k 2 (8 sequences), 3,000 draws with speculation, against their
-    exact probabilities from transformers; proposals are both accepted and rejected along the way."""
-    folder, hf_model = tiny_hf_checkpoint("llama")
-    # Found by search: for both likely first tokens, the token after its earlier occurrence in the
-    # prompt (the proposal for the second) is one of the two likely second tokens, so proposals are
-    # accepted about half the time, and rejected the other half.
-    prompt = [220, 173, 228, 132, 24, 173, 209, 25]
+# Found by search: for both likely first tokens of the tiny "llama", the token after its earlier
+# occurrence in this prompt (the n-gram proposal for the second) is one of the two likely second
+# tokens, so n-gram proposals are accepted about half the time, and rejected the other half.
+TRIPLES_PROMPT = [220, 173, 228, 132, 24, 173, 209, 25]
+
+
+def top2_after(hf_model, prefix) -> dict[int, float]:
+    """The target's two likeliest next tokens after TRIPLES_PROMPT + prefix, with their top-k 2 probabilities."""
     with torch.no_grad():
-        def top2(prefix):
-            logits = hf_model(torch.tensor([prompt + list(prefix)])).logits[0, -1]
-            values, ids = logits.topk(2)
-            return dict(zip(ids.tolist(), torch.softmax(values, dim=-1).tolist()))
+        logits = hf_model(torch.tensor([TRIPLES_PROMPT + list(prefix)])).logits[0, -1]
+    values, ids = logits.topk(2)
+    return dict(zip(ids.tolist(), torch.softmax(values, dim=-1).tolist()))
 
-        proposals = {209: 25, 173: 209}
-        assert set(top2(())) == set(proposals), "the tiny model changed: search for a prompt again"
-        assert all(proposals[first] in top2((first,)) for first in proposals)
 
-        expected = {}
-        for first, p1 in top2(()).items():
-            for second, p2 in top2((first,)).items():
-                for third, p3 in top2((first, second)).items():
-                    expected[(first, second, third)] = p1 * p2 * p3
-    # Proposals for the third token come from the prompt's repeats: make them as likely as can be.
-    llm = LLM(model=str(folder), dtype="float32", block_size=4, num_gpu_blocks_override=2048, max_num_seqs=256,
-              seed=0, speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1,
-                                          "prompt_lookup_max": 1})
-    draws = 3000
+def assert_sampled_triples_follow_the_target(llm, hf_model, draws: int = 3000) -> dict:
+    """The first three tokens under top-k 2 (8 sequences), `draws` seeded draws with speculation,
+    against their exact probabilities from transformers (chi-square); returns the engine's stats."""
+    expected = {}
+    for first, p1 in top2_after(hf_model, ()).items():
+        for second, p2 in top2_after(hf_model, (first,)).items():
+            for third, p3 in top2_after(hf_model, (first, second)).items():
+                expected[(first, second, third)] = p1 * p2 * p3
     params = [SamplingParams(temperature=1.0, top_k=2, max_tokens=3, ignore_eos=True, seed=i) for i in range(draws)]
-    outputs = llm.generate([{"prompt_token_ids": prompt}] * draws, params, use_tqdm=False)
+    outputs = llm.generate([{"prompt_token_ids": TRIPLES_PROMPT}] * draws, params, use_tqdm=False)
     counts = {}
     for output in outputs:
         key = tuple(output.outputs[0].token_ids)
         counts[key] = counts.get(key, 0) + 1
     assert set(counts) <= set(expected)
-    stats = llm.llm_engine.stats()
-    assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"], stats
     statistic, dof = chi_square(counts, expected, draws)
     assert statistic < CHI2_CRITICAL[dof], (statistic, dof, counts, expected)
+    return llm.llm_engine.stats()
+
+
+def test_sampled_tokens_follow_the_target_distribution(tiny_hf_checkpoint):
+    folder, hf_model = tiny_hf_checkpoint("llama")
+    proposals = {209: 25, 173: 209}
+    assert set(top2_after(hf_model, ())) == set(proposals), "the tiny model changed: search for a prompt again"
+    assert all(proposals[first] in top2_after(hf_model, (first,)) for first in proposals)
+    # Proposals for the third token come from the prompt's repeats: make them as likely as can be.
+    llm = LLM(model=str(folder), dtype="float32", block_size=4, num_gpu_blocks_override=2048, max_num_seqs=256,
+              seed=0, speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1,
+                                          "prompt_lookup_max": 1})
+    stats = assert_sampled_triples_follow_the_target(llm, hf_model)
+    assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"], stats
 
 
 def test_every_triple_is_reachable_so_the_test_above_can_fail():
