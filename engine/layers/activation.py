@@ -33,4 +33,6 @@ class GeluAndMul(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu_and_mul(x, self.approximate)
+        if self.approximate != "tanh":  # the exact GELU has no kernel: no Gemma checkpoint uses it
+            return gelu_and_mul(x, self.approximate)
+        return triton_or_reference(x, "gelu_and_mul", gelu_and_mul)(x)

@@ -13,8 +13,7 @@ from engine.layers import activation, attention, norm, rotary
 from kernels import triton_or_reference
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen3(tmp_path_factory):
+def save_tiny_qwen3(path) -> None:
     """Qwen3: grouped-query attention, and per-head q/k RMSNorm besides the residual ones."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -27,8 +26,20 @@ def tiny_qwen3(tmp_path_factory):
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("tiny-qwen3")
     model.save_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=["qwen3", "gemma2", "gemma3"])
+def tiny_model(request, tmp_path_factory):
+    """Besides Qwen3: Gemma 2 and 3 at Gemma's head size (256) with an 8-token window on the local
+    layers, the attention (Gemma 2) and final soft-caps, GeGLU, (1 + w) norms, Gemma 3's q/k norms."""
+    from tests.engine.conftest import build_tiny_hf_model
+
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    if request.param == "qwen3":
+        save_tiny_qwen3(path)
+    else:
+        build_tiny_hf_model(request.param, head_dim=256).save_pretrained(path)
     return path
 
 
@@ -61,9 +72,9 @@ def use_triton_everywhere(monkeypatch):
                             lambda tensor, kernel, reference: triton_or_reference(on_cuda, kernel, reference))
 
 
-def test_triton_layers_match_the_torch_references(tiny_qwen3, monkeypatch):
-    expected = run(tiny_qwen3)
+def test_triton_layers_match_the_torch_references(tiny_model, monkeypatch):
+    expected = run(tiny_model)
     use_triton_everywhere(monkeypatch)
-    actual = run(tiny_qwen3)
+    actual = run(tiny_model)
     for logprobs, expected_logprobs in zip(actual, expected, strict=True):
         assert logprobs == pytest.approx(expected_logprobs, abs=1e-4)
