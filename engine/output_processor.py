@@ -105,9 +105,11 @@ class RequestState:
         return self.num_unfinished == 0
 
     def add_prompt_logprobs(self, first_position: int, entries, tokenizer) -> None:
-        if self.prompt_logprobs is None or first_position != len(self.prompt_logprobs):
-            return  # already recorded (a sibling, or a recompute after preemption)
-        self.prompt_logprobs.extend(to_logprob_dict(e, tokenizer) for e in entries)
+        """Positions already recorded are skipped: a sibling's, or a recompute after preemption,
+        whose chunks may end elsewhere than the first time (so a chunk may be partly new)."""
+        known = len(self.prompt_logprobs) - first_position if self.prompt_logprobs is not None else -1
+        if known >= 0:
+            self.prompt_logprobs.extend(to_logprob_dict(e, tokenizer) for e in entries[known:])
 
     def stream_due(self, interval: int) -> bool:
         """Whether a streamed output is due with `stream_interval` = interval: the first token at once
