@@ -39,13 +39,14 @@ PromptType = str | list[int] | dict
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from engine.worker.model_runner import ModelRunner, resolve_device  # torch lives behind this import
+        from engine.layers.attention import uniform_sliding_window  # torch lives behind these imports
+        from engine.worker.model_runner import ModelRunner, resolve_device
 
         started = time.perf_counter()
         self.config = config = config.with_device_defaults(resolve_device(config.device).type == "cuda")
         self.source = source = resolve_model(config.model, config.revision)
         self.model_config = load_model_config(source)
-        self.scheduler_config = SchedulerConfig.resolve(config, model_context_length(self.model_config))
+        self.scheduler_config = SchedulerConfig.resolve(config, self.model_config.max_position_embeddings)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(source, config.tokenizer)
         self.sampling_defaults = load_sampling_defaults(source)  # for fields a caller leaves unset
         self.vocab_size = token_id_limit(source, self.model_config, self.tokenizer)
@@ -64,8 +65,10 @@ class LLMEngine:
         except BaseException:
             self.shutdown()
             raise
-        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size,
-                                               config.enable_prefix_caching)
+        drafter = self.runner.drafter  # a draft model reads the same blocks through its own layers
+        layers = self.runner.attention_layers + (drafter.attention_layers if drafter is not None else [])
+        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                               uniform_sliding_window(layers))
         self.speculative_config = SpeculativeConfig.from_dict(config.speculative_config)
         self.lora_config = LoRAConfig.from_engine_config(config)
         # Every adapter ever added, by lora_int_id: an id never names two adapters (it keys the prefix cache).
@@ -369,17 +372,10 @@ class LLMEngine:
         spec = self.speculative_config
         lookahead = spec.num_speculative_tokens if spec is not None and spec.uses_draft_model else 0
         longest = min(len(prompt_ids) + max_tokens + lookahead, self.max_model_len)
+        # Under a sliding window on every layer, blocks behind it go back to the pool as it moves.
+        held = self.kv_cache_manager.max_blocks_held(longest, self.scheduler_config.max_num_batched_tokens + lookahead)
         capacity = (self.runner.num_blocks - 1) * self.config.block_size
-        if longest > capacity:
-            raise ValueError(f"prompt plus max_tokens needs {longest} tokens of KV cache, but it holds only "
+        if held > self.runner.num_blocks - 1:
+            needed = min(longest, held * self.config.block_size)
+            raise ValueError(f"prompt plus max_tokens needs {needed} tokens of KV cache, but it holds only "
                              f"{capacity}: lower max_tokens or max_model_len, or give the cache more memory")
-
-
-def model_context_length(model_config) -> int:
-    """The model's context length, capped by a sliding window we do not implement."""
-    length = model_config.max_position_embeddings
-    window = getattr(model_config, "sliding_window", None)
-    if window and getattr(model_config, "use_sliding_window", True) and window < length:
-        logger.warning("sliding window attention is not implemented: limiting the context to %d", window)
-        length = window
-    return length

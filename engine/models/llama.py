@@ -1,6 +1,7 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral; `attention_bias` and `mlp_bias` where a config sets
-them) and its close relatives Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and Granite (four
-scalar multipliers, read from its config), as one flat-batch model over the paged KV cache.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral with its sliding window; `attention_bias` and
+`mlp_bias` where a config sets them) and its close relatives Qwen2 (q/k/v bias), Qwen3 (per-head q/k
+RMSNorm) and Granite (four scalar multipliers, read from its config), as one flat-batch model over
+the paged KV cache.
 
 Inputs are flat: all scheduled tokens of all requests in one `[num_tokens]` tensor with their
 positions; the attention layers find each token's sequence through the forward context.
@@ -20,8 +21,22 @@ from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
 
+def sliding_window_of(config, layer_index: int) -> int | None:
+    """A layer's sliding window as transformers applies it: Mistral's and Phi-3's `sliding_window` on
+    every layer; Qwen2/Qwen3's only where `layer_types` says so (from `max_window_layers` on, and only
+    with `use_sliding_window`)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_index] != "sliding_attention":
+        return None
+    return window
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool, rotary_emb: RotaryEmbedding | None = None) -> None:
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool, rotary_emb: RotaryEmbedding | None = None, *,
+                 sliding_window: int | None = None) -> None:
         """`rotary_emb`: a table the model's layers share (Gemma's: one per layer type), else one of its own."""
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -37,7 +52,7 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb or RotaryEmbedding(config, self.head_dim, config.max_position_embeddings)
         # Granite's attention_multiplier replaces 1/sqrt(head_dim).
         scale = getattr(config, "attention_multiplier", None) or self.head_dim ** -0.5
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window=sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -71,7 +86,8 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, qkv_bias: bool, qk_norm: bool, layer_index: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm)
+        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm,
+                                        sliding_window=sliding_window_of(config, layer_index))
         self.mlp = self.make_mlp(config, layer_index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

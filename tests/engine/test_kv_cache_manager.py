@@ -198,3 +198,110 @@ def test_everything_is_free_after_all_requests_finish(make_request, enable_cachi
     assert manager.num_free_blocks == 40 - 1
     assert manager.req_to_blocks == {}
     assert all(block.ref_cnt == 0 for block in manager.block_pool.blocks[1:])
+
+
+# -- a sliding window on every layer (Mistral) ------------------------------------------------------
+
+WINDOW = 7  # a query sees itself and the 6 tokens before it; with blocks of 4 its window starts mid-block
+
+
+def held(manager, request_id):
+    null = manager.block_pool.null_block
+    return [block for block in manager.req_to_blocks[request_id] if block is not null]
+
+
+def assert_sees_its_window(manager, request):
+    """Every block the request's next query (at num_computed_tokens) sees is still held."""
+    first_seen = max(0, request.num_computed_tokens - WINDOW + 1) // BLOCK
+    seen = manager.req_to_blocks[request.request_id][first_seen:]
+    assert manager.block_pool.null_block not in seen
+
+
+def assert_all_free(manager):
+    manager_blocks = manager.block_pool.blocks
+    assert manager.num_free_blocks == len(manager_blocks) - 1
+    assert manager.block_pool.null_block.ref_cnt == 1 and all(block.ref_cnt == 0 for block in manager_blocks[1:])
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_a_context_many_windows_long_holds_about_a_window_of_blocks(make_request, chunk):
+    """A 210-token request through a pool of 7 blocks (28 slots), decoding or in chunks of 8: the blocks
+    behind its window go back to the pool as it moves, so it holds the window's blocks and the step's."""
+    manager = KVCacheManager(num_blocks=8, block_size=BLOCK, sliding_window=WINDOW)
+    request = make_request("r", range(10))
+    compute(manager, request, 10)
+    while request.num_computed_tokens < 210:
+        compute(manager, request, chunk)
+        blocks = held(manager, "r")
+        assert len(blocks) <= manager.max_blocks_held(210, chunk) == -(-(WINDOW - 1 + chunk) // BLOCK) + 1
+        assert manager.num_free_blocks == 7 - len(blocks)
+        assert len(manager.req_to_blocks["r"]) == -(-request.num_computed_tokens // BLOCK)  # indices kept
+        assert_sees_its_window(manager, request)
+    manager.free(request)
+    assert_all_free(manager)
+
+
+def test_a_full_attention_manager_holds_every_block(make_request):
+    manager = KVCacheManager(num_blocks=20, block_size=BLOCK)
+    request = make_request("r", range(10))
+    compute(manager, request, 10)
+    for _ in range(30):
+        compute(manager, request, 1)
+    assert len(held(manager, "r")) == 10 == manager.max_blocks_held(40, 1)
+
+
+def test_a_prefix_hit_under_a_sliding_window_needs_only_the_blocks_its_window_sees(make_request):
+    """The first request's early blocks went back to the pool long ago and were reused, so no leading
+    run of them is cached; the blocks before the second request's first computed token are, and its
+    window sees only those: the search from the end finds them, the blocks before are the null block."""
+    manager = KVCacheManager(num_blocks=16, block_size=BLOCK, sliding_window=WINDOW)
+    prompt = list(range(100, 150))  # 50 tokens: 12 full blocks
+    first = make_request("first", prompt)
+    while first.num_computed_tokens < len(prompt):  # chunked prefill: its first blocks are given back early
+        compute(manager, first, min(8, len(prompt) - first.num_computed_tokens))
+    last_blocks = manager.req_to_blocks["first"][9:12]
+    manager.free(first)
+    filler = make_request("filler", range(300, 340))  # 10 blocks, from the head of the free queue
+    compute(manager, filler, 40)
+    assert manager.block_pool.get_cached_block(first.block_hashes[0]) is None  # evicted
+
+    second = make_request("second", prompt + [7, 8, 9, 10, 11])
+    blocks, num_cached = manager.get_computed_blocks(second)
+    assert num_cached == 48  # 12 blocks: all but the last token's, as a full-attention hit would be
+    null = manager.block_pool.null_block
+    assert blocks[:10] == [null] * 10 and blocks[10:] == last_blocks[1:]
+    compute(manager, second, len(second.prompt_token_ids) - 48, blocks, 48)
+    assert [block.ref_cnt for block in last_blocks[1:]] == [1, 1]  # taken; the null places are not
+    assert_sees_its_window(manager, second)
+    for request in (filler, second):
+        manager.free(request)
+    assert_all_free(manager)
+
+
+def test_hits_behind_the_window_are_not_taken(make_request):
+    """A leading run of cached blocks is found from the end too; the hits behind the window of the
+    first computed token stay in the pool."""
+    manager = KVCacheManager(num_blocks=30, block_size=BLOCK, sliding_window=WINDOW)
+    owner = make_request("owner", range(40))
+    compute(manager, owner, 40)  # one chunk: nothing is behind its window when it is allocated
+    reader = make_request("reader", range(41))
+    blocks, num_cached = manager.get_computed_blocks(reader)
+    assert num_cached == 40
+    free_before = manager.num_free_blocks
+    compute(manager, reader, 1, blocks, num_cached)  # first query at 40: sees 34..40, blocks 8 and 9
+    assert [block.ref_cnt for block in manager.req_to_blocks["owner"]] == [1] * 8 + [2, 2]
+    assert len(held(manager, "reader")) == 3 and manager.num_free_blocks == free_before - 1
+
+
+def test_a_sibling_shares_no_prompt_block_it_has_given_back(make_request):
+    """`n > 1` without prefix caching: a later child shares the first child's prompt blocks, unless the
+    first has moved on far enough to give back blocks the later child's first query would see."""
+    manager = KVCacheManager(num_blocks=30, block_size=BLOCK, enable_caching=False, sliding_window=WINDOW)
+    first = make_request("p-0", range(30), parent_id="p", index=0)
+    compute(manager, first, 30)
+    second = make_request("p-1", range(30), parent_id="p", index=1)
+    blocks, num_cached = manager.get_computed_blocks(second, first)
+    assert num_cached == 28  # its first query (at 28) sees 22..28: blocks 5 to 7, all still held
+    for _ in range(4):  # the first child decodes past 33: block 5 goes back to the pool
+        compute(manager, first, 1)
+    assert manager.get_computed_blocks(second, first) == ([], 0)

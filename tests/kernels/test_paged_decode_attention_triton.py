@@ -93,6 +93,19 @@ def test_sliding_window_over_a_long_context_with_a_graph_sized_launch(block_size
     check_window([900, 3, 310, 299], 4, 2, 16, block_size, torch.float32, 300, None, max_seq_len=4096)
 
 
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, sliding_window, soft_cap", [
+    (32, 8, 128, 4096, None),   # Mistral 7B
+    (16, 8, 256, 4096, 50.0),   # Gemma 2 9B's local layers
+    (16, 8, 256, 1023, None),   # a window off the block size
+])
+def test_sliding_window_on_gpu(dtype, num_heads, num_kv_heads, head_dim, sliding_window, soft_cap):
+    """Real shapes, contexts up to four windows, a launch sized for a CUDA graph of max_model_len 32768."""
+    check_window([1, 1000, 4097, 9000, 16384], num_heads, num_kv_heads, head_dim, 16, dtype, sliding_window,
+                 soft_cap, max_seq_len=32768)
+
+
 def test_split_count_fills_the_gpu_without_tiny_chunks():
     from kernels.paged_decode_attention import num_splits_for
 

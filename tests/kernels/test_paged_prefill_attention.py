@@ -87,3 +87,14 @@ def test_no_queries_writes_nothing():
 def test_bfloat16_on_gpu(num_heads, num_kv_heads, block_size):
     chunks = [(0, 1000), (512, 512), (1000, 37), (0, 1), (16, 256), (2000, 1)]
     check(chunks, num_heads, num_kv_heads, 128, block_size, torch.bfloat16)
+
+
+@gpu_only
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, sliding_window, soft_cap", [
+    (32, 8, 128, 4096, None),   # Mistral 7B
+    (16, 8, 256, 4096, 50.0),   # Gemma 2 9B's local layers
+    (16, 8, 256, 1023, None),   # a window off the block size
+])
+def test_sliding_window_bfloat16_on_gpu(num_heads, num_kv_heads, head_dim, sliding_window, soft_cap):
+    chunks = [(0, 1000), (512, 512), (5000, 37), (0, 1), (16, 256), (9000, 1), (3000, 2048)]
+    check(chunks, num_heads, num_kv_heads, head_dim, 16, torch.bfloat16, sliding_window, soft_cap)
