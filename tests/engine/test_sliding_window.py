@@ -5,7 +5,8 @@ transformers; the reference is transformers' eager attention (the test checks th
 logits). Blocks of 4 tokens, so windows start mid-block. The engine gives the blocks behind the window
 back to the pool (engine/core/kv_cache_manager.py), so these runs also read blocks that held other
 requests' KV a moment ago: a window edge off by one, a block read behind the window or a wrong prefix
-hit shows up as a different token or logprob. tests/kernels/test_sliding_window_on_triton.py runs the
+hit shows up as a different token or logprob. A Qwen2 with a full-attention layer and a sliding one
+keeps every block. tests/kernels/test_sliding_window_on_triton.py runs the
 same model on the Triton kernels (interpreted), tests/engine/test_cuda_sliding_window.py on a GPU.
 """
 
@@ -149,3 +150,16 @@ def test_a_draft_model_reads_the_blocks_too(sliding_mistral, full_attention_mist
     assert llm.llm_engine.kv_cache_manager.sliding_window == (WINDOW if sliding else None)
     assert_greedy_matches_transformers(llm, hf_model, prompts(), [20, 20, 20])
     assert llm.llm_engine.speculation_stats()["spec_num_accepted_tokens"] > 0
+
+
+def test_a_model_with_full_attention_layers_keeps_every_block(tmp_path):
+    """Qwen2 with use_sliding_window slides from layer max_window_layers on (transformers' layer_types):
+    the full-attention layer reads every block, so none goes back to the pool; transformers' tokens."""
+    hf_model = build_tiny_hf_model("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    assert hf_model.config.layer_types == ["full_attention", "sliding_attention"]
+    hf_model.set_attn_implementation("eager")
+    hf_model.save_pretrained(str(tmp_path))
+    llm = make_llm(tmp_path)
+    assert [layer.sliding_window for layer in llm.llm_engine.runner.attention_layers] == [None, WINDOW]
+    assert llm.llm_engine.kv_cache_manager.sliding_window is None
+    assert_greedy_matches_transformers(llm, hf_model, prompts(), [20, 20, 20])
