@@ -17,7 +17,7 @@ from engine import LLM, SamplingParams
 from tests.engine.conftest import hf_log_softmax
 
 VARIANTS = ["llama", "llama-bias", "llama3-rope-tied-sharded", "mistral", "qwen2", "qwen3", "granite", "olmo2",
-            "phi3", "phi3-short-rope", "mixtral", "qwen2-moe", "qwen3-moe", "gemma"]
+            "phi3", "phi3-short-rope", "mixtral", "qwen2-moe", "qwen3-moe", "gemma", "gemma2", "gemma3"]
 VOCAB = 256
 PROMPT_LENGTHS = [13, 30, 45]
 ATOL = 1e-4

@@ -45,7 +45,8 @@ def assert_same_generations(expected, actual):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["llama", "llama-bias", "qwen3", "granite", "olmo2", "phi3", "gemma"])
+@pytest.mark.parametrize("variant", ["llama", "llama-bias", "qwen3", "granite", "olmo2", "phi3",
+                                     "gemma", "gemma2", "gemma3"])
 def test_two_ranks_match_one(tiny_hf_checkpoint, variant):
     folder, _ = tiny_hf_checkpoint(variant)
     assert_same_generations(generate(folder, 1, prompts(), **TINY), generate(folder, 2, prompts(), **TINY))
