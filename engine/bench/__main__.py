@@ -308,12 +308,14 @@ def _speculative(args, command: str) -> int:
     else:
         specs = {"ngram": {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": args.prompt_lookup_min,
                            "prompt_lookup_max": args.prompt_lookup_max}}
-    results = {"command": command, "speculative_configs": specs,
-               **run_speculative_bench(options, specs, args.batch_size, args.num_single, args.max_tokens)}
-    _print("speculative", {k: v for k, v in results.items() if k != "command"})
-    _write_json(args.json, results)
     import torch
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = {"command": command, "speculative_configs": specs,
+               **run_speculative_bench(options, specs, args.batch_size, args.num_single, args.max_tokens,
+                                       release_memory=lambda: _release_memory(device))}
+    _print("speculative", {k: v for k, v in results.items() if k != "command"})
+    _write_json(args.json, results)
     # float32 (the CPU's default) must give identical greedy outputs; bfloat16 may round differently.
     exact = options["dtype"] in ("float32", "float", "fp32") or (options["dtype"] == "auto"
                                                                 and not torch.cuda.is_available())

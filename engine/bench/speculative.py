@@ -35,8 +35,9 @@ def copy_prompts(count: int) -> list[str]:
 
 
 def run_speculative_bench(options: dict, speculative_configs: dict[str, dict], batch_size: int, num_single: int,
-                          max_tokens: int) -> dict:
-    """`speculative_configs`: run name -> speculative_config, each measured against "plain"."""
+                          max_tokens: int, release_memory) -> dict:
+    """`speculative_configs`: run name -> speculative_config, each measured against "plain";
+    `release_memory()` runs after each engine is dropped (the next one sizes its KV cache from what is free)."""
     from engine.llm import LLM
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -57,6 +58,7 @@ def run_speculative_bench(options: dict, speculative_configs: dict[str, dict], b
         results[f"{name}_stats"] = {k: v for k, v in llm.llm_engine.stats().items() if k.startswith("spec_")}
         llm.llm_engine.shutdown()
         del llm
+        release_memory()
     for name in speculative_configs:
         for label in labels:
             results[f"speedup_{name}_{label}"] = results[f"{name}_{label}_tok_per_s"] / results[f"plain_{label}_tok_per_s"]
