@@ -136,7 +136,7 @@ class DraftModelProposer:
             rows = slice(first, first + num + 1)
             target_probs = sampling_probs(logits[rows].float(), [state.sampling_params] * (num + 1))
             generator = self.sampler.generator_for(state)
-            uniform = torch.rand(num, generator=generator, device=generator.device).to(logits.device)
+            uniform = torch.rand(num, generator=generator, device=logits.device)
             token_ids[rows] = rejection_sample(
                 target_probs, to_device(drafts, torch.long, logits.device), torch.stack(progress.probs[:num]),
                 uniform, lambda probs: self.sampler.sample_from(probs, [state] * probs.shape[0]))
@@ -205,18 +205,15 @@ class DraftModelProposer:
             tokens, probs = self._draw(hidden, states[:len(active)])
             steps.append((tokens, probs))
         drawn = torch.cat([tokens for tokens, _ in steps]).tolist()  # the one wait for the device
-        proposals = {}
         offset = 0
-        for step, (tokens, probs) in enumerate(steps):
+        for tokens, probs in steps:
             for row in range(tokens.shape[0]):
                 progress = proposers[row][0]
                 progress.proposals.append(drawn[offset + row])
                 if row in probs:
                     progress.probs = (progress.probs or []) + [probs[row]]
             offset += tokens.shape[0]
-        for progress, _ in proposers:
-            proposals[progress.state.request_id] = progress.proposals
-        return proposals
+        return {progress.state.request_id: progress.proposals for progress, _ in proposers}
 
     def _draw(self, hidden: torch.Tensor, states: list[CachedRequestState]) -> tuple[torch.Tensor, dict]:
         """One proposal per row: the argmax for greedy requests, else a draw from q (returned by row)."""

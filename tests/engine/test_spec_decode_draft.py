@@ -10,6 +10,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.config import BUNDLED_MODEL, EngineConfig
+from engine.core.kv_cache_manager import KVCacheManager
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.rejection_sampler import rejection_sample
 from tests.engine.conftest import TINY_VOCAB, build_tiny_hf_model
@@ -37,6 +38,17 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny_hf_checkpoint):
     folder, _ = tiny_hf_checkpoint("llama")
     with pytest.raises(ValueError, match=f"vocabulary of 49152 tokens, the target {TINY_VOCAB}"):
         LLM(model=str(folder), dtype="float32", speculative_config={"model": "dummy:smollm2-135m"})
+
+
+def test_lookahead_slots_are_reserved_but_never_cached(make_request):
+    manager = KVCacheManager(num_blocks=16, block_size=4)
+    request = make_request("r", range(10))
+    manager.allocate_slots(request, 10, num_lookahead_tokens=3)
+    assert len(manager.req_to_blocks["r"]) == 4  # 13 slots
+    assert manager.num_cached_blocks["r"] == 2  # the full blocks of known tokens
+    request.num_computed_tokens = 10
+    assert manager.allocate_slots(request, 1, num_lookahead_tokens=5) == []  # 16 slots: in the 4 blocks
+    assert manager.allocate_slots(request, 1, num_lookahead_tokens=6) == [manager.req_to_blocks["r"][-1]]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +133,16 @@ def test_a_tiny_random_draft_gives_the_tiny_targets_greedy_tokens(tiny_pair, opt
     assert stats["spec_num_draft_tokens"] > 0 and stats["spec_acceptance_rate"] < 1.0, stats
     if "max_num_seqs" in options:
         assert stats["num_preemptions"] > 0
+
+
+def test_the_kv_budget_counts_both_models_per_block(tiny_pair):
+    folder, _, draft_folder = tiny_pair
+    options = dict(model=str(folder), dtype="float32", block_size=4, kv_cache_memory_bytes=2**20)
+    plain_runner = LLM(**options).llm_engine.runner
+    runner = LLM(**options, speculative_config={"model": str(draft_folder)}).llm_engine.runner
+    assert runner.num_blocks == plain_runner.num_blocks // 2  # a draft of the target's shape
+    assert runner.kv_cache.shape == runner.drafter.kv_cache.shape == plain_runner.kv_cache.shape[:2] + (
+        runner.num_blocks, *plain_runner.kv_cache.shape[3:])
 
 
 def test_rejection_sampling_keeps_the_target_distribution():
