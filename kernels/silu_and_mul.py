@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-_SQRT_2_OVER_PI = 0.7978845608028654
+# A kernel may read only constexpr globals: a plain float compiles in the interpreter, not on a GPU.
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit
