@@ -13,6 +13,10 @@ length (always, for the 128k checkpoints), so every token of every sequence uses
 Gemma 3 keys its parameters by layer type (`rope_parameters["sliding_attention"]` and
 `["full_attention"]`: local and global layers rotate with bases, and scaling, of their own); a table
 for one of them is built with that `layer_type`.
+
+`config.rope_freq_factors` (set by the GGUF loader from a file's `rope_freqs` tensor, which is how
+llama.cpp stores Llama 3.1-style scaling) divides each inverse frequency, on top of any scaling type,
+as llama.cpp's `freq_factors` do.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ def rope_parameters(config, layer_type: str | None = None) -> dict:
 
 def inverse_frequencies(config, head_dim: int, max_position: int,
                         layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    inv_freq, attention_factor = _scaled_inverse_frequencies(config, head_dim, max_position, layer_type)
+    if (freq_factors := getattr(config, "rope_freq_factors", None)) is not None:
+        inv_freq = inv_freq / torch.tensor(freq_factors, dtype=inv_freq.dtype, device=inv_freq.device)
+    return inv_freq, attention_factor
+
+
+def _scaled_inverse_frequencies(config, head_dim: int, max_position: int,
+                                layer_type: str | None) -> tuple[torch.Tensor, float]:
     params = rope_parameters(config, layer_type)
     rope_type = params["rope_type"]
     if params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:

@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp's format), dequantized to float with the `gguf` package.
 
 llama.cpp's converter permutes the q and k projections of Llama-family models for its own rotary
-layout; `_unpermute` undoes it (as transformers does), or the model computes nonsense.
+layout; `_unpermute` undoes it (as transformers does), or the model computes nonsense. Rope scaling
+metadata (and llama3's `rope_freqs` tensor) is read by `gguf_rope.py`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from engine.weights.gguf_rope import rope_config
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -51,9 +54,10 @@ def load_gguf_config(path: Path):
     if experts := _field(reader, f"{arch}.expert_count"):
         raise ValueError(f"mixture-of-experts GGUF files ({arch}.expert_count={experts}) are not supported; "
                          "load the model's Hugging Face checkpoint instead")
-    tensor_names = {tensor.name for tensor in reader.tensors}
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
     num_heads = _field(reader, f"{arch}.attention.head_count")
     hidden = _field(reader, f"{arch}.embedding_length")
+    head_dim = _field(reader, f"{arch}.attention.key_length", hidden // num_heads)
     kwargs = dict(
         architectures=[_ARCHITECTURES[arch]],
         vocab_size=_field(reader, f"{arch}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens")),
@@ -62,39 +66,44 @@ def load_gguf_config(path: Path):
         num_hidden_layers=_field(reader, f"{arch}.block_count"),
         num_attention_heads=num_heads,
         num_key_value_heads=_field(reader, f"{arch}.attention.head_count_kv", num_heads),
-        head_dim=_field(reader, f"{arch}.attention.key_length", hidden // num_heads),
+        head_dim=head_dim,
         max_position_embeddings=_field(reader, f"{arch}.context_length", 2048),
         rms_norm_eps=_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
-        rope_parameters={"rope_type": "default", "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0)},
-        tie_word_embeddings="output.weight" not in tensor_names,
+        tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
     )
-    if "rope_freqs.weight" in tensor_names:
-        raise ValueError("GGUF files with llama3 rope scaling (rope_freqs) are not supported yet")
+    rope_freqs = tensors.get("rope_freqs.weight")
+    kwargs |= rope_config(lambda key, default=None: _field(reader, f"{arch}.{key}", default), head_dim,
+                          None if rope_freqs is None else _values(rope_freqs, path))
     config_class = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}.get(arch, LlamaConfig)
     return config_class(**kwargs)
 
 
 def iterate_gguf(path: Path, config) -> Iterator[tuple[str, torch.Tensor]]:
-    from gguf.quants import dequantize
-
     reader = open_gguf(path)
     permute = _field(reader, "general.architecture") in ("llama", "mistral")
     for tensor in reader.tensors:
         name = _hf_name(tensor.name)
         if name is None:
             continue
-        try:
-            values = dequantize(tensor.data, tensor.tensor_type)
-        except Exception as error:
-            raise ValueError(f"corrupt GGUF tensor {tensor.name} in {path}: {error}") from error
-        values = np.array(values, dtype=np.float32, order="C")  # writable, owned copy
+        values = _values(tensor, path)
         if permute and name.endswith("q_proj.weight"):
             values = _unpermute(values, config.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):
             values = _unpermute(values, config.num_key_value_heads)
         yield name, torch.from_numpy(values)
+
+
+def _values(tensor, path: Path) -> np.ndarray:
+    """The tensor dequantized to a writable, owned float32 array."""
+    from gguf.quants import dequantize
+
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except Exception as error:
+        raise ValueError(f"corrupt GGUF tensor {tensor.name} in {path}: {error}") from error
+    return np.array(values, dtype=np.float32, order="C")
 
 
 def _hf_name(gguf_name: str) -> str | None:
