@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-queued", type=int,
                        help="requests the replica holds at once, running or waiting (default 1.5 x --max-num-seqs: "
                             "more fills the batch sooner when many finish together; less leaves more for others)")
+    serve.add_argument("--max-stream-interval", type=int, default=2,
+                       help="while the host cannot keep up with the device (async scheduling only), stream up to "
+                            "this many tokens per delta instead of --stream-interval's (engine/service/"
+                            "stream_pacing.py); 1 streams every token always")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds to finish in-flight requests after SIGTERM")
     serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
@@ -86,7 +90,8 @@ def _serve(args) -> int:
         _register_lora_modules(args, lora_modules)
     status = EngineServer(engine, args.redis_url, args.served_model_name or args.model, key_prefix=args.key_prefix,
                           replica_id=args.replica_id, reclaim_idle_s=args.reclaim_idle,
-                          shutdown_timeout_s=args.shutdown_timeout, max_queued=args.max_queued).serve_forever()
+                          shutdown_timeout_s=args.shutdown_timeout, max_queued=args.max_queued,
+                          max_stream_interval=args.max_stream_interval).serve_forever()
     engine.shutdown()  # a group that lost an NCCL rank is left to parallel_state's exit hook
     return status
 

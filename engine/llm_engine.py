@@ -80,6 +80,9 @@ class LLMEngine:
         # Speculation plans each step from the tokens the last one accepted: no step planned ahead.
         self.async_scheduling = config.async_scheduling and self.speculative_config is None
         self._in_flight: tuple[SchedulerOutput, object] | None = None  # launched, not yet fetched
+        # Seconds the host waited for the device to finish a step planned ahead, since start: near zero
+        # per step means the host, not the device, sets the pace (engine/service/stream_pacing.py).
+        self.fetch_wait_s = 0.0
         self._structured_outputs = None  # StructuredOutputManager, made for the first grammar
         self.failed_requests: dict[str, str] = {}  # dropped by a failed step, until take_failed_requests()
         # The model, its CUDA graphs and the tokenizer are millions of objects that live as long as the
@@ -220,7 +223,10 @@ class LLMEngine:
             return []
         scheduler_output, launched = self._in_flight
         self._in_flight = None
-        return self._process(scheduler_output, self._fetch(launched), [], launched_next)
+        started = time.perf_counter()
+        runner_output = self._fetch(launched)
+        self.fetch_wait_s += time.perf_counter() - started
+        return self._process(scheduler_output, runner_output, [], launched_next)
 
     def _process(self, scheduler_output: SchedulerOutput, runner_output, culprits,
                  launched_next=None) -> list[RequestOutput]:

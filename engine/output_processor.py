@@ -95,6 +95,7 @@ class RequestState:
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
         self.prompt_logprobs = [None] if params.prompt_logprobs is not None else None
+        self.stream_offset = 0  # its turn under a staggered stream interval (OutputProcessor.add)
 
     def finish_sequence(self, sequence: SequenceState, status: RequestStatus) -> None:
         sequence.finish(status)
@@ -111,13 +112,16 @@ class RequestState:
         if known >= 0:
             self.prompt_logprobs.extend(to_logprob_dict(e, tokenizer) for e in entries[known:])
 
-    def stream_due(self, interval: int) -> bool:
+    def stream_due(self, interval: int, stagger: bool = False) -> bool:
         """Whether a streamed output is due with `stream_interval` = interval: the first token at once
-        (time to first token), then every `interval` tokens, and the end."""
+        (time to first token), then every `interval` tokens, and the end. `stagger` shifts each
+        request's turn by its arrival order, so requests that advance in lockstep (a burst) do not
+        all stream in the same step while the next has nothing to send."""
         if self.num_unfinished == 0:
             return True
         num_tokens = max(len(seq.token_ids) for seq in self.sequences)
-        return num_tokens == 1 or num_tokens % interval == 0
+        offset = self.stream_offset if stagger else 0
+        return num_tokens == 1 or (num_tokens + offset) % interval == 0
 
     def make_output(self) -> RequestOutput | None:
         kind = self.params.output_kind
@@ -154,10 +158,16 @@ class OutputProcessor:
     def __init__(self, tokenizer, stream_interval: int) -> None:
         self.tokenizer = tokenizer
         self.stream_interval = stream_interval
+        # Set by a server that coalesces streamed tokens under load (engine/service/stream_pacing.py):
+        # requests then take turns rather than streaming together (RequestState.stream_due).
+        self.stagger = False
+        self._num_added = 0
         self.requests: dict[str, RequestState] = {}
         self.sequences: dict[str, tuple[RequestState, SequenceState]] = {}
 
     def add(self, state: RequestState) -> None:
+        state.stream_offset = self._num_added
+        self._num_added += 1
         self.requests[state.request_id] = state
         for sequence in state.sequences:
             self.sequences[sequence.request.request_id] = (state, sequence)
@@ -206,7 +216,7 @@ class OutputProcessor:
                 self.sequences.pop(sequence_id, None)
         interval = self.stream_interval
         for state in touched.values():
-            if interval > 1 and not state.stream_due(interval):
+            if interval > 1 and not state.stream_due(interval, self.stagger):
                 continue  # its tokens wait for the next output (DELTA outputs carry all since the last)
             if state.num_unfinished == 0:
                 state.finished_time = now

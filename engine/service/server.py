@@ -34,6 +34,7 @@ from engine.service.protocol import (
 )
 from engine.service.lora_sync import ReplicaAdapters
 from engine.service.replies import ClientWatch, ReplyWriter
+from engine.service.stream_pacing import StreamPacer
 from engine.service.transport import (
     DEAD_LETTER_BYTES, DEAD_LETTER_MAXLEN, GROUP, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, Backoff, Keys,
 )
@@ -58,7 +59,7 @@ class InFlight:
 class EngineServer:
     def __init__(self, engine: LLMEngine, redis_url: str, model_name: str, *, key_prefix: str = "llm",
                  replica_id: str | None = None, reclaim_idle_s: float = 30.0, shutdown_timeout_s: float = 30.0,
-                 max_queued: int | None = None) -> None:
+                 max_queued: int | None = None, max_stream_interval: int = 2) -> None:
         self.engine = engine
         self.redis_url = redis_url
         self.model_name = model_name
@@ -86,6 +87,11 @@ class EngineServer:
         self.replies = ReplyWriter(self.keys)  # writer thread only
         self.client_watch = ClientWatch(self.keys)  # writer thread only
         self.adapters = ReplicaAdapters(engine, model_name, key_prefix)  # LoRA adapters, synced by their thread
+        self.pacer = None  # coalesces streamed tokens while the host is the bottleneck (stream_pacing.py)
+        base_interval = engine.output_processor.stream_interval
+        if engine.async_scheduling and max_stream_interval > base_interval:
+            self.pacer = StreamPacer(base_interval, max_stream_interval)
+            engine.output_processor.stagger = True
 
     # -- main thread --------------------------------------------------------------------------------
 
@@ -128,7 +134,8 @@ class EngineServer:
         return 1 if self.dead else 0
 
     def _step(self) -> None:
-        started = time.monotonic()
+        started, waited_before = time.monotonic(), self.engine.fetch_wait_s
+        planned_ahead = not self.engine.scheduler.num_requests_reading_history  # else the wait says nothing
         try:
             outputs = self.engine.step()
         except EngineDeadError as error:
@@ -139,7 +146,14 @@ class EngineServer:
             logger.exception("engine step failed; failing %d in-flight requests", len(self.in_flight))
             self._fail_all("engine_error", "the engine failed while running the request")
             return
-        self.step_times.append((started, time.monotonic() - started))
+        elapsed = time.monotonic() - started
+        self.step_times.append((started, elapsed))
+        if self.pacer is not None and planned_ahead:
+            interval = self.pacer.observe(elapsed, self.engine.fetch_wait_s - waited_before)
+            if interval is not None:
+                logger.info("streaming every %d tokens (the host %s the device)", interval,
+                            "cannot keep up with" if interval > self.pacer.base_interval else "keeps up with")
+                self.engine.output_processor.stream_interval = interval
         self._publish(outputs)
         for request_id, reason in self.engine.take_failed_requests().items():  # the step ran without them
             if request_id in self.in_flight:

@@ -526,6 +526,31 @@ def test_stream_interval_sends_every_nth_token_and_the_same_text(llm, monkeypatc
     assert_kv_cache_idle(llm)
 
 
+def test_a_staggered_stream_interval_takes_turns_and_loses_no_token(llm, monkeypatch):
+    """The replica's pacer coalesces with turns: in a burst of equal requests, half stream in one
+    step and half in the next (each one every second token), and the text is unchanged."""
+    engine = llm.llm_engine
+    prompt = "Write a list of four animals, one per line:\n"
+    reference = generate_one(llm, prompt, greedy(max_tokens=9, ignore_eos=True)).outputs[0]
+    monkeypatch.setattr(engine.output_processor, "stream_interval", 2)
+    monkeypatch.setattr(engine.output_processor, "stagger", True)
+    params = greedy(max_tokens=9, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    engine.add_request("turn-a", prompt, params)
+    engine.add_request("turn-b", prompt, params)
+    steps, texts = [], {"turn-a": "", "turn-b": ""}
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        steps.append({o.request_id: len(o.outputs[0].token_ids) for o in outputs})
+        for o in outputs:
+            texts[o.request_id] += o.outputs[0].text
+    assert texts == {"turn-a": reference.text, "turn-b": reference.text}
+    chunks = {rid: [step[rid] for step in steps if rid in step] for rid in ("turn-a", "turn-b")}
+    assert sorted(map(tuple, chunks.values())) == [(1, 1, 2, 2, 2, 1), (1, 2, 2, 2, 2)]
+    decoding = [set(step) for step in steps if step][1:-1]  # between the first tokens and the ends
+    assert decoding and all(len(ids) == 1 for ids in decoding)  # never both in one step
+    assert_kv_cache_idle(llm)
+
+
 def test_abort_mid_generation_frees_every_block(llm):
     engine = llm.llm_engine
     engine.add_request("keep", PARAGRAPHS[3], greedy(max_tokens=6, ignore_eos=True))
