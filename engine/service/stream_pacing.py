@@ -22,12 +22,16 @@ class StreamPacer:
     max_interval: int = 2
     window: int = 16  # steps per decision: single steps are noisy (prefill chunks, grammar masks)
     host_bound_below: float = 0.05  # waited less than this share of the steps: the host sets the pace
-    room_above: float = 0.25  # waited more than this share: the finer interval fits again
+    room_above: float = 0.25  # waited more than this share: the finer interval may fit again
+    # Windows in a row with room before going finer: coarser streaming is what made the room, so one
+    # window of it proves little (on an H200 at 1,000 streams a one-window rule flipped every second).
+    patience: int = 4
     interval: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.interval = self.base_interval
         self._steps, self._waited, self._elapsed = 0, 0.0, 0.0
+        self._windows_with_room = 0
 
     def observe(self, step_seconds: float, waited_seconds: float) -> int | None:
         """Record one step planned ahead (its wall time, and how long the host waited in it for the
@@ -40,10 +44,12 @@ class StreamPacer:
         share = self._waited / self._elapsed if self._elapsed > 0 else 1.0
         self._steps, self._waited, self._elapsed = 0, 0.0, 0.0
         interval = self.interval
+        self._windows_with_room = self._windows_with_room + 1 if share > self.room_above else 0
         if share < self.host_bound_below:
             interval = min(interval + 1, max(self.max_interval, self.base_interval))
-        elif share > self.room_above:
+        elif self._windows_with_room >= self.patience:
             interval = max(interval - 1, self.base_interval)
+            self._windows_with_room = 0
         if interval == self.interval:
             return None
         self.interval = interval
