@@ -13,7 +13,10 @@ bench() {  # name, then the bench arguments
     local name=$1
     shift
     echo "== $name: python -m engine.bench $*"
-    python3 -m engine.bench "$@" --json "$OUT/$name.json" 2>&1 | grep -v "^INFO" | tail -4
+    # The whole log is kept (engine load and graph capture times are INFO lines): a run cut short by a
+    # time limit still says where its time went (`tail $OUT/$name.log`).
+    python3 -m engine.bench "$@" --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1
+    grep -v "^INFO" "$OUT/$name.log" | tail -4
 }
 for part in "$@"; do
     case $part in
