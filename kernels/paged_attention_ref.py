@@ -174,8 +174,8 @@ def _short_queries_at_once(query, key_cache, value_cache, block_tables, seq_lens
     # Slots past a sequence's end (or before its window) hold anything (NaN in a poisoned test cache):
     # zeroed, since a masked weight of 0 times NaN is still NaN.
     in_sequence = (key_pos < lens[:, None]) & (key_pos >= first_key[:, None])
-    keys = keys.where(in_sequence[:, None, :, None], 0.0)
-    values = values.where(in_sequence[:, None, :, None], 0.0)
+    _zero_slots(keys, ~in_sequence)
+    _zero_slots(values, ~in_sequence)
     slot = torch.arange(max_query_len, device=query.device)
     real = slot[None, :] < query_lens[:, None]  # [seqs, max_query_len]
     rows = (starts[:-1, None] + slot[None, :]).clamp(max=query.shape[0] - 1)
@@ -187,6 +187,15 @@ def _short_queries_at_once(query, key_cache, value_cache, block_tables, seq_lens
     result = attend(padded, keys, values, mask[:, None], scale, logits_soft_cap).transpose(1, 2)
     out[rows[real]] = result[real]  # [seqs, max_query_len, heads, dim] -> the real rows
     return out
+
+
+def _zero_slots(gathered: torch.Tensor, slots: torch.Tensor) -> None:
+    """Zero, in place, the `slots` ([seqs, len] bool) of KV gathered by `_gather_windows` (a transposed
+    view of a fresh `[seqs, len, kv_heads, dim]` tensor): only those rows are written, where a masked
+    `where` over the transposed whole cost more than the attention itself."""
+    seqs, kv_heads, length, head_dim = gathered.shape
+    rows = gathered.transpose(1, 2).view(seqs * length, kv_heads * head_dim)
+    rows.index_fill_(0, slots.flatten().nonzero().squeeze(1), 0.0)
 
 
 def varlen_paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -156,12 +156,12 @@ class GemmaForCausalLM(LlamaForCausalLM):
         self.model = GemmaModel(config, self.decoder_layer, self.qk_norm, self.caps_attention_logits)
         tied = self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.packed_lm_head = None
         self.final_logit_soft_cap = getattr(config, "final_logit_softcapping", None)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Capped here, so sampling and every logprob see what transformers' logits are."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden_states, weight)
+        logits = self.output_projection(hidden_states)
         return logits if self.final_logit_soft_cap is None else soft_cap(logits, self.final_logit_soft_cap)
 
 

@@ -148,15 +148,22 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, self.decoder_layer, qkv_bias, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.packed_lm_head = None  # the CPU's float32 output projection (engine/layers/prepacked_linear.py)
         self.logits_scaling = getattr(config, "logits_scaling", 1.0)  # Granite divides its logits by it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden_states, weight)
+        logits = self.output_projection(hidden_states)
         return logits if self.logits_scaling == 1.0 else logits / self.logits_scaling
+
+    def output_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hidden states times the lm_head (the embedding when tied), before any scaling or soft-cap."""
+        if self.packed_lm_head is not None:
+            return self.packed_lm_head(hidden_states)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden_states, weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) in; returns the names of parameters loaded."""

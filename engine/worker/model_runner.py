@@ -24,6 +24,7 @@ from engine.config import EngineConfig
 from engine.core.scheduler_output import SchedulerOutput
 from engine.distributed import parallel_state
 from engine.layers.attention import Attention, AttentionMetadata, set_forward_context
+from engine.layers.prepacked_linear import can_prepack, prepack_linear_weights, weight_bytes
 from engine.layers.sampler import DeviceSample, Sampler, to_device, top_logprobs
 from engine.lora.config import LoRAConfig
 from engine.models.registry import get_model_class
@@ -133,9 +134,9 @@ class ModelRunner:
             from engine.spec_decode.draft_model import load_draft_config
 
             draft = load_draft_config(speculative_config.model, model_config, max_model_len)  # fails fast
-        self.model = self._load_model(model_config, source)
-        self.lora_manager = None  # LoRA layers are swapped in after loading (the base weights' names stay)
         lora_config = LoRAConfig.from_engine_config(config)
+        self.model = self._load_model(model_config, source, takes_adapters=lora_config is not None)
+        self.lora_manager = None  # LoRA layers are swapped in after loading (the base weights' names stay)
         if lora_config is not None:
             from engine.lora.manager import LoRAModelManager
 
@@ -176,7 +177,9 @@ class ModelRunner:
 
     # -- set-up -------------------------------------------------------------------------------------
 
-    def _load_model(self, model_config, source: ModelSource) -> torch.nn.Module:
+    def _load_model(self, model_config, source: ModelSource, takes_adapters: bool = False) -> torch.nn.Module:
+        """On the CPU in float32 the linear weights are then packed for oneDNN (see
+        engine/layers/prepacked_linear.py), unless LoRA will wrap them or tensor parallelism shards them."""
         model_class = get_model_class(model_config)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -192,6 +195,8 @@ class ModelRunner:
             torch.set_default_dtype(previous)
         with torch.no_grad():
             load_weights_into(model, source, self.config.seed)
+        if can_prepack(self.device, self.dtype) and not takes_adapters and parallel_state.tp_world_size() == 1:
+            prepack_linear_weights(model)
         # Rotary tables stay float32 for accuracy; everything else runs in the chosen dtype.
         return model.eval()
 
@@ -281,10 +286,11 @@ class ModelRunner:
         """Bytes of device memory held: the allocator's count on CUDA, weights plus KV cache on CPU."""
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
-        tensors = [*self.model.parameters(), self.kv_cache]
+        models, caches = [self.model], [self.kv_cache]
         if self.drafter is not None:
-            tensors += [*self.drafter.model.parameters(), self.drafter.kv_cache]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            models.append(self.drafter.model)
+            caches.append(self.drafter.kv_cache)
+        return sum(map(weight_bytes, models)) + sum(t.numel() * t.element_size() for t in caches)
 
     # -- one step -----------------------------------------------------------------------------------
 
