@@ -124,9 +124,8 @@ class LaunchedStack:
         self._wait_for(lambda: redis_answers(self.redis_url), f"{server} on port {port}")
 
     def _web_command(self, port: int) -> list[str]:
-        """One daphne process, or the supervisor that runs several on one socket."""
-        if self.web_workers == 1:
-            return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "project.asgi:application"]
+        """The supervisor, also for one worker: its socket's backlog is 4096, while daphne's own listener
+        (Twisted's default) queues 50 connections, and a burst of hundreds had connections reset."""
         return [sys.executable, "-m", "project.supervisor", "--workers", str(self.web_workers), "--host", "127.0.0.1",
                 "--port", str(port)]
 
@@ -154,7 +153,7 @@ class LaunchedStack:
         """Whether every web worker has reported itself warm for the model: each one writes
         `{prefix}:web-warm:{its client id}` = {"pid", "models"} once it has paid what a first call
         would (inference/warmup.py), so a run's first requests find no cold worker."""
-        workers = {web.process.pid} if self.web_workers == 1 else _children(web.process.pid)
+        workers = _children(web.process.pid)
         if len(workers) < self.web_workers:
             return False
         client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=10)
