@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     speculative.add_argument("--draft-model", action="append", metavar="MODEL",
                              help="run draft-model speculation with this draft instead of n-gram (repeatable: one "
                                   "run each, e.g. the target itself and a smaller model)")
+    speculative.add_argument("--interleave", action="store_true",
+                             help="build every engine first and let them take turns, request by request (for a "
+                                  "shared CPU whose load drifts; on a GPU the engines would share its memory)")
     speculative.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     add_engine_args(speculative)
     lora = sub.add_parser("lora", help="throughput and batch 1 with random adapters vs the base model")
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         source, dtype, eos_ids = engine.source, engine.runner.dtype, engine.eos_token_ids
         del llm, engine  # free the KV cache and weights: the baseline needs the memory
         _release_memory(device)
-        model = load_hf_model(source, dtype, device)
+        model = load_hf_model(source, dtype, device, args.seed)
         results["hf"] = _run(args, model, requests, device, hf=True, eos_ids=eos_ids)
         _print("transformers", results["hf"])
         ratio = results["engine"]["output_tokens_per_s"] / results["hf"]["output_tokens_per_s"]
@@ -313,7 +316,7 @@ def _speculative(args, command: str) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {"command": command, "speculative_configs": specs,
                **run_speculative_bench(options, specs, args.batch_size, args.num_single, args.max_tokens,
-                                       release_memory=lambda: _release_memory(device))}
+                                       release_memory=lambda: _release_memory(device), interleave=args.interleave)}
     _print("speculative", {k: v for k, v in results.items() if k != "command"})
     _write_json(args.json, results)
     # float32 (the CPU's default) must give identical greedy outputs; bfloat16 may round differently.

@@ -35,37 +35,80 @@ def copy_prompts(count: int) -> list[str]:
 
 
 def run_speculative_bench(options: dict, speculative_configs: dict[str, dict], batch_size: int, num_single: int,
-                          max_tokens: int, release_memory) -> dict:
+                          max_tokens: int, release_memory, interleave: bool = False) -> dict:
     """`speculative_configs`: run name -> speculative_config, each measured against "plain";
-    `release_memory()` runs after each engine is dropped (the next one sizes its KV cache from what is free)."""
+    `release_memory()` runs after each engine is dropped (the next one sizes its KV cache from what is free).
+
+    `interleave`: every engine is built first and they take turns, request by request (who goes first
+    rotates) and batch by batch (twice, the second time in reverse order), so a machine whose load
+    drifts during the run (a shared CPU) weighs on plain and speculative decoding alike. For the CPU:
+    on a GPU each engine sizes its KV cache from the memory left by the others."""
     from engine.llm import LLM
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     labels = ("batch_1", f"batch_{batch_size}")
-    results, outputs = {}, {}
-    for name, extra in (("plain", {}), *((n, {"speculative_config": c}) for n, c in speculative_configs.items())):
-        llm = LLM(**options, **extra)
-        llm.generate(copy_prompts(1), SamplingParams(max_tokens=8), use_tqdm=False)  # warm up
-        for label, batches in zip(labels, ([[p] for p in copy_prompts(num_single)], [copy_prompts(batch_size)])):
-            started, tokens, texts = time.perf_counter(), 0, []
-            for batch in batches:
-                for output in llm.generate(batch, params, use_tqdm=False):
-                    tokens += len(output.outputs[0].token_ids)
-                    texts.append(list(output.outputs[0].token_ids))
-            elapsed = time.perf_counter() - started
-            results[f"{name}_{label}_tok_per_s"] = tokens / elapsed
-            outputs[(name, label)] = texts
+    runs = {"plain": {}, **{name: {"speculative_config": config} for name, config in speculative_configs.items()}}
+    timer = _Timer(SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    singles, batch = [[p] for p in copy_prompts(num_single)], copy_prompts(batch_size)
+    results = {}
+
+    def finish(name: str, llm) -> None:
         results[f"{name}_stats"] = {k: v for k, v in llm.llm_engine.stats().items() if k.startswith("spec_")}
         llm.llm_engine.shutdown()
-        del llm
+
+    if interleave:
+        engines = {name: _warm(LLM(**options, **extra)) for name, extra in runs.items()}
+        names = list(engines)
+        for index, prompt in enumerate(singles):
+            for name in names[index % len(names):] + names[:index % len(names)]:
+                timer.run(engines[name], name, labels[0], prompt)
+        for order in (names, names[::-1]):
+            for name in order:
+                timer.run(engines[name], name, labels[1], batch, keep_outputs=order is names)
+        for name, llm in engines.items():
+            finish(name, llm)
+        del engines, llm
         release_memory()
+    else:
+        for name, extra in runs.items():
+            llm = _warm(LLM(**options, **extra))
+            for prompt in singles:
+                timer.run(llm, name, labels[0], prompt)
+            timer.run(llm, name, labels[1], batch)
+            finish(name, llm)
+            del llm
+            release_memory()
+    for (name, label), (tokens, elapsed) in timer.totals.items():
+        results[f"{name}_{label}_tok_per_s"] = tokens / elapsed
     for name in speculative_configs:
         for label in labels:
+            expected, got = timer.outputs[("plain", label)], timer.outputs[(name, label)]
             results[f"speedup_{name}_{label}"] = results[f"{name}_{label}_tok_per_s"] / results[f"plain_{label}_tok_per_s"]
-            results[f"identical_{name}_{label}"] = outputs[("plain", label)] == outputs[(name, label)]
-            results[f"equal_tokens_{name}_{label}"] = _share_of_equal_tokens(outputs[("plain", label)],
-                                                                            outputs[(name, label)])
+            results[f"identical_{name}_{label}"] = expected == got
+            results[f"equal_tokens_{name}_{label}"] = _share_of_equal_tokens(expected, got)
     return results
+
+
+def _warm(llm):
+    llm.generate(copy_prompts(1), SamplingParams(max_tokens=8), use_tqdm=False)
+    return llm
+
+
+class _Timer:
+    """Output tokens and seconds per (run, label), summed over its turns; the outputs of each run's turns."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.totals: dict[tuple[str, str], tuple[int, float]] = {}
+        self.outputs: dict[tuple[str, str], list[list[int]]] = {}
+
+    def run(self, llm, name: str, label: str, prompts: list[str], keep_outputs: bool = True) -> None:
+        started = time.perf_counter()
+        outputs = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, self.params, use_tqdm=False)]
+        elapsed = time.perf_counter() - started
+        tokens, seconds = self.totals.get((name, label), (0, 0.0))
+        self.totals[(name, label)] = (tokens + sum(map(len, outputs)), seconds + elapsed)
+        if keep_outputs:
+            self.outputs.setdefault((name, label), []).extend(outputs)
 
 
 def _share_of_equal_tokens(expected: list[list[int]], got: list[list[int]]) -> float:
