@@ -12,19 +12,35 @@ import torch
 
 from engine.bench.workload import BenchRequest, useful_length
 from engine.weights import ModelSource, load_model_config
+from engine.weights.skip_default_init import skip_default_init
 
 
-def load_hf_model(source: ModelSource, dtype: torch.dtype, device: torch.device):
+def load_hf_model(source: ModelSource, dtype: torch.dtype, device: torch.device, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     if source.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(str(source.path.parent), gguf_file=source.path.name, dtype=dtype)
     elif source.kind == "hf":
         model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype)
-    else:  # dummy: same shapes, its own random weights (compare with ignore_eos)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(load_model_config(source), dtype=dtype)
+    else:
+        model = build_dummy_hf_model(load_model_config(source), dtype, device, seed)
     return model.to(device).eval()
+
+
+def build_dummy_hf_model(config, dtype: torch.dtype, device: torch.device, seed: int):
+    """Same shapes as our dummy model, its own random weights (compare with ignore_eos): allocated on
+    `device` in `dtype` from the start (no host copy), and written once, on that device, by
+    transformers' own `init_weights` (normal with std initializer_range, 0.02: finite activations, as
+    our uniform +-0.02; each model's norms and tied embeddings as transformers sets them), seeded.
+    torch's default init of every Linear and Embedding, which that would overwrite, is skipped."""
+    from transformers import AutoModelForCausalLM
+
+    on_cuda = device.type == "cuda"
+    cuda_devices = [torch.cuda.current_device() if device.index is None else device.index] if on_cuda else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        with torch.device(device), skip_default_init():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 @torch.inference_mode()

@@ -117,6 +117,9 @@ def dummy_config(preset: str):
 
 @torch.no_grad()
 def initialize_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Writes every parameter (the model is built without torch's default init, so none may be left),
+    in place on its own device and in its own dtype: no host copy, one kernel per parameter (a MoE
+    layer's experts are one stacked tensor), the same values for the same seed."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):

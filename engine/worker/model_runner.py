@@ -16,6 +16,7 @@ engine/distributed/); the logits are gathered on every rank, and only rank 0 (th
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ from engine.lora.config import LoRAConfig
 from engine.models.registry import get_model_class
 from engine.spec_decode.config import SpeculativeConfig
 from engine.weights import ModelSource, load_weights_into
+from engine.weights.skip_default_init import skip_default_init
 from engine.worker.cpu_kv_budget import available_memory_bytes, cpu_kv_cache_bytes, kv_bytes_per_token
 from engine.worker.cuda_graphs import CudaGraphRunner
 from engine.worker.input_buffers import InputBuffers, StepInputs
@@ -189,7 +191,8 @@ class ModelRunner:
 
                 model = build_sharded_model(model_class, model_config, self.device, self.dtype)
             else:
-                with torch.device(self.device):
+                # A dummy fill writes every weight next: torch's default init would write them twice.
+                with torch.device(self.device), skip_default_init() if source.kind == "dummy" else nullcontext():
                     model = model_class(model_config)
         finally:
             torch.set_default_dtype(previous)
