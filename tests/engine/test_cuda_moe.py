@@ -1,6 +1,8 @@
 """Mixture-of-experts models on a GPU: the fused MoE kernel inside the engine's CUDA graphs against
 transformers, and the real presets' memory budgeting and graph capture."""
 
+import gc
+
 import pytest
 import torch
 
@@ -30,12 +32,23 @@ def test_greedy_matches_transformers_on_cuda(tmp_path, variant, enforce_eager):
 def test_real_presets_budget_their_kv_cache_and_capture_graphs(preset):
     """61 GB and 93 GB of bf16 weights: the KV cache takes what gpu_memory_utilization leaves after the
     weights and a full-budget profile step, and decode runs from captured graphs."""
+    _release_cuda_memory()  # an earlier test's engine (the other preset's 61 GB) must not count against this one
     total = torch.cuda.mem_get_info()[1]
     llm = LLM(model=f"dummy:{preset}", dtype="bfloat16", skip_tokenizer_init=True, gpu_memory_utilization=0.9,
               max_model_len=4096, max_num_seqs=64)
-    runner = llm.llm_engine.runner
-    assert runner.cuda_graphs is not None and runner.num_blocks * runner.block_size >= 4096
-    assert torch.cuda.memory_allocated() <= 0.9 * total
-    outputs = llm.generate([{"prompt_token_ids": list(range(100, 100 + n))} for n in (7, 300, 2000)],
-                           SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
-    assert [len(o.outputs[0].token_ids) for o in outputs] == [16, 16, 16]
+    try:
+        runner = llm.llm_engine.runner
+        assert runner.cuda_graphs is not None and runner.num_blocks * runner.block_size >= 4096
+        assert torch.cuda.memory_allocated() <= 0.9 * total
+        outputs = llm.generate([{"prompt_token_ids": list(range(100, 100 + n))} for n in (7, 300, 2000)],
+                               SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outputs] == [16, 16, 16]
+    finally:
+        llm.llm_engine.shutdown()
+        runner = llm = None  # the model and its KV cache go with the last references
+        _release_cuda_memory()
+
+
+def _release_cuda_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
