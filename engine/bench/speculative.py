@@ -56,7 +56,7 @@ def run_speculative_bench(options: dict, speculative_configs: dict[str, dict], b
         llm.llm_engine.shutdown()
 
     if interleave:
-        engines = {name: _warm(LLM(**options, **extra)) for name, extra in runs.items()}
+        engines = {name: _warm(LLM(**options, **extra), batch) for name, extra in runs.items()}
         names = list(engines)
         for index, prompt in enumerate(singles):
             for name in names[index % len(names):] + names[:index % len(names)]:
@@ -70,7 +70,7 @@ def run_speculative_bench(options: dict, speculative_configs: dict[str, dict], b
         release_memory()
     else:
         for name, extra in runs.items():
-            llm = _warm(LLM(**options, **extra))
+            llm = _warm(LLM(**options, **extra), batch)
             for prompt in singles:
                 timer.run(llm, name, labels[0], prompt)
             timer.run(llm, name, labels[1], batch)
@@ -88,8 +88,10 @@ def run_speculative_bench(options: dict, speculative_configs: dict[str, dict], b
     return results
 
 
-def _warm(llm):
-    llm.generate(copy_prompts(1), SamplingParams(max_tokens=8), use_tqdm=False)
+def _warm(llm, batch: list[str]):
+    """One untimed pass of the batch, 16 tokens each: the step shapes of first use (oneDNN primitives of
+    each row count on the CPU, kernel builds on a GPU) are then no longer paid inside a timed run."""
+    llm.generate(batch, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     return llm
 
 
