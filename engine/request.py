@@ -84,6 +84,7 @@ class Request:
         self.grammar = None
         self.spec_token_ids: list[int] = []  # proposals scheduled after its last token (speculative decoding)
         self.draft_token_ids: list[int] = []  # a draft model's proposals after its last token, for the next step
+        self.spec_length: int | None = None  # n-gram: proposals its next step may carry (adaptive_length.py)
 
     @property
     def num_prompt_tokens(self) -> int:

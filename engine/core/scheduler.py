@@ -30,6 +30,7 @@ from engine.core.lora_admission import LoRAAdmission
 from engine.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.core.waiting_queue import WaitingQueue
 from engine.request import Request, RequestStatus, child_request_id
+from engine.spec_decode.adaptive_length import next_speculation_length
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.ngram import propose_ngram
 
@@ -268,6 +269,8 @@ class Scheduler:
             return []
         if spec.uses_draft_model:
             return drafts[:room]
+        if request.spec_length is not None:
+            room = min(room, request.spec_length)
         return propose_ngram(request.all_token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     @staticmethod
@@ -305,6 +308,9 @@ class Scheduler:
         self.num_spec_steps += 1
         self.num_draft_tokens += record.num_drafts
         self.num_accepted_tokens += len(tokens) - 1
+        if not self.speculative_config.uses_draft_model:
+            request.spec_length = next_speculation_length(record.num_drafts, len(tokens) - 1,
+                                                          self.speculative_config.num_speculative_tokens)
         request.num_computed_tokens -= record.num_drafts + 1 - len(tokens)
         for token_id in tokens:
             request.append_output_token(token_id)

@@ -11,6 +11,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
+from engine.spec_decode.adaptive_length import next_speculation_length
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.ngram import propose_ngram
 from tests.engine.conftest import TINY_VOCAB
@@ -64,6 +65,36 @@ def test_greedy_tokens_are_the_same_with_and_without_speculation(plain, options)
     assert stats["spec_num_accepted_tokens"] > 20 and stats["spec_acceptance_rate"] > 0.3, stats
     if "num_gpu_blocks_override" in options:
         assert stats["num_preemptions"] > 0
+
+
+def test_the_speculation_length_follows_the_last_verification():
+    assert next_speculation_length(proposed=4, accepted=0, maximum=4) == 1  # a probe while nothing matches
+    assert next_speculation_length(proposed=4, accepted=2, maximum=4) == 3
+    assert next_speculation_length(proposed=1, accepted=1, maximum=4) == 2  # all confirmed: doubles
+    assert next_speculation_length(proposed=2, accepted=2, maximum=4) == 4
+    assert next_speculation_length(proposed=4, accepted=4, maximum=4) == 4
+
+
+def test_each_requests_proposals_shrink_after_rejections_and_grow_back(plain):
+    """Greedy tokens unchanged, and every speculating step of a request carried no more proposals than
+    its previous verification allowed; some steps carried fewer than the maximum, others all of it."""
+    llm = LLM(dtype="float32", max_model_len=1024, speculative_config=NGRAM)
+    scheduler = llm.llm_engine.scheduler
+    steps: dict[str, list[tuple[int, int]]] = {}
+    take = scheduler._take_speculated
+
+    def recorded(request, record, tokens):
+        steps.setdefault(request.request_id, []).append((record.num_drafts, len(tokens) - 1))
+        return take(request, record, tokens)
+
+    scheduler._take_speculated = recorded
+    assert greedy_tokens(llm, PROMPTS) == greedy_tokens(plain, PROMPTS)
+    maximum = NGRAM["num_speculative_tokens"]
+    for history in steps.values():
+        for (proposed, accepted), (next_proposed, _) in zip(history, history[1:]):
+            assert next_proposed <= next_speculation_length(proposed, accepted, maximum), history
+    proposals = [proposed for history in steps.values() for proposed, _ in history]
+    assert min(proposals) < maximum and max(proposals) == maximum, steps
 
 
 def test_stop_tokens_stop_strings_and_max_tokens_cut_a_speculated_step(plain):
