@@ -4,18 +4,7 @@
 # each against plain decoding in the same process. float32 separates a logic fault (tokens differ in
 # any dtype) from rounding (bf16 only: the verification's prefill kernel against the decode kernel).
 # Usage: benchmarks/h200_speculative.sh [tests] [float32] [bfloat16] [8b]
-set -uo pipefail
-OUT="${OUT:-/tmp/out}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-spec() {  # name, then the bench arguments
-    local name=$1
-    shift
-    echo "== $name: python -m engine.bench speculative $*"
-    python3 -m engine.bench speculative "$@" --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1
-    grep -v "^INFO" "$OUT/$name.log" | tail -12
-}
+source "$(dirname "$0")/h200_common.sh"
 common=(--tokenizer .gpu/tokenizer --max-model-len 2048 --max-num-seqs 16 --num-speculative-tokens 4
         --num-single 2 --batch-size 8 --max-tokens 128)
 parts=("$@")
@@ -23,9 +12,9 @@ parts=("$@")
 for part in "${parts[@]}"; do
     case $part in
         tests) python3 -m pytest -q -m gpu tests/engine/test_cuda_spec_decode.py -p no:cacheprovider 2>&1 | tail -8 ;;
-        float32|bfloat16) spec "self_draft_1b_$part" --model dummy:llama-3.2-1b --draft-model dummy:llama-3.2-1b \
+        float32|bfloat16) bench "self_draft_1b_$part" 12 speculative --model dummy:llama-3.2-1b --draft-model dummy:llama-3.2-1b \
             --dtype "$part" "${common[@]}" ;;
-        8b) spec self_draft_8b_float32 --model dummy:llama-3.1-8b --draft-model dummy:llama-3.1-8b --dtype float32 \
+        8b) bench self_draft_8b_float32 12 speculative --model dummy:llama-3.1-8b --draft-model dummy:llama-3.1-8b --dtype float32 \
             "${common[@]}" ;;
     esac
 done
