@@ -6,6 +6,8 @@ wasted work, and on the CPU it is seconds per billion parameters. Inside this co
 `reset_parameters` does nothing, so the weights are only allocated (on the current device, in the
 current default dtype) and left for the caller to fill. Subclasses with their own `reset_parameters`
 keep it.
+The switch is on the classes, so it holds for the whole process while the context is open: only a
+model build (one thread, nothing else constructing layers meanwhile) belongs inside it.
 """
 
 from __future__ import annotations
