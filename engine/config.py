@@ -32,6 +32,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     enforce_eager: bool = False  # no CUDA graphs for decode steps (always so on the CPU)
+    # One KV cache group for every layer even when global and sliding-window layers mix (Gemma 2/3):
+    # the sliding layers then keep every block too (vLLM's flag; a baseline for the hybrid manager).
+    disable_hybrid_kv_cache_manager: bool = False
     trust_remote_code: bool = False  # accepted for vLLM compatibility; no remote code ever runs
     skip_tokenizer_init: bool = False  # prompts must be token ids; outputs carry no text
     tensor_parallel_size: int = 1  # ranks (processes, one GPU each) that split every layer

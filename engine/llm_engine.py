@@ -39,8 +39,7 @@ PromptType = str | list[int] | dict
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from engine.layers.attention import uniform_sliding_window  # torch lives behind these imports
-        from engine.worker.model_runner import ModelRunner, resolve_device
+        from engine.worker.model_runner import ModelRunner, resolve_device  # torch lives behind this import
 
         started = time.perf_counter()
         self.config = config = config.with_device_defaults(resolve_device(config.device).type == "cuda")
@@ -65,10 +64,12 @@ class LLMEngine:
         except BaseException:
             self.shutdown()
             raise
-        drafter = self.runner.drafter  # a draft model reads the same blocks through its own layers
-        layers = self.runner.attention_layers + (drafter.attention_layers if drafter is not None else [])
+        windows = [group.sliding_window for group in self.runner.kv_cache_groups]
+        drafter = self.runner.drafter  # a draft model reads group 0's blocks through its own layers
+        if drafter is not None and any(layer.sliding_window != windows[0] for layer in drafter.attention_layers):
+            windows[0] = None  # it may read what the target's window no longer needs
         self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
-                                               uniform_sliding_window(layers))
+                                               windows)
         self.speculative_config = SpeculativeConfig.from_dict(config.speculative_config)
         self.lora_config = LoRAConfig.from_engine_config(config)
         # Every adapter ever added, by lora_int_id: an id never names two adapters (it keys the prefix cache).
@@ -310,6 +311,7 @@ class LLMEngine:
             "num_blocks": self.runner.num_blocks, "prefix_cache_queries": kv.prefix_cache_queries,
             "prefix_cache_hits": kv.prefix_cache_hits,
             "peak_kv_token_utilization": self.scheduler.peak_kv_token_utilization,
+            "peak_num_running": self.scheduler.peak_num_running,
             **self.speculation_stats(),
         }
 
@@ -378,7 +380,7 @@ class LLMEngine:
         spec = self.speculative_config
         lookahead = spec.num_speculative_tokens if spec is not None and spec.uses_draft_model else 0
         longest = min(len(prompt_ids) + max_tokens + lookahead, self.max_model_len)
-        # Under a sliding window on every layer, blocks behind it go back to the pool as it moves.
+        # Sliding-window groups give back the blocks behind the window as it moves.
         held = self.kv_cache_manager.max_blocks_held(longest, self.scheduler_config.max_num_batched_tokens + lookahead)
         capacity = (self.runner.num_blocks - 1) * self.config.block_size
         if held > self.runner.num_blocks - 1:

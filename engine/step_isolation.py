@@ -78,10 +78,7 @@ def forget_uncomputed_blocks(kv_cache_manager: KVCacheManager, request: Request,
     """A failed request's blocks were registered in the prefix cache when they were allocated,
     before their KV was written: drop those hashes beyond the `num_computed` tokens that earlier
     steps wrote, so no later prompt reuses what may be garbage."""
-    blocks = kv_cache_manager.req_to_blocks.get(request.request_id, [])
-    first_uncomputed = num_computed // kv_cache_manager.block_size
-    for block in blocks[first_uncomputed:]:
-        kv_cache_manager.block_pool._evict(block)  # noqa: SLF001 (the pool's one way to uncache a block)
+    kv_cache_manager.forget_uncomputed_blocks(request, num_computed)
 
 
 def _halves(part: list) -> list[list]:

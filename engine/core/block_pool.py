@@ -109,7 +109,7 @@ class BlockPool:
         new_blocks = []
         for _ in range(num_blocks):
             block = self.free_block_queue.popleft()
-            self._evict(block)
+            self.evict(block)
             block.ref_cnt = 1
             new_blocks.append(block)
         return new_blocks
@@ -135,7 +135,8 @@ class BlockPool:
         # Keep the first block registered for a hash; a twin stays uncached and is reused normally.
         self.cached_block_hash_to_block.setdefault(block_hash, block)
 
-    def _evict(self, block: KVCacheBlock) -> None:
+    def evict(self, block: KVCacheBlock) -> None:
+        """Uncache a block (its hash no longer finds it)."""
         if block.block_hash is None:
             return
         if self.cached_block_hash_to_block.get(block.block_hash) is block:
@@ -144,4 +145,4 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> None:
         for block in self.free_block_queue:
-            self._evict(block)
+            self.evict(block)

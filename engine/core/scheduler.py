@@ -63,9 +63,12 @@ class Scheduler:
         self.num_preemptions = 0
         self.peak_kv_blocks = 0  # most blocks held by running requests at the end of any step
         self.peak_kv_token_utilization = 1.0  # live tokens / allocated slots at that peak
+        self.peak_num_running = 0  # most requests running at the end of any step
         self._next_step_id = 0
         self._in_flight: dict[int, list[ScheduledRequest]] = {}  # step id -> its requests, until update()
-        self._num_blocks_sent: dict[str, int] = {}  # blocks the runner holds for each running request
+        # Blocks the runner holds for each running request, per KV cache group.
+        self._num_blocks_sent: dict[str, tuple[int, ...]] = {}
+        self._no_blocks = tuple(() for _ in kv_cache_manager.groups)  # shared: nobody appends to it
         self._finished_ids: set[str] = set()  # since the last step: the runner forgets them
         self._preempted_ids: list[str] = []
         # Unfinished requests whose sampling reads their whole history on the host (penalties): the
@@ -152,17 +155,18 @@ class Scheduler:
             request_id = request.request_id
             if position < num_running_scheduled:
                 sent = self._num_blocks_sent[request_id]
-                # Most steps add no block to a running request: skip the slice of its block list.
-                has_new = len(manager.req_to_blocks[request_id]) > sent
-                new_block_ids = manager.get_block_ids(request_id, sent) if has_new else []
+                held = manager.num_blocks(request_id)
+                # Most steps add no block to a running request: skip the slices of its block lists.
+                new_block_ids = manager.get_block_ids(request_id, sent) if held != sent else self._no_blocks
                 output.cached_requests.append(CachedRequestData(request_id, sent, new_block_ids,
                                                                 request.num_computed_tokens))
             else:
-                sent, new_block_ids = 0, manager.get_block_ids(request_id)
+                new_block_ids = manager.get_block_ids(request_id)
+                held = tuple(map(len, new_block_ids))
                 output.new_requests.append(NewRequestData(
                     request_id, request.prompt_token_ids, list(request.output_token_ids), request.sampling_params,
                     request.index, new_block_ids, request.num_computed_tokens, request.lora_request))
-            self._num_blocks_sent[request_id] = sent + len(new_block_ids)
+            self._num_blocks_sent[request_id] = held
             output.num_scheduled_tokens[request_id] = num_new
             request.num_computed_tokens += num_new
             drafts = request.spec_token_ids if position < num_running_scheduled else []
@@ -423,10 +427,11 @@ class Scheduler:
         running[:] = [running[i] for i in sorted(range(len(running)), key=keys.__getitem__)]
 
     def _record_kv_usage(self) -> None:
+        self.peak_num_running = max(self.peak_num_running, len(self.running))
         manager = self.kv_cache_manager
-        num_blocks = sum(len(manager.req_to_blocks.get(r.request_id, ())) for r in self.running)
+        num_blocks = manager.num_listed_blocks(self.running)
         if num_blocks > self.peak_kv_blocks:
-            live = sum(r.num_computed_tokens for r in self.running)
+            live = sum(r.num_computed_tokens for r in self.running) * len(manager.groups)
             self.peak_kv_blocks = num_blocks
             self.peak_kv_token_utilization = live / (num_blocks * manager.block_size)
 

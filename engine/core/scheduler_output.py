@@ -27,18 +27,19 @@ class NewRequestData:
     output_token_ids: list[int]  # tokens sampled before a preemption: they are recomputed too
     sampling_params: SamplingParams
     index: int  # which of the `n` sequences: a seeded one draws from seed + index
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]  # one list per KV cache group (engine/core/kv_cache_groups.py)
     num_computed_tokens: int  # served by the prefix cache: this step computes from here
     lora_request: LoRARequest | None = None  # its adapter (the runner puts it in a slot), None: the base
 
 
 @dataclass(slots=True)
 class CachedRequestData:
-    """A request the runner already holds: its blocks from `first_new_block` on, and its progress."""
+    """A request the runner already holds: in each KV cache group, its blocks from `first_new_block`
+    on, and its progress."""
 
     req_id: str
-    first_new_block: int
-    new_block_ids: list[int]
+    first_new_block: tuple[int, ...]
+    new_block_ids: tuple[list[int], ...]
     num_computed_tokens: int
 
 

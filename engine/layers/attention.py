@@ -22,8 +22,9 @@ from kernels.paged_attention_ref import paged_decode_attention, reshape_and_cach
 class AttentionMetadata:
     """The batch is ordered decodes first: `num_decodes` one-token queries, then prefill chunks."""
 
-    slot_mapping: torch.Tensor  # [num_tokens] cache slot of each token
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] padded with the null block 0
+    # One row per KV cache group (engine/core/kv_cache_groups.py); a layer reads its group's.
+    slot_mapping: torch.Tensor  # [num_groups, num_tokens] cache slot of each token
+    block_tables: torch.Tensor  # [num_groups, num_seqs, max_blocks] padded with the null block 0
     seq_lens: torch.Tensor  # [num_seqs] context length including this step's tokens
     num_decodes: int
     decode_max_blocks: int  # block-table columns the decodes need (the rest is prefill padding)
@@ -63,12 +64,14 @@ class Attention(nn.Module):
         self.sliding_window, self.logits_soft_cap = sliding_window, logits_soft_cap
         self.key_cache = torch.empty(0)  # bound by the model runner once the cache is allocated
         self.value_cache = torch.empty(0)
+        self.kv_group = 0  # its KV cache group: which block table it reads (set with the cache)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """query: `[num_tokens, num_heads, head_dim]`; key/value: `[num_tokens, num_kv_heads, head_dim]`."""
         meta = get_forward_context()
         write_kv = triton_or_reference(key, "reshape_and_cache", reshape_and_cache)
-        write_kv(key, value, self.key_cache, self.value_cache, meta.slot_mapping)
+        block_tables = meta.block_tables[self.kv_group]
+        write_kv(key, value, self.key_cache, self.value_cache, meta.slot_mapping[self.kv_group])
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes:
@@ -76,28 +79,22 @@ class Attention(nn.Module):
             # decoding feels.
             decode = triton_or_reference(query, "paged_decode_attention", paged_decode_attention)
             decode(query[:num_decodes], self.key_cache, self.value_cache,
-                   meta.block_tables[:num_decodes, :meta.decode_max_blocks], meta.seq_lens[:num_decodes], self.scale,
+                   block_tables[:num_decodes, :meta.decode_max_blocks], meta.seq_lens[:num_decodes], self.scale,
                    out=out[:num_decodes], max_seq_len=meta.decode_max_seq_len, sliding_window=self.sliding_window,
                    logits_soft_cap=self.logits_soft_cap)
         if num_decodes < len(meta.seq_lens_cpu):
-            self._prefill(query, meta, out)
+            self._prefill(query, meta, block_tables, out)
         return out
 
-    def _prefill(self, query: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor) -> None:
+    def _prefill(self, query: torch.Tensor, meta: AttentionMetadata, block_tables: torch.Tensor,
+                 out: torch.Tensor) -> None:
         """Every prefill chunk (the rows after the decodes) in one call: one Triton launch on CUDA."""
         num_decodes = meta.num_decodes
         starts = meta.query_start_loc_cpu[num_decodes:]
         # A few bytes from the host list; non_blocking, so no wait for the device.
         query_start_loc = torch.tensor(starts, dtype=torch.int32).to(query.device, non_blocking=True)
         prefill = triton_or_reference(query, "paged_prefill_attention", varlen_paged_prefill_attention)
-        prefill(query, self.key_cache, self.value_cache, meta.block_tables[num_decodes:], meta.seq_lens[num_decodes:],
+        prefill(query, self.key_cache, self.value_cache, block_tables[num_decodes:], meta.seq_lens[num_decodes:],
                 query_start_loc, self.scale, max(end - start for start, end in zip(starts, starts[1:])), out=out,
                 sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap)
 
-
-def uniform_sliding_window(layers: list[Attention]) -> int | None:
-    """The window every attention layer slides over (Mistral), or None when any layer attends to
-    the whole context (Llama; Gemma 2/3's global layers): only then may the KV cache give back the
-    blocks that fall behind the window."""
-    windows = {layer.sliding_window for layer in layers}
-    return windows.pop() if len(windows) == 1 else None

@@ -57,7 +57,7 @@ class DraftQuery:
 
     request_id: str
     all_token_ids: list[int]  # the request state's own lists, not copies
-    block_ids: list[int]
+    block_ids: tuple[list[int]]  # the target's group 0 list, not a copy
     num_computed_tokens: int = 0
     spec_token_ids: tuple = ()
 
@@ -252,7 +252,8 @@ class DraftModelProposer:
         progress = self.progress.get(state.request_id)
         if progress is None or progress.state is not state:
             # New to the runner: the prefix cache's blocks (before num_computed_tokens) hold the draft's KV.
-            queries = [DraftQuery(state.request_id, state.all_token_ids, state.block_ids) for _ in range(2)]
+            # It reads the target's KV cache group 0 (full attention when the target mixes kinds).
+            queries = [DraftQuery(state.request_id, state.all_token_ids, (state.block_ids[0],)) for _ in range(2)]
             progress = DraftProgress(state, state.num_computed_tokens, *queries)
             self.progress[state.request_id] = progress
         return progress

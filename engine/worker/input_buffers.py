@@ -33,6 +33,13 @@ class _Buffer:
             self.device[:rows].copy_(self.host[:rows], non_blocking=True)
         return self.device[:rows]
 
+    def copy_per_group(self, rows: int) -> torch.Tensor:
+        """The first `rows` rows of each KV cache group (the first dimension): one contiguous copy each."""
+        if self.device is not self.host:
+            for group in range(self.host.shape[0]):
+                self.device[group, :rows].copy_(self.host[group, :rows], non_blocking=True)
+        return self.device[:, :rows]
+
 
 @dataclass
 class StepInputs:
@@ -48,18 +55,21 @@ class StepInputs:
 
 class InputBuffers:
     def __init__(self, max_num_tokens: int, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, num_kv_groups: int = 1) -> None:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.input_ids = _Buffer((max_num_tokens,), torch.long, device)
         self.positions = _Buffer((max_num_tokens,), torch.long, device)
-        self.slot_mapping = _Buffer((max_num_tokens,), torch.long, device)
+        # A slot and a block-table row per KV cache group (engine/core/kv_cache_groups.py).
+        self.slot_mapping = _Buffer((num_kv_groups, max_num_tokens), torch.long, device)
         self.seq_lens = _Buffer((max_num_seqs,), torch.int32, device)
-        self.block_tables = _Buffer((max_num_seqs, -(-max_model_len // block_size)), torch.int32, device)
+        self.block_tables = _Buffer((num_kv_groups, max_num_seqs, -(-max_model_len // block_size)), torch.int32,
+                                    device)
         self.sample_rows = _Buffer((max_num_tokens,), torch.long, device)  # several per request when speculating
-        # Per block-table row: (request state, blocks written). A state only gains blocks (a preempted
-        # request comes back as a new state), so while it keeps its row a step writes the new ones.
-        self.row_owners: list[tuple[CachedRequestState, int] | None] = [None] * max_num_seqs
+        # Per block-table row: (request state, blocks written in each group). A state only gains blocks
+        # (a preempted request comes back as a new state), so while it keeps its row a step writes
+        # the new ones.
+        self.row_owners: list[tuple[CachedRequestState, tuple[int, ...]] | None] = [None] * max_num_seqs
         self.block_table_writes = 0  # rows (re)written, counted for tests
         # The pinned buffers must not be refilled while the last step's copies may still read them.
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
@@ -91,11 +101,12 @@ class InputBuffers:
             elif known < num_new:  # only a decode's one token can be in flight
                 unknown_rows.append(token + num_new - 1)
                 unknown_requests.append(state.request_id)
-            blocks, owner = state.block_ids, self.row_owners[row]
-            written = owner[1] if owner is not None and owner[0] is state else 0
-            if written < len(blocks):
-                tables[row, written:len(blocks)] = blocks[written:]
-                self.row_owners[row] = (state, len(blocks))
+            owner, block_ids = self.row_owners[row], state.block_ids
+            written = owner[1] if owner is not None and owner[0] is state else (0,) * len(block_ids)
+            if any(map(int.__lt__, written, map(len, block_ids))):
+                for group, (first, blocks) in enumerate(zip(written, block_ids)):
+                    tables[group, row, first:len(blocks)] = blocks[first:]
+                self.row_owners[row] = (state, tuple(map(len, block_ids)))
                 self.block_table_writes += 1
             seq_lens[row] = start + num_new
             query_start_loc.append(token + num_new)
@@ -103,7 +114,7 @@ class InputBuffers:
         rows = np.repeat(np.arange(num_seqs), np.diff(query_start_loc))
         pos = positions[:num_tokens]
         block_size = self.block_size
-        self.slot_mapping.np[:num_tokens] = tables[rows, pos // block_size] * block_size + pos % block_size
+        self.slot_mapping.np[:, :num_tokens] = tables[:, rows, pos // block_size] * block_size + pos % block_size
         decode_max_seq_len = int(seq_lens[:num_decodes].max(initial=0))
         if padded_seqs is not None:
             self._pad_decodes(num_seqs, padded_seqs)
@@ -112,7 +123,7 @@ class InputBuffers:
             decode_max_seq_len = self.max_model_len
         self.sample_rows.np[:len(sample_rows)] = sample_rows
         metadata = AttentionMetadata(
-            slot_mapping=self.slot_mapping.copy(num_tokens), block_tables=self.block_tables.copy(num_seqs),
+            slot_mapping=self.slot_mapping.copy_per_group(num_tokens), block_tables=self.block_tables.copy_per_group(num_seqs),
             seq_lens=self.seq_lens.copy(num_seqs), num_decodes=num_decodes,
             decode_max_blocks=-(-decode_max_seq_len // self.block_size), decode_max_seq_len=decode_max_seq_len,
             seq_lens_cpu=seq_lens[:num_seqs].tolist(), query_start_loc_cpu=query_start_loc)
@@ -126,7 +137,7 @@ class InputBuffers:
         """Rows first..end-1 become one-token decodes of token 0 at position 0 over the null block."""
         self.input_ids.np[first:end] = 0
         self.positions.np[first:end] = 0
-        self.slot_mapping.np[first:end] = NULL_SLOT
+        self.slot_mapping.np[:, first:end] = NULL_SLOT
         self.seq_lens.np[first:end] = 1
-        self.block_tables.np[first:end, 0] = 0
+        self.block_tables.np[:, first:end, 0] = 0
         self.row_owners[first:end] = [None] * (end - first)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import EngineConfig
+from engine.core.kv_cache_groups import KVCacheGroup, group_layers, group_size
 from engine.core.scheduler_output import SchedulerOutput
 from engine.distributed import parallel_state
 from engine.layers.attention import Attention, AttentionMetadata, set_forward_context
@@ -45,18 +46,23 @@ _DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.
 
 
 def allocate_kv_cache(attention_layers: list[Attention], num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device) -> torch.Tensor | None:
-    """One tensor for every layer's K and V blocks, bound to the layers (None and unbound for 0 blocks)."""
+                      device: torch.device, groups: list[KVCacheGroup] | None = None) -> torch.Tensor | None:
+    """One tensor for the K and V blocks of every layer, bound to the layers (None and unbound for 0
+    blocks). With several KV cache groups, a block holds one group's layers: layer j of each group
+    uses slot j (engine/core/kv_cache_groups.py)."""
     for layer in attention_layers:
         layer.key_cache = layer.value_cache = torch.empty(0)
     if num_blocks == 0:
         return None
+    groups = groups or group_layers([None] * len(attention_layers))
     layer = attention_layers[0]
-    shape = (2, len(attention_layers), num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+    shape = (2, group_size(groups), num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
     # Zeroed: padded slots are masked, but 0 * NaN from uninitialised memory would still be NaN.
     kv_cache = torch.zeros(shape, dtype=dtype, device=device)
-    for i, layer in enumerate(attention_layers):
-        layer.key_cache, layer.value_cache = kv_cache[0, i], kv_cache[1, i]
+    for group_id, group in enumerate(groups):
+        for slot, index in enumerate(group.layer_indices):
+            layer = attention_layers[index]
+            layer.key_cache, layer.value_cache, layer.kv_group = kv_cache[0, slot], kv_cache[1, slot], group_id
     return kv_cache
 
 
@@ -145,6 +151,12 @@ class ModelRunner:
             self.lora_manager = LoRAModelManager(self.model, model_config, lora_config, max_num_batched_tokens,
                                                  self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        windows = [layer.sliding_window for layer in self.attention_layers]
+        if config.disable_hybrid_kv_cache_manager and len(set(windows)) > 1:
+            windows = [None] * len(windows)  # the blocks' window: the sliding layers' kernels still slide
+        self.kv_cache_groups = group_layers(windows)
+        if len(self.kv_cache_groups) > 1 and len({(l.num_kv_heads, l.head_dim) for l in self.attention_layers}) > 1:
+            raise ValueError("KV cache groups need every attention layer to have the same KV shape")
         self.sampler = Sampler(config.seed, self.device)
         self.states = RequestStates()
         self.drafter = None  # draft-model speculation (engine/spec_decode/draft_model.py)
@@ -167,7 +179,7 @@ class ModelRunner:
                              for _ in range(2 if on_cuda else 0)]
         self._launches = 0
         self.inputs = InputBuffers(max_num_batched_tokens, config.max_num_seqs, max_model_len, self.block_size,
-                                   self.device)
+                                   self.device, len(self.kv_cache_groups))
         self.cuda_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             max_batch = min(config.max_num_seqs, max_num_batched_tokens)
@@ -216,15 +228,16 @@ class ModelRunner:
             logits[:, self.token_id_limit:] = float("-inf")
         return logits
 
-    def _kv_bytes_per_token(self) -> int:
-        """A draft model's KV shares the blocks: each block holds both."""
-        layer = self.attention_layers[0]
-        target = kv_bytes_per_token(len(self.attention_layers), layer.num_kv_heads, layer.head_dim,
-                                    self.dtype.itemsize)
-        return target + (self.drafter.kv_bytes_per_token() if self.drafter is not None else 0)
-
     def _kv_bytes_per_block(self) -> int:
-        return self._kv_bytes_per_token() * self.block_size
+        """A block holds one KV cache group's layers (and a draft model's: it shares the blocks)."""
+        layer = self.attention_layers[0]
+        target = kv_bytes_per_token(group_size(self.kv_cache_groups), layer.num_kv_heads, layer.head_dim,
+                                    self.dtype.itemsize)
+        return (target + (self.drafter.kv_bytes_per_token() if self.drafter is not None else 0)) * self.block_size
+
+    def _kv_bytes_per_token(self) -> int:
+        """What a token of a sequence takes at most: its slot in a block of every group."""
+        return len(self.kv_cache_groups) * self._kv_bytes_per_block() // self.block_size
 
     def _decide_num_blocks(self) -> int:
         if self.config.num_gpu_blocks_override:
@@ -268,9 +281,10 @@ class ModelRunner:
         num_tokens = min(self.max_num_batched_tokens, self.max_model_len)
         num_blocks = -(-num_tokens // self.block_size) + 1
         self._allocate_kv_cache(num_blocks)
-        block_table = torch.arange(1, num_blocks, device=self.device)[None, :]
+        num_groups = len(self.kv_cache_groups)  # every group writes the same blocks: only the peak matters
+        block_table = torch.arange(1, num_blocks, device=self.device).expand(num_groups, 1, -1)
         meta = AttentionMetadata(
-            slot_mapping=torch.arange(num_tokens, device=self.device) + self.block_size,
+            slot_mapping=(torch.arange(num_tokens, device=self.device) + self.block_size).expand(num_groups, -1),
             block_tables=block_table, seq_lens=torch.tensor([num_tokens], device=self.device), num_decodes=0,
             decode_max_blocks=0, decode_max_seq_len=0, seq_lens_cpu=[num_tokens], query_start_loc_cpu=[0, num_tokens])
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
@@ -281,7 +295,8 @@ class ModelRunner:
         self._allocate_kv_cache(0)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_cache = allocate_kv_cache(self.attention_layers, num_blocks, self.block_size, self.dtype, self.device)
+        self.kv_cache = allocate_kv_cache(self.attention_layers, num_blocks, self.block_size, self.dtype, self.device,
+                                          self.kv_cache_groups)
         if self.drafter is not None:
             self.drafter.allocate_kv_cache(num_blocks)
 

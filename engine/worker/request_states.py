@@ -20,7 +20,7 @@ class CachedRequestState:
                  "block_ids", "num_computed_tokens", "num_output_tokens", "spec_token_ids", "lora_request")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-                 sampling_params: SamplingParams, index: int, block_ids: list[int], num_computed_tokens: int,
+                 sampling_params: SamplingParams, index: int, block_ids: tuple[list[int], ...], num_computed_tokens: int,
                  lora_request=None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -28,7 +28,7 @@ class CachedRequestState:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids
         self.sampling_params = sampling_params
         self.index = index
-        self.block_ids = list(block_ids)
+        self.block_ids = tuple(map(list, block_ids))  # one list per KV cache group
         self.num_computed_tokens = num_computed_tokens  # where this step starts
         self.num_output_tokens = len(output_token_ids)  # sampled before this step's token (placeholders too)
         self.spec_token_ids: list[int] = []  # this step's proposals (speculative decoding), fed after the last token
@@ -64,7 +64,8 @@ class RequestStates(dict):
                                                    data.num_computed_tokens, data.lora_request)
         for data in output.cached_requests:
             state = self[data.req_id]
-            state.block_ids[data.first_new_block:] = data.new_block_ids
+            for blocks, first, new in zip(state.block_ids, data.first_new_block, data.new_block_ids):
+                blocks[first:] = new
             state.num_computed_tokens = data.num_computed_tokens
         drafts = output.scheduled_spec_decode_tokens
         for request_id, num_new in output.num_scheduled_tokens.items():

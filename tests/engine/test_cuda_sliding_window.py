@@ -31,7 +31,7 @@ def test_greedy_matches_transformers_on_cuda(sliding_mistral_on_cuda, enforce_ea
     llm = LLM(model=str(path), dtype="float32", device="cuda", skip_tokenizer_init=True, block_size=16,
               num_gpu_blocks_override=14, max_num_batched_tokens=64, enforce_eager=enforce_eager,
               async_scheduling=async_scheduling)
-    assert llm.llm_engine.kv_cache_manager.sliding_window == WINDOW
+    assert llm.llm_engine.kv_cache_manager.sliding_windows == (WINDOW,)
     lengths = (5, 60, 130, 200)
     prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(length)] for i, length in enumerate(lengths)]
     assert_greedy_matches_transformers(llm, hf, prompts, [40, 30, 20, 30])

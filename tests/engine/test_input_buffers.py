@@ -15,7 +15,7 @@ def _buffers() -> InputBuffers:
 
 
 def state(request_id: str, token_ids: list[int], num_computed: int, block_ids: list[int]) -> CachedRequestState:
-    return CachedRequestState(request_id, token_ids, [], SamplingParams(), 0, block_ids, num_computed)
+    return CachedRequestState(request_id, token_ids, [], SamplingParams(), 0, (block_ids,), num_computed)
 
 
 def test_mixed_step_is_flattened_decodes_first():
@@ -25,10 +25,10 @@ def test_mixed_step_is_flattened_decodes_first():
     meta = inputs.metadata
     assert inputs.input_ids.tolist() == [15, 22, 23, 24, 25, 26]
     assert inputs.positions.tolist() == [4, 1, 2, 3, 4, 5]
-    assert meta.slot_mapping.tolist() == [3 * 4, 5 * 4 + 1, 5 * 4 + 2, 5 * 4 + 3, 9 * 4, 9 * 4 + 1]
+    assert meta.slot_mapping[0].tolist() == [3 * 4, 5 * 4 + 1, 5 * 4 + 2, 5 * 4 + 3, 9 * 4, 9 * 4 + 1]
     assert meta.seq_lens.tolist() == meta.seq_lens_cpu == [5, 6]
     assert meta.query_start_loc_cpu == [0, 1, 6]
-    assert meta.block_tables[:, :2].tolist() == [[7, 3], [5, 9]]
+    assert meta.block_tables[0, :, :2].tolist() == [[7, 3], [5, 9]]
     assert (meta.num_decodes, meta.decode_max_seq_len, meta.decode_max_blocks) == (1, 5, 2)
     assert inputs.sample_rows.tolist() == [0, 5]
     assert inputs.unknown_token_rows == []
@@ -50,10 +50,10 @@ def test_decode_batch_is_padded_to_the_graph_size_over_the_null_block():
     meta = inputs.metadata
     assert inputs.input_ids.tolist() == [3, 4, 5] + [0] * 5
     assert inputs.positions.tolist() == [2, 3, 4] + [0] * 5
-    assert meta.slot_mapping.tolist() == [1 * 4 + 2, 2 * 4 + 3, 7 * 4 + 0] + [NULL_SLOT] * 5
+    assert meta.slot_mapping[0].tolist() == [1 * 4 + 2, 2 * 4 + 3, 7 * 4 + 0] + [NULL_SLOT] * 5
     assert meta.seq_lens.tolist() == meta.seq_lens_cpu == [3, 4, 5] + [1] * 5
     assert meta.query_start_loc_cpu == list(range(9))
-    assert meta.block_tables[3:, 0].tolist() == [0] * 5
+    assert meta.block_tables[0, 3:, 0].tolist() == [0] * 5
     # A graph's launch fits any step: sized for max_model_len, not this step's lengths.
     assert (meta.num_decodes, meta.decode_max_seq_len, meta.decode_max_blocks) == (8, 32, 8)
 
@@ -63,11 +63,11 @@ def test_block_table_rows_are_written_only_for_new_blocks_or_a_new_request_state
     back as a new state (other blocks), and so does a new request that reuses the id."""
     buffers = _buffers()
     request = state("r", list(range(1, 9)), 7, [4, 5])
-    assert buffers.prepare([(request, 1)], [0]).metadata.block_tables[0, :2].tolist() == [4, 5]
+    assert buffers.prepare([(request, 1)], [0]).metadata.block_tables[0, 0, :2].tolist() == [4, 5]
     request.num_computed_tokens = 8
     request.all_token_ids.append(9)
-    request.block_ids.append(6)
-    assert buffers.prepare([(request, 1)], [0]).metadata.block_tables[0, :3].tolist() == [4, 5, 6]
+    request.block_ids[0].append(6)
+    assert buffers.prepare([(request, 1)], [0]).metadata.block_tables[0, 0, :3].tolist() == [4, 5, 6]
     writes = buffers.block_table_writes
     request.num_computed_tokens = 9
     request.all_token_ids.append(10)
@@ -75,7 +75,25 @@ def test_block_table_rows_are_written_only_for_new_blocks_or_a_new_request_state
     assert buffers.block_table_writes == writes  # nothing new: the row stands
     resumed = state("r", list(range(1, 10)), 0, [7, 8, 3])  # recomputed from scratch into other blocks
     meta = buffers.prepare([(resumed, 9)], [8]).metadata
-    assert meta.block_tables[0, :3].tolist() == [7, 8, 3]
-    assert meta.slot_mapping.tolist()[-1] == 3 * BLOCK_SIZE
+    assert meta.block_tables[0, 0, :3].tolist() == [7, 8, 3]
+    assert meta.slot_mapping[0].tolist()[-1] == 3 * BLOCK_SIZE
     reused_id = state("r", list(range(1, 9)), 0, [2, 1])
-    assert buffers.prepare([(reused_id, 8)], [7]).metadata.block_tables[0, :2].tolist() == [2, 1]
+    assert buffers.prepare([(reused_id, 8)], [7]).metadata.block_tables[0, 0, :2].tolist() == [2, 1]
+
+
+def test_each_kv_cache_group_gets_its_own_block_table_and_slots():
+    """Gemma 2: a global group and a sliding one; the sliding group gave its first block back (the
+    runner keeps the old id there: the kernels never read it)."""
+    buffers = InputBuffers(max_num_tokens=64, max_num_seqs=8, max_model_len=32, block_size=BLOCK_SIZE,
+                           device=torch.device("cpu"), num_kv_groups=2)
+    request = CachedRequestState("r", list(range(1, 11)), [], SamplingParams(), 0, ([4, 5, 6], [7, 8, 9]), 9)
+    meta = buffers.prepare([(request, 1)], [0]).metadata
+    assert meta.block_tables[:, 0, :3].tolist() == [[4, 5, 6], [7, 8, 9]]
+    assert meta.slot_mapping[:, 0].tolist() == [6 * 4 + 1, 9 * 4 + 1]
+    request.block_ids[1].append(3)  # only one group grew: the row is written again
+    request.num_computed_tokens = 12
+    request.all_token_ids += [11, 12, 13]
+    writes = buffers.block_table_writes
+    meta = buffers.prepare([(request, 1)], [0]).metadata
+    assert buffers.block_table_writes == writes + 1
+    assert meta.block_tables[:, 0, :4].tolist() == [[4, 5, 6, 0], [7, 8, 9, 3]]

@@ -79,7 +79,7 @@ def assert_kv_cache_idle(llm: LLM) -> None:
     manager = llm.llm_engine.kv_cache_manager
     pool = manager.block_pool
     assert not llm.llm_engine.has_unfinished_requests()
-    assert manager.req_to_blocks == {}
+    assert not manager.request_ids()
     assert all(block.ref_cnt == 0 for block in pool.blocks[1:])
     assert pool.get_num_free_blocks() == pool.num_blocks - 1
 
@@ -560,7 +560,7 @@ def test_abort_mid_generation_frees_every_block(llm):
     engine.step()
     assert engine.kv_cache_manager.get_block_ids("drop")
     engine.abort_request(["drop", "drop-waiting"])
-    assert "drop" not in engine.kv_cache_manager.req_to_blocks
+    assert not engine.kv_cache_manager.holds("drop")
     outputs = run_engine(engine)
     assert {o.request_id for o in outputs} == {"keep"}
     assert len(outputs[-1].outputs[0].token_ids) == 6

@@ -14,7 +14,7 @@ def scheduled_tokens(output):
 
 def assert_all_blocks_free(scheduler):
     manager = scheduler.kv_cache_manager
-    assert manager.req_to_blocks == {}
+    assert not manager.request_ids()
     assert manager.num_free_blocks == manager.block_pool.num_blocks - 1
     assert all(block.ref_cnt == 0 for block in manager.block_pool.blocks[1:])
 
@@ -105,7 +105,7 @@ def test_preemption_picks_the_worst_running_request_and_it_later_completes(
     assert "worst" not in scheduled_tokens(output)
     assert worst.status == RequestStatus.PREEMPTED
     assert worst.num_computed_tokens == 0 and worst in scheduler.waiting
-    assert "worst" not in scheduler.kv_cache_manager.req_to_blocks
+    assert not scheduler.kv_cache_manager.holds("worst")
     assert scheduler.num_preemptions >= 1
     outputs_before = list(worst.output_token_ids)
 
@@ -210,7 +210,7 @@ def test_abort_a_running_request_frees_its_blocks(make_scheduler, make_request, 
     scheduler.finish_requests(["r"], RequestStatus.FINISHED_ABORTED)
     assert request.status == RequestStatus.FINISHED_ABORTED
     assert request not in scheduler.running
-    assert "r" not in scheduler.kv_cache_manager.req_to_blocks
+    assert not scheduler.kv_cache_manager.holds("r")
     while scheduler.has_unfinished_requests():
         output, _ = fake_step(scheduler)
         assert "r" not in scheduled_tokens(output)
@@ -334,8 +334,8 @@ def test_children_share_the_prompt_blocks_of_the_first_child(make_scheduler, mak
     tokens = scheduled_tokens(output)
     assert tokens[children[1].request_id] == len(prompt) - 16  # only the tail past 4 shared blocks
     manager = scheduler.kv_cache_manager
-    first_blocks = manager.req_to_blocks[children[0].request_id]
-    second_blocks = manager.req_to_blocks[children[1].request_id]
+    first_blocks = manager.groups[0].req_to_blocks[children[0].request_id]
+    second_blocks = manager.groups[0].req_to_blocks[children[1].request_id]
     assert second_blocks[:4] == first_blocks[:4]
     assert second_blocks[4] is not first_blocks[4], "the partly filled block is never shared"
     expected_refs = 3 if children[2].request_id in tokens else 2
@@ -361,14 +361,14 @@ def test_children_with_prefix_caching_off_hold_their_shared_blocks_to_two_refs(
     output, _ = fake_step(scheduler)
     assert scheduled_tokens(output) == {first.request_id: 1, second.request_id: 2}
     manager = scheduler.kv_cache_manager
-    shared = manager.req_to_blocks[first.request_id][:2]
-    assert manager.req_to_blocks[second.request_id][:2] == shared
+    shared = manager.groups[0].req_to_blocks[first.request_id][:2]
+    assert manager.groups[0].req_to_blocks[second.request_id][:2] == shared
     assert [b.ref_cnt for b in shared] == [2, 2]
     assert manager.block_pool.cached_block_hash_to_block == {}
     # When one child finishes, the other still holds the shared blocks.
     scheduler.finish_requests(first.request_id, RequestStatus.FINISHED_ABORTED)
     assert [b.ref_cnt for b in shared] == [1, 1]
-    assert manager.req_to_blocks[second.request_id][:2] == shared
+    assert manager.groups[0].req_to_blocks[second.request_id][:2] == shared
 
 
 # -- the engine refuses work it can never schedule ------------------------------------------------

@@ -19,7 +19,7 @@ EOS = 2
 
 def assert_all_blocks_free(scheduler):
     manager = scheduler.kv_cache_manager
-    assert manager.req_to_blocks == {}
+    assert not manager.request_ids()
     assert manager.num_free_blocks == manager.block_pool.num_blocks - 1
     assert all(block.ref_cnt == 0 for block in manager.block_pool.blocks[1:])
 
@@ -70,12 +70,12 @@ def schedule_checked(scheduler, progress):
     a new one all of its blocks, every request's tokens continue where its last step ended (no
     position planned twice), and a finished request is named once."""
     manager = scheduler.kv_cache_manager
-    held = {request_id: manager.get_block_ids(request_id) for request_id in manager.req_to_blocks}
+    held = {request_id: manager.get_block_ids(request_id) for request_id in manager.request_ids()}
     output = scheduler.schedule()
     assert pickle.loads(pickle.dumps(output)) == output
 
     for request_id in output.preempted_req_ids:
-        assert request_id not in manager.req_to_blocks and request_id not in output.num_scheduled_tokens
+        assert not manager.holds(request_id) and request_id not in output.num_scheduled_tokens
         progress.planned_until.pop(request_id, None)
     for request_id in output.finished_req_ids:
         assert request_id not in scheduler.requests and request_id not in output.num_scheduled_tokens
@@ -88,8 +88,9 @@ def schedule_checked(scheduler, progress):
     assert set(new_ids + cached_ids) == output.num_scheduled_tokens.keys()
     for data in output.cached_requests:
         assert data.req_id in held, "a request the runner does not hold must come as a new request"
-        assert data.first_new_block == len(held[data.req_id])
-        assert held[data.req_id] + data.new_block_ids == manager.get_block_ids(data.req_id)
+        assert data.first_new_block == tuple(map(len, held[data.req_id]))
+        assert tuple(a + list(b) for a, b in zip(held[data.req_id], data.new_block_ids)) == manager.get_block_ids(
+            data.req_id)
         if data.req_id in progress.planned_until:  # (drive() may take over a run begun by hand)
             assert data.num_computed_tokens == progress.planned_until[data.req_id], (
                 "a position was planned twice, or skipped")
@@ -175,11 +176,11 @@ def test_a_second_schedule_before_update_plans_one_token_per_decoding_request(ma
             assert request.num_computed_tokens == request.num_prompt_tokens + 2
             assert request.num_tokens_with_placeholders == request.num_computed_tokens + 1
             # Running requests get only their new blocks; together they are what the request holds.
-            blocks = scheduler.kv_cache_manager.get_block_ids(request.request_id)
+            (blocks,) = scheduler.kv_cache_manager.get_block_ids(request.request_id)
             new = [b for s in (s1, s2) for d in s.cached_requests if d.req_id == request.request_id
-                   for b in d.new_block_ids]
-            assert blocks_before[request.request_id] + new == blocks
-            assert len(blocks) == len(blocks_before[request.request_id]) + 1
+                   for b in d.new_block_ids[0]]
+            assert blocks_before[request.request_id][0] + new == blocks
+            assert len(blocks) == len(blocks_before[request.request_id][0]) + 1
 
         assert scheduler.update(s1, tokens1) == []
         assert [r.num_output_placeholders for r in requests] == [1, 1]
@@ -276,7 +277,7 @@ def test_scheduling_ahead_never_plans_past_the_last_token(make_scheduler, make_r
     assert capped.status == RequestStatus.FINISHED_LENGTH_CAPPED
     assert capped.output_token_ids == [model.token_at("capped", 5 + i) for i in range(3)]
     assert capped.num_output_placeholders == 0
-    assert "capped" not in scheduler.kv_cache_manager.req_to_blocks and "capped" not in scheduler.requests
+    assert not scheduler.kv_cache_manager.holds("capped") and "capped" not in scheduler.requests
     s4 = scheduler.schedule()
     assert "capped" in s4.finished_req_ids and "capped" not in s4.num_scheduled_tokens
     tokens4 = model.sample(scheduler, s4)
@@ -310,7 +311,7 @@ def test_a_token_after_eos_from_the_step_ahead_is_dropped(make_scheduler, make_r
     assert scheduler.update(s1, tokens1) == [stops]
     assert stops.status == RequestStatus.FINISHED_STOPPED
     assert stops.output_token_ids == [model.token_at("stops", 5), EOS]
-    assert "stops" not in scheduler.kv_cache_manager.req_to_blocks and "stops" not in scheduler.requests
+    assert not scheduler.kv_cache_manager.holds("stops") and "stops" not in scheduler.requests
     assert stops not in scheduler.running
     s3 = schedule_checked(scheduler, progress)  # in the engine's order: planned before update(s2)
     tokens3 = model.sample(scheduler, s3)
@@ -368,7 +369,7 @@ def test_preemption_while_a_step_is_in_flight_keeps_that_steps_token(make_schedu
     tokens2 = model.sample(scheduler, s2)
     assert s2.preempted_req_ids == ["r2"] and "r2" not in s2.num_scheduled_tokens
     assert victim.status == RequestStatus.PREEMPTED and victim in scheduler.waiting
-    assert victim.num_computed_tokens == 0 and "r2" not in scheduler.kv_cache_manager.req_to_blocks
+    assert victim.num_computed_tokens == 0 and not scheduler.kv_cache_manager.holds("r2")
     assert victim.num_output_tokens == 1 and victim.num_output_placeholders == 1
 
     assert scheduler.update(s1, tokens1) == []
@@ -428,9 +429,9 @@ def test_every_output_pickles_and_running_requests_get_only_new_blocks(make_sche
     outputs, finished = drive(scheduler, model, ahead=1)
     assert len(finished) == len(requests)
     assert any(o.new_requests for o in outputs)
-    assert any(d.new_block_ids for o in outputs for d in o.cached_requests), "no running request got a block"
-    assert any(not d.new_block_ids for o in outputs for d in o.cached_requests)
-    assert any(d.first_new_block > 0 for o in outputs for d in o.cached_requests)
+    assert any(d.new_block_ids[0] for o in outputs for d in o.cached_requests), "no running request got a block"
+    assert any(not d.new_block_ids[0] for o in outputs for d in o.cached_requests)
+    assert any(d.first_new_block[0] > 0 for o in outputs for d in o.cached_requests)
     assert any(o.preempted_req_ids for o in outputs)
     assert any(o.finished_req_ids for o in outputs)
     assert_all_blocks_free(scheduler)

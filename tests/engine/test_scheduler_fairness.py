@@ -102,7 +102,7 @@ def test_preemption_takes_the_latest_sequence_of_the_tenant_with_the_most_runnin
     for request in (*big, small):
         assert request.status == RequestStatus.FINISHED_LENGTH_CAPPED and request.num_output_tokens == 6
     manager = scheduler.kv_cache_manager
-    assert manager.req_to_blocks == {} and manager.num_free_blocks == manager.block_pool.num_blocks - 1
+    assert not manager.request_ids() and manager.num_free_blocks == manager.block_pool.num_blocks - 1
 
 
 def test_preemption_still_takes_the_worst_priority_first(make_scheduler, make_request, fake_step):

@@ -78,7 +78,7 @@ def test_prompt_logprobs_equal_transformers(llm, prompt_ids, hf_logprobs, max_to
         completion = output.outputs[0]
         assert len(completion.token_ids) == max_tokens and completion.finish_reason == "length"
         assert (completion.text == "") == (max_tokens == 0)
-    assert llm.llm_engine.kv_cache_manager.req_to_blocks == {}
+    assert not llm.llm_engine.kv_cache_manager.request_ids()
 
 
 def test_perplexity_equals_transformers(llm, prompt_ids, hf_logprobs):

@@ -6,8 +6,9 @@ logits). Blocks of 4 tokens, so windows start mid-block. The engine gives the bl
 back to the pool (engine/core/kv_cache_manager.py), so these runs also read blocks that held other
 requests' KV a moment ago: a window edge off by one, a block read behind the window or a wrong prefix
 hit shows up as a different token or logprob. A Qwen2 with a full-attention layer and a sliding one
-keeps every block. tests/kernels/test_sliding_window_on_triton.py runs the
-same model on the Triton kernels (interpreted), tests/engine/test_cuda_sliding_window.py on a GPU.
+(as Gemma 2 alternates them) has two KV cache groups: only the sliding layer's blocks go back.
+tests/kernels/test_sliding_window_on_triton.py runs the same model on the Triton kernels
+(interpreted), tests/engine/test_cuda_sliding_window.py on a GPU.
 """
 
 import pytest
@@ -66,7 +67,7 @@ def test_transformers_applies_the_window(sliding_mistral, full_attention_mistral
     assert (windowed[WINDOW:] - full[WINDOW:]).abs().max() > 0.1
     engine = make_llm(folder).llm_engine
     assert {layer.sliding_window for layer in engine.runner.attention_layers} == {WINDOW}
-    assert engine.kv_cache_manager.sliding_window == WINDOW
+    assert engine.kv_cache_manager.sliding_windows == (WINDOW,)
     assert engine.max_model_len == hf_model.config.max_position_embeddings == 256
 
 
@@ -120,7 +121,7 @@ def test_a_full_attention_model_is_refused_what_a_sliding_one_serves(sliding_mis
     llm = make_llm(sliding_mistral[0], **SMALL_CACHE)
     llm.generate([{"prompt_token_ids": prompts()[2]}], SamplingParams(max_tokens=60), use_tqdm=False)
     full = make_llm(full_attention_mistral[0], **SMALL_CACHE)
-    assert full.llm_engine.kv_cache_manager.sliding_window is None
+    assert full.llm_engine.kv_cache_manager.sliding_windows == (None,)
     with pytest.raises(ValueError, match="tokens of KV cache, but it holds only 32"):
         full.generate([{"prompt_token_ids": prompts()[2]}], SamplingParams(max_tokens=60), use_tqdm=False)
 
@@ -147,19 +148,58 @@ def test_a_draft_model_reads_the_blocks_too(sliding_mistral, full_attention_mist
     sliding = draft == "itself"
     spec = {"model": str(folder if sliding else full_attention_mistral[0]), "num_speculative_tokens": 3}
     llm = make_llm(folder, speculative_config=spec, **(SMALL_CACHE if sliding else {}))
-    assert llm.llm_engine.kv_cache_manager.sliding_window == (WINDOW if sliding else None)
+    assert llm.llm_engine.kv_cache_manager.sliding_windows == ((WINDOW if sliding else None),)
     assert_greedy_matches_transformers(llm, hf_model, prompts(), [20, 20, 20])
     assert llm.llm_engine.speculation_stats()["spec_num_accepted_tokens"] > 0
 
 
-def test_a_model_with_full_attention_layers_keeps_every_block(tmp_path):
+@pytest.fixture(scope="module")
+def hybrid_qwen2(tmp_path_factory):
     """Qwen2 with use_sliding_window slides from layer max_window_layers on (transformers' layer_types):
-    the full-attention layer reads every block, so none goes back to the pool; transformers' tokens."""
+    a full-attention layer and a sliding one, as Gemma 2 alternates them."""
     hf_model = build_tiny_hf_model("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
     assert hf_model.config.layer_types == ["full_attention", "sliding_attention"]
     hf_model.set_attn_implementation("eager")
-    hf_model.save_pretrained(str(tmp_path))
-    llm = make_llm(tmp_path)
-    assert [layer.sliding_window for layer in llm.llm_engine.runner.attention_layers] == [None, WINDOW]
-    assert llm.llm_engine.kv_cache_manager.sliding_window is None
-    assert_greedy_matches_transformers(llm, hf_model, prompts(), [20, 20, 20])
+    folder = tmp_path_factory.mktemp("tiny-qwen2-hybrid")
+    hf_model.save_pretrained(str(folder))
+    return folder, hf_model
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_hybrid_model_gives_back_only_its_sliding_layers_blocks(hybrid_qwen2, async_scheduling):
+    """Two KV cache groups on one pool: the global layer's blocks are all kept, the sliding layer's go
+    back behind the window. 40 usable blocks (a block holds one layer's KV here) for three requests
+    of 43-91 tokens (11-23 global blocks each, at most 5 sliding ones): chunked prefill, preemption
+    and prefix hits that must agree in both groups; transformers' tokens."""
+    folder, hf_model = hybrid_qwen2
+    llm = make_llm(folder, num_gpu_blocks_override=41, max_num_batched_tokens=8, async_scheduling=async_scheduling)
+    engine = llm.llm_engine
+    assert [layer.sliding_window for layer in engine.runner.attention_layers] == [None, WINDOW]
+    assert [layer.kv_group for layer in engine.runner.attention_layers] == [0, 1]
+    assert engine.kv_cache_manager.sliding_windows == (None, WINDOW)
+    assert_greedy_matches_transformers(llm, hf_model, prompts(), [30, 28, 30])
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.kv_cache_manager.num_free_blocks == 40  # every block is back
+    prompt = prompts()[2]
+    assert_greedy_matches_transformers(llm, hf_model, [prompt + list(range(5, 15))], [20])
+    assert engine.kv_cache_manager.prefix_cache_hits >= 60  # the last run's prompt, found in both groups
+
+
+def test_a_hybrid_model_serves_a_context_whose_global_blocks_fit(hybrid_qwen2):
+    """91 tokens need 23 blocks in the global group and at most 5 in the sliding one: 30 one-layer
+    blocks serve them. The same memory as one group (a block holds both layers: 15 of them, as
+    before the hybrid manager) holds only 56 tokens and refuses the request up front."""
+    folder, hf_model = hybrid_qwen2
+    config = hf_model.config
+    layer_block_bytes = 2 * 4 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    memory = dict(kv_cache_memory_bytes=31 * layer_block_bytes, max_num_batched_tokens=8)
+    llm = make_llm(folder, num_gpu_blocks_override=None, **memory)
+    assert llm.llm_engine.runner.num_blocks == 31
+    assert_greedy_matches_transformers(llm, hf_model, [prompts()[2]], [30])
+    with pytest.raises(ValueError, match="tokens of KV cache, but it holds only 120"):
+        llm.generate([{"prompt_token_ids": prompts()[2]}], SamplingParams(max_tokens=60), use_tqdm=False)
+    one_group = make_llm(folder, num_gpu_blocks_override=None, disable_hybrid_kv_cache_manager=True, **memory)
+    assert one_group.llm_engine.kv_cache_manager.sliding_windows == (None,)
+    assert one_group.llm_engine.runner.num_blocks == 15
+    with pytest.raises(ValueError, match="tokens of KV cache, but it holds only 56"):
+        one_group.generate([{"prompt_token_ids": prompts()[2]}], SamplingParams(max_tokens=30), use_tqdm=False)

@@ -44,11 +44,11 @@ def test_lookahead_slots_are_reserved_but_never_cached(make_request):
     manager = KVCacheManager(num_blocks=16, block_size=4)
     request = make_request("r", range(10))
     manager.allocate_slots(request, 10, num_lookahead_tokens=3)
-    assert len(manager.req_to_blocks["r"]) == 4  # 13 slots
-    assert manager.num_cached_blocks["r"] == 2  # the full blocks of known tokens
+    assert len(manager.groups[0].req_to_blocks["r"]) == 4  # 13 slots
+    assert manager.groups[0].num_cached_blocks["r"] == 2  # the full blocks of known tokens
     request.num_computed_tokens = 10
     assert manager.allocate_slots(request, 1, num_lookahead_tokens=5) == []  # 16 slots: in the 4 blocks
-    assert manager.allocate_slots(request, 1, num_lookahead_tokens=6) == [manager.req_to_blocks["r"][-1]]
+    assert manager.allocate_slots(request, 1, num_lookahead_tokens=6) == [manager.groups[0].req_to_blocks["r"][-1]]
 
 
 @pytest.fixture(scope="module")

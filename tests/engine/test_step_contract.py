@@ -33,7 +33,7 @@ class ShadowWorker:
     def __init__(self, runner) -> None:
         self.states = RequestStates()
         self.inputs = InputBuffers(runner.max_num_batched_tokens, runner.config.max_num_seqs, runner.max_model_len,
-                                   runner.block_size, torch.device("cpu"))
+                                   runner.block_size, torch.device("cpu"), len(runner.kv_cache_groups))
         self.rank0_inputs = runner.inputs
         self.num_steps = 0
 
@@ -43,11 +43,12 @@ class ShadowWorker:
         batch = sorted(((self.states[r], n) for r, n in step.num_scheduled_tokens.items()), key=lambda i: i[1] != 1)
         inputs = self.inputs.prepare(batch, [])
         rows = len(batch)
-        rank0 = self.rank0_inputs.block_tables.np[:rows]
+        rank0 = self.rank0_inputs.block_tables.np[:, :rows]
         for row, (state, _) in enumerate(batch):
-            width = len(state.block_ids)
-            assert state.block_ids == rank0[row, :width].tolist()
-            assert np.array_equal(self.inputs.block_tables.np[row, :width], rank0[row, :width])
+            for group, block_ids in enumerate(state.block_ids):
+                width = len(block_ids)
+                assert block_ids == rank0[group, row, :width].tolist()
+                assert np.array_equal(self.inputs.block_tables.np[group, row, :width], rank0[group, row, :width])
         assert inputs.positions.tolist() == self.rank0_inputs.positions.np[:inputs.positions.shape[0]].tolist()
         self.num_steps += 1
 
