@@ -64,11 +64,6 @@ class GroupKVCacheManager:
         seen = blocks[self.num_blocks_behind_window(num_blocks * self.block_size):]
         return None if self.block_pool.null_block in seen else blocks
 
-    def covers(self, request_id: str, num_tokens: int) -> bool:
-        """Whether the request's blocks already hold `num_tokens` slots (15 decode steps in 16)."""
-        blocks = self.req_to_blocks.get(request_id)
-        return bool(blocks) and num_tokens <= len(blocks) * self.block_size
-
     def prepare(self, request_id: str, num_computed: int, new_computed_blocks: list[KVCacheBlock]
                 ) -> list[KVCacheBlock]:
         """Before a step whose first query is at `num_computed`: give back the blocks behind its

@@ -7,7 +7,9 @@ one pool (vLLM v1's hybrid KV cache manager). A block then holds its tokens for 
 so a sliding group gives its blocks back behind the window while the global group keeps them: a
 long context costs window-sized KV on the local layers.
 
-Block ids travel as one list per group (a tuple), in group order.
+Block ids travel as one list per group (a tuple), in group order. Every group of a request lists
+the same number of blocks (each covers the same token positions; a sliding group's given-back ones
+are the null block), so one count says where a request's new blocks start in all of them.
 """
 
 from __future__ import annotations
@@ -47,15 +49,14 @@ class KVCacheManager:
         """The requests that hold blocks."""
         return list(self.groups[0].req_to_blocks)
 
-    def num_blocks(self, request_id: str) -> tuple[int, ...]:
+    def num_blocks(self, request_id: str) -> int:
         """How many blocks each group lists for the request (given-back ones included)."""
-        return tuple(len(group.req_to_blocks.get(request_id, ())) for group in self.groups)
+        return len(self.groups[0].req_to_blocks.get(request_id, ()))
 
-    def get_block_ids(self, request_id: str, start: Sequence[int] | None = None) -> tuple[list[int], ...]:
-        """The ids of a request's blocks in each group, from `start[group]` on (a running request's new ones)."""
-        start = start or (0,) * len(self.groups)
-        return tuple([block.block_id for block in group.req_to_blocks.get(request_id, ())[first:]]
-                     for group, first in zip(self.groups, start))
+    def get_block_ids(self, request_id: str, start: int = 0) -> tuple[list[int], ...]:
+        """The ids of a request's blocks in each group, from `start` on (a running request's new ones)."""
+        return tuple([block.block_id for block in group.req_to_blocks.get(request_id, ())[start:]]
+                     for group in self.groups)
 
     def get_computed_blocks(self, request: Request, sibling: Request | None = None) -> tuple[GroupBlocks, int]:
         """The longest run of leading full blocks already in the cache in every group, and how many
@@ -94,7 +95,8 @@ class KVCacheManager:
         hits = new_computed_blocks if new_computed_blocks and new_computed_blocks[0] else None
         num_computed = request.num_computed_tokens + (len(hits[0]) * self.block_size if hits else 0)
         num_slots = num_computed + num_new_tokens + num_lookahead_tokens
-        if hits is None and all(group.covers(request_id, num_slots) for group in self.groups):
+        listed = self.groups[0].req_to_blocks.get(request_id)
+        if hits is None and listed and num_slots <= len(listed) * self.block_size:
             # A decoding request inside its last block (15 steps in 16): no pool work. At 1,000
             # running sequences this path is most of the scheduler's time per step.
             self._cache_full_blocks(request, num_computed + num_new_tokens)
@@ -123,8 +125,8 @@ class KVCacheManager:
     def num_listed_blocks(self, requests: Sequence[Request]) -> int:
         """The length of the requests' block lists over all groups (cheap enough for every step;
         a sliding group's given-back blocks count as the slots they stand for)."""
-        return sum(len(blocks.get(request.request_id, ())) for blocks in (g.req_to_blocks for g in self.groups)
-                   for request in requests)
+        blocks = self.groups[0].req_to_blocks
+        return len(self.groups) * sum(len(blocks.get(request.request_id, ())) for request in requests)
 
     def forget_uncomputed_blocks(self, request: Request, num_computed: int) -> None:
         """Drop from the prefix cache the request's blocks past its first `num_computed` tokens: they

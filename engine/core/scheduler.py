@@ -66,8 +66,8 @@ class Scheduler:
         self.peak_num_running = 0  # most requests running at the end of any step
         self._next_step_id = 0
         self._in_flight: dict[int, list[ScheduledRequest]] = {}  # step id -> its requests, until update()
-        # Blocks the runner holds for each running request, per KV cache group.
-        self._num_blocks_sent: dict[str, tuple[int, ...]] = {}
+        # Blocks the runner holds for each running request (as many in every KV cache group).
+        self._num_blocks_sent: dict[str, int] = {}
         self._no_blocks = tuple(() for _ in kv_cache_manager.groups)  # shared: nobody appends to it
         self._finished_ids: set[str] = set()  # since the last step: the runner forgets them
         self._preempted_ids: list[str] = []
@@ -157,12 +157,12 @@ class Scheduler:
                 sent = self._num_blocks_sent[request_id]
                 held = manager.num_blocks(request_id)
                 # Most steps add no block to a running request: skip the slices of its block lists.
-                new_block_ids = manager.get_block_ids(request_id, sent) if held != sent else self._no_blocks
+                new_block_ids = manager.get_block_ids(request_id, sent) if held > sent else self._no_blocks
                 output.cached_requests.append(CachedRequestData(request_id, sent, new_block_ids,
                                                                 request.num_computed_tokens))
             else:
                 new_block_ids = manager.get_block_ids(request_id)
-                held = tuple(map(len, new_block_ids))
+                held = len(new_block_ids[0])
                 output.new_requests.append(NewRequestData(
                     request_id, request.prompt_token_ids, list(request.output_token_ids), request.sampling_params,
                     request.index, new_block_ids, request.num_computed_tokens, request.lora_request))

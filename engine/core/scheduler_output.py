@@ -34,11 +34,11 @@ class NewRequestData:
 
 @dataclass(slots=True)
 class CachedRequestData:
-    """A request the runner already holds: in each KV cache group, its blocks from `first_new_block`
-    on, and its progress."""
+    """A request the runner already holds: its blocks from `first_new_block` on in each KV cache group
+    (every group lists as many), and its progress."""
 
     req_id: str
-    first_new_block: tuple[int, ...]
+    first_new_block: int
     new_block_ids: tuple[list[int], ...]
     num_computed_tokens: int
 

@@ -69,7 +69,7 @@ class InputBuffers:
         # Per block-table row: (request state, blocks written in each group). A state only gains blocks
         # (a preempted request comes back as a new state), so while it keeps its row a step writes
         # the new ones.
-        self.row_owners: list[tuple[CachedRequestState, tuple[int, ...]] | None] = [None] * max_num_seqs
+        self.row_owners: list[tuple[CachedRequestState, int] | None] = [None] * max_num_seqs
         self.block_table_writes = 0  # rows (re)written, counted for tests
         # The pinned buffers must not be refilled while the last step's copies may still read them.
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
@@ -101,12 +101,12 @@ class InputBuffers:
             elif known < num_new:  # only a decode's one token can be in flight
                 unknown_rows.append(token + num_new - 1)
                 unknown_requests.append(state.request_id)
-            owner, block_ids = self.row_owners[row], state.block_ids
-            written = owner[1] if owner is not None and owner[0] is state else (0,) * len(block_ids)
-            if any(map(int.__lt__, written, map(len, block_ids))):
-                for group, (first, blocks) in enumerate(zip(written, block_ids)):
-                    tables[group, row, first:len(blocks)] = blocks[first:]
-                self.row_owners[row] = (state, tuple(map(len, block_ids)))
+            block_ids, owner = state.block_ids, self.row_owners[row]
+            written, num_blocks = (owner[1] if owner is not None and owner[0] is state else 0), len(block_ids[0])
+            if written < num_blocks:  # every KV cache group lists as many blocks
+                for group, blocks in enumerate(block_ids):
+                    tables[group, row, written:num_blocks] = blocks[written:]
+                self.row_owners[row] = (state, num_blocks)
                 self.block_table_writes += 1
             seq_lens[row] = start + num_new
             query_start_loc.append(token + num_new)

@@ -64,8 +64,8 @@ class RequestStates(dict):
                                                    data.num_computed_tokens, data.lora_request)
         for data in output.cached_requests:
             state = self[data.req_id]
-            for blocks, first, new in zip(state.block_ids, data.first_new_block, data.new_block_ids):
-                blocks[first:] = new
+            for blocks, new in zip(state.block_ids, data.new_block_ids):
+                blocks[data.first_new_block:] = new
             state.num_computed_tokens = data.num_computed_tokens
         drafts = output.scheduled_spec_decode_tokens
         for request_id, num_new in output.num_scheduled_tokens.items():

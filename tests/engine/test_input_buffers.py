@@ -90,10 +90,12 @@ def test_each_kv_cache_group_gets_its_own_block_table_and_slots():
     meta = buffers.prepare([(request, 1)], [0]).metadata
     assert meta.block_tables[:, 0, :3].tolist() == [[4, 5, 6], [7, 8, 9]]
     assert meta.slot_mapping[:, 0].tolist() == [6 * 4 + 1, 9 * 4 + 1]
-    request.block_ids[1].append(3)  # only one group grew: the row is written again
     request.num_computed_tokens = 12
     request.all_token_ids += [11, 12, 13]
+    for blocks, new in zip(request.block_ids, (2, 3)):  # every group lists as many blocks
+        blocks.append(new)
     writes = buffers.block_table_writes
     meta = buffers.prepare([(request, 1)], [0]).metadata
     assert buffers.block_table_writes == writes + 1
-    assert meta.block_tables[:, 0, :4].tolist() == [[4, 5, 6, 0], [7, 8, 9, 3]]
+    assert meta.block_tables[:, 0, :4].tolist() == [[4, 5, 6, 2], [7, 8, 9, 3]]
+    assert meta.slot_mapping[:, 0].tolist() == [2 * 4, 3 * 4]

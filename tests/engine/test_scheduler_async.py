@@ -88,7 +88,7 @@ def schedule_checked(scheduler, progress):
     assert set(new_ids + cached_ids) == output.num_scheduled_tokens.keys()
     for data in output.cached_requests:
         assert data.req_id in held, "a request the runner does not hold must come as a new request"
-        assert data.first_new_block == tuple(map(len, held[data.req_id]))
+        assert data.first_new_block == len(held[data.req_id][0])
         assert tuple(a + list(b) for a, b in zip(held[data.req_id], data.new_block_ids)) == manager.get_block_ids(
             data.req_id)
         if data.req_id in progress.planned_until:  # (drive() may take over a run begun by hand)
@@ -431,7 +431,7 @@ def test_every_output_pickles_and_running_requests_get_only_new_blocks(make_sche
     assert any(o.new_requests for o in outputs)
     assert any(d.new_block_ids[0] for o in outputs for d in o.cached_requests), "no running request got a block"
     assert any(not d.new_block_ids[0] for o in outputs for d in o.cached_requests)
-    assert any(d.first_new_block[0] > 0 for o in outputs for d in o.cached_requests)
+    assert any(d.first_new_block > 0 for o in outputs for d in o.cached_requests)
     assert any(o.preempted_req_ids for o in outputs)
     assert any(o.finished_req_ids for o in outputs)
     assert_all_blocks_free(scheduler)
