@@ -203,3 +203,16 @@ def test_a_hybrid_model_serves_a_context_whose_global_blocks_fit(hybrid_qwen2):
     assert one_group.llm_engine.runner.num_blocks == 15
     with pytest.raises(ValueError, match="tokens of KV cache, but it holds only 56"):
         one_group.generate([{"prompt_token_ids": prompts()[2]}], SamplingParams(max_tokens=30), use_tqdm=False)
+
+
+def test_a_draft_model_reads_a_hybrid_targets_global_group(hybrid_qwen2):
+    """A draft model shares the target's blocks through group 0, the global group (full attention
+    comes first), so it may read every position even though the target's sliding group gives its
+    blocks back: drafting for itself in a cache too small for both groups' full KV."""
+    folder, hf_model = hybrid_qwen2
+    llm = make_llm(folder, num_gpu_blocks_override=41, max_num_batched_tokens=8,
+                   speculative_config={"model": str(folder), "num_speculative_tokens": 3})
+    assert llm.llm_engine.kv_cache_manager.sliding_windows == (None, WINDOW)
+    assert_greedy_matches_transformers(llm, hf_model, prompts(), [20, 20, 20])
+    assert llm.llm_engine.speculation_stats()["spec_num_accepted_tokens"] > 0
+    assert llm.llm_engine.kv_cache_manager.num_free_blocks == 40
