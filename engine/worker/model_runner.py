@@ -229,7 +229,8 @@ class ModelRunner:
         return logits
 
     def _kv_bytes_per_block(self) -> int:
-        """A block holds one KV cache group's layers (and a draft model's: it shares the blocks)."""
+        """A block holds one KV cache group's layers (and a draft model's: it shares the blocks; with
+        several groups it reads only group 0's, so its share of the other groups' blocks goes unused)."""
         layer = self.attention_layers[0]
         target = kv_bytes_per_token(group_size(self.kv_cache_groups), layer.num_kv_heads, layer.head_dim,
                                     self.dtype.itemsize)
