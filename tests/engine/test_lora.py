@@ -119,9 +119,9 @@ def test_each_adapter_matches_transformers_and_peft(lora_llm, adapters, tiny_hf_
         assert [o.outputs[0].token_ids for o in outputs] != base_tokens, f"adapter {name} changes nothing"
 
 
-@pytest.mark.parametrize("variant", ["phi3-short-rope", "olmo2", "qwen3", "granite"])
+@pytest.mark.parametrize("variant", ["phi3-short-rope", "olmo2", "qwen3", "granite", "gemma", "gemma2", "gemma3"])
 def test_every_architecture_takes_adapters(lora_llm, adapters, variant):
-    """Phi-3's adapters name its fused qkv_proj / gate_up_proj; the others the separate projections (Phi-3
+    """Phi-3's adapters name its fused qkv_proj / gate_up_proj; the others (Gemma's GeGLU too) the separate projections (Phi-3
     with short RoPE factors only: transformers switches LongRoPE factors mid-generation past 8 tokens)."""
     llm = lora_llm(variant)
     lora_request, peft_model = adapters(variant)["r8"]
