@@ -35,16 +35,24 @@ class LoRAModuleSpec:
 
 
 def model_lora_modules(model_config) -> dict[str, LoRAModuleSpec]:
-    """Every projection LoRA applies to, by its path under a decoder layer (e.g. self_attn.qkv_proj)."""
+    """Every projection LoRA applies to, by its path under a decoder layer (e.g. self_attn.qkv_proj).
+    A mixture of experts takes adapters on its attention only: its experts are one fused kernel's
+    stacked weights (and transformers' own are 3-D parameters, which PEFT's target_modules cannot name)."""
     hidden, heads = model_config.hidden_size, model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or hidden // heads
     q_size = heads * head_dim
     kv_size = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
+    specs = {"self_attn.qkv_proj": LoRAModuleSpec(hidden, (q_size, kv_size, kv_size)),
+             "self_attn.o_proj": LoRAModuleSpec(q_size, (hidden,))}
+    if is_mixture_of_experts(model_config):
+        return specs
     intermediate = model_config.intermediate_size
-    return {"self_attn.qkv_proj": LoRAModuleSpec(hidden, (q_size, kv_size, kv_size)),
-            "self_attn.o_proj": LoRAModuleSpec(q_size, (hidden,)),
-            "mlp.gate_up_proj": LoRAModuleSpec(hidden, (intermediate, intermediate)),
-            "mlp.down_proj": LoRAModuleSpec(intermediate, (hidden,))}
+    return specs | {"mlp.gate_up_proj": LoRAModuleSpec(hidden, (intermediate, intermediate)),
+                    "mlp.down_proj": LoRAModuleSpec(intermediate, (hidden,))}
+
+
+def is_mixture_of_experts(model_config) -> bool:
+    return bool(getattr(model_config, "num_local_experts", None) or getattr(model_config, "num_experts", None))
 
 
 @dataclass
@@ -75,6 +83,9 @@ def check_adapter(peft: PeftAdapterConfig, model_config, max_lora_rank: int) -> 
             raise LoRAAdapterError(f"{weights_file}: {name.file_key} is for layer {name.layer}, but the model has "
                                    f"{model_config.num_hidden_layers} layers")
         module, part = _TARGETS[name.module]
+        if module not in specs:
+            raise LoRAAdapterError(f"{weights_file}: {name.file_key} targets {name.module}, but this model's MLP is a "
+                                   f"mixture of experts: LoRA applies to its attention projections (q/k/v/o) only")
         spec = specs[module]
         rows = sum(spec.slice_sizes) if part is None else spec.slice_sizes[part]
         expected = (peft.rank, spec.in_features) if name.kind == "lora_A" else (rows, peft.rank)

@@ -17,15 +17,10 @@ from torch import nn
 
 from engine.distributed.layers import ColumnParallelLinear, RowParallelLinear
 from engine.distributed.parallel_state import all_reduce, tp_rank
-from engine.layers.fused_moe import FusedMoE
 from engine.lora.adapter import LoRALayerWeights
 from kernels import triton_or_reference
 from kernels.lora_mapping import LoRATokenMapping
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
-
-# The projections LoRA wraps, by their path under a decoder layer.
-LORA_MODULES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-
 
 class LoRAContext:
     """What every LoRA layer of a model reads each step: the token -> slot mapping, and whether any
@@ -114,11 +109,9 @@ def wrap_lora_layers(model: nn.Module, module_specs: dict, context: LoRAContext,
                      max_rank: int) -> dict[str, LoRALinear]:
     """Swap every decoder layer's projections for LoRA layers (after the weights are loaded: the
     base weights move under `base_layer`); returns them by their module name."""
-    if any(isinstance(module, FusedMoE) for module in model.modules()):
-        raise ValueError("LoRA adapters on mixture-of-experts models are not supported")
     wrapped = {}
     for index, layer in enumerate(model.model.layers):
-        for path in LORA_MODULES:
+        for path in module_specs:  # a mixture of experts: its attention's only
             parent_name, leaf = path.split(".")
             parent = getattr(layer, parent_name)
             lora_layer = LoRALinear(getattr(parent, leaf), module_specs[path].slice_sizes, context, max_loras,

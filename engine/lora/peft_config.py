@@ -167,9 +167,10 @@ def _parse_name(path: Path, key: str) -> LoRATensorName:
     match = _TENSOR_NAME.match(key)
     layer_match = match and _LAYER_MODULE.match(match["module"])
     if not layer_match:
-        leaf = key.removesuffix(".weight").rsplit(".", 2)[0].rsplit(".", 1)[-1] if key.count(".") > 2 else key
-        raise LoRAAdapterError(f"{path}: tensor {key!r} is not supported (module {leaf!r}); LoRA applies to the "
-                               f"decoder layers' {', '.join(SUPPORTED_MODULES)}")
+        module = re.sub(r"^model\.layers\.\d+\.", "", match["module"]) if match else key
+        raise LoRAAdapterError(f"{path}: tensor {key!r} is not supported (module {module!r}); LoRA applies to the "
+                               f"decoder layers' {', '.join(SUPPORTED_MODULES)} (a mixture of experts: its "
+                               f"attention's only)")
     if layer_match["leaf"] not in SUPPORTED_MODULES:
         raise LoRAAdapterError(f"{path}: tensor {key!r} targets {layer_match['leaf']!r}, which is not supported; "
                                f"LoRA applies to {', '.join(SUPPORTED_MODULES)}")

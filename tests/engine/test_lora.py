@@ -25,6 +25,8 @@ from tests.engine.conftest import TINY_VOCAB, build_tiny_hf_model, hf_log_softma
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHI3_PROJECTIONS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # all a mixture of experts takes
+MOE_VARIANTS = ("mixtral", "qwen2-moe", "qwen3-moe")
 # name -> (rank, lora_alpha, use_rslora, seed)
 ADAPTERS = {"r4": (4, 8, False, 1), "r8": (8, 16, False, 2), "r16": (16, 8, False, 3), "rs8": (8, 4, True, 4)}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=TINY_VOCAB)
@@ -56,7 +58,8 @@ def adapters(tiny_hf_checkpoint, tmp_path_factory):
     def get(variant):
         if variant not in built:
             _, hf_model = tiny_hf_checkpoint(variant)
-            targets = PHI3_PROJECTIONS if variant.startswith("phi3") else ALL_PROJECTIONS
+            targets = (PHI3_PROJECTIONS if variant.startswith("phi3") else
+                       ATTENTION_PROJECTIONS if variant in MOE_VARIANTS else ALL_PROJECTIONS)
             built[variant] = {}
             for int_id, (name, (rank, alpha, rslora, seed)) in enumerate(ADAPTERS.items(), start=1):
                 folder = tmp_path_factory.mktemp(f"lora-{variant}-{name}")
@@ -127,6 +130,40 @@ def test_every_architecture_takes_adapters(lora_llm, adapters, variant):
     lora_request, peft_model = adapters(variant)["r8"]
     for prompt, output in zip(prompts(), run(llm, prompts(), lora_request)):
         assert output.outputs[0].token_ids == peft_greedy(peft_model, prompt)
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_a_mixture_of_experts_takes_adapters_on_its_attention(lora_llm, adapters, tiny_hf_checkpoint, variant):
+    """The experts stay the fused kernel's; q/k/v/o adapters give PEFT's greedy tokens, and change them."""
+    llm = lora_llm(variant)
+    base_model = tiny_hf_checkpoint(variant)[1]
+    lora_request, peft_model = adapters(variant)["r8"]
+    outputs = run(llm, prompts(), lora_request)
+    for prompt, output in zip(prompts(), outputs):
+        assert output.outputs[0].token_ids == peft_greedy(peft_model, prompt)
+    assert [o.outputs[0].token_ids for o in outputs] != [peft_greedy(base_model, p) for p in prompts()]
+
+
+def test_an_adapter_on_a_mixture_of_experts_mlp_is_refused_by_name(lora_llm, adapters, tmp_path):
+    """A gate_proj matrix (an adapter made for a dense model), and one on Qwen2-MoE's shared expert
+    (a module PEFT can name there): clear errors at add_request, the engine unharmed."""
+    from safetensors.torch import load_file, save_file
+
+    llm = lora_llm("qwen2-moe")
+    good, good_model = adapters("qwen2-moe")["r8"]
+    tensors = load_file(str(Path(good.lora_path) / "adapter_model.safetensors"))
+    rank, hidden = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape
+    cases = {"mlp.gate_proj": "mixture of experts: LoRA applies to its attention projections",
+             "mlp.shared_expert.gate_proj": "module 'mlp.shared_expert.gate_proj'"}
+    for int_id, (module, words) in enumerate(cases.items(), start=200):
+        folder = tmp_path / module
+        shutil.copytree(good.lora_path, folder)
+        extra = {f"base_model.model.model.layers.0.{module}.lora_A.weight": torch.zeros(rank, hidden),
+                 f"base_model.model.model.layers.0.{module}.lora_B.weight": torch.zeros(8, rank)}
+        save_file(tensors | extra, str(folder / "adapter_model.safetensors"))
+        with pytest.raises(LoRAAdapterError, match=words):
+            run(llm, prompts(1), LoRARequest(module, int_id, str(folder)))
+    assert run(llm, prompts(1), good)[0].outputs[0].token_ids == peft_greedy(good_model, prompts(1)[0])
 
 
 def test_a_batch_mixing_four_adapters_and_the_base_gives_each_its_own_answer(lora_llm, adapters):
