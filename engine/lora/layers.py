@@ -50,16 +50,36 @@ class LoRALinear(nn.Module):
         self.slice_starts = tuple(starts)
         weight = base_layer.weight
         factory = dict(dtype=weight.dtype, device=weight.device)
-        self.register_buffer("lora_a", torch.zeros(max_loras, len(self.slice_rows) * max_rank, weight.shape[1],
-                                                   **factory), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(max_loras, weight.shape[0], max_rank, **factory),
+        # The slots' A matrices are rows below the base weight's, in one tensor: a one-token step
+        # (batch-1 decoding) runs one GEMM for the base output and every slot's shrink, where the
+        # shrink kernel (and the clear before it) would each be a launch per projection. The base
+        # layer's weight is the first rows, so every other step's GEMM is what it was.
+        num_rows, rank_width = weight.shape[0], len(self.slice_rows) * max_rank
+        stacked = torch.empty(num_rows + max_loras * rank_width, weight.shape[1], **factory)
+        stacked[:num_rows].copy_(weight.data)
+        stacked[num_rows:].zero_()
+        base_layer.weight = nn.Parameter(stacked[:num_rows], requires_grad=False)
+        self.register_buffer("stacked_weight", stacked, persistent=False)
+        self.register_buffer("lora_a", stacked[num_rows:].view(max_loras, rank_width, weight.shape[1]),
                              persistent=False)
+        self.register_buffer("lora_b", torch.zeros(max_loras, num_rows, max_rank, **factory), persistent=False)
+        # The bias of the stacked GEMM: the base layer's, then zeros under the shrink's columns.
+        self.stacked_bias = None
+        if base_layer.bias is not None and not self.row_parallel:
+            self.stacked_bias = torch.cat([base_layer.bias.data, torch.zeros(max_loras * rank_width, **factory)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        out = F.linear(x, base.weight, None if self.row_parallel else base.bias)
-        if self.context.active:
-            self._add_lora(x, out)
+        if self.context.active and x.shape[0] == 1:  # one row: the stacked output's base part is contiguous
+            stacked = F.linear(x, self.stacked_weight, self.stacked_bias)
+            out = stacked[:, :base.weight.shape[0]]
+            expand = triton_or_reference(x, "lora_expand", lora_expand_ref)
+            expand(stacked[:, base.weight.shape[0]:], self.lora_b, self.context.mapping, self.slice_starts, out,
+                   y_per_slot=True)
+        else:
+            out = F.linear(x, base.weight, None if self.row_parallel else base.bias)
+            if self.context.active:
+                self._add_lora(x, out)
         if self.row_parallel:  # the partial LoRA products are summed with the base ones
             out = all_reduce(out)
             if base.bias is not None:

@@ -122,6 +122,19 @@ def test_each_adapter_matches_transformers_and_peft(lora_llm, adapters, tiny_hf_
         assert [o.outputs[0].token_ids for o in outputs] != base_tokens, f"adapter {name} changes nothing"
 
 
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+def test_one_request_alone_matches_peft(lora_llm, adapters, tiny_hf_checkpoint, variant):
+    """Alone, a request decodes one token a step: each projection's GEMM then also computes every
+    slot's shrink (the slots' A rows under the base weight; Qwen2's q/k/v bias stays off them)."""
+    llm = lora_llm(variant)
+    for name, (lora_request, peft_model) in adapters(variant).items():
+        for prompt in prompts():
+            output = run(llm, [prompt], lora_request)[0].outputs[0]
+            assert output.token_ids == peft_greedy(peft_model, prompt), f"adapter {name}"
+            reference = hf_log_softmax(peft_model, prompt + output.token_ids[:-1])[len(prompt) - 1:]
+            torch.testing.assert_close(logprob_matrix(output.logprobs), reference, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("variant", ["phi3-short-rope", "olmo2", "qwen3", "granite", "gemma", "gemma2", "gemma3"])
 def test_every_architecture_takes_adapters(lora_llm, adapters, variant):
     """Phi-3's adapters name its fused qkv_proj / gate_up_proj; the others (Gemma's GeGLU too) the separate projections (Phi-3

@@ -53,6 +53,28 @@ def test_matches_reference(dtype, token_slots, num_slots, slice_starts, max_rank
     check(token_slots, num_slots, slice_starts, max_rank, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("token_slots", [[2], [-1], [0, 2, -1, 2]])
+def test_every_slots_shrink_side_by_side_reads_the_tokens_own(dtype, token_slots):
+    """`y_per_slot`: y holds every slot's rank block (a stacked base GEMM's extra columns, in the
+    model's dtype); a token reads its slot's, and the other slots' blocks are NaN."""
+    num_slots, slice_starts, max_rank = 3, (0, 37, 50, 63), 16
+    width = (len(slice_starts) - 1) * max_rank
+    y, lora_b, mapping, out = expand_case(token_slots, num_slots, slice_starts, max_rank, dtype)
+    y_all = torch.full((len(token_slots), num_slots * width), float("nan"), dtype=dtype, device=DEVICE)
+    for t, slot in enumerate(token_slots):
+        if slot >= 0:
+            y_all[t, slot * width:(slot + 1) * width] = y[t].to(dtype)
+    base = out.clone()
+    lora_expand(y_all, lora_b, mapping, slice_starts, out, y_per_slot=True)
+    expected = lora_expand_ref(y.to(dtype).float(), lora_b, mapping, slice_starts, base.clone())
+    assert_matches(out, expected, dtype)
+    reference = lora_expand_ref(y_all, lora_b, mapping, slice_starts, base.clone(), y_per_slot=True)
+    assert_matches(reference, expected, dtype)
+    no_adapter = torch.tensor(token_slots, device=DEVICE) == -1
+    assert torch.equal(out[no_adapter], base[no_adapter])
+
+
 def test_small_tiles_loop_over_rank_and_rows():
     """Rank 40 in K tiles of 16 (3 steps), slices of 45 and 7 rows in tiles of 32, ~20 tokens a slot."""
     launch = ExpandLaunch(block_m=16, block_n=32, block_k=16)
