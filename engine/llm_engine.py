@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Iterable
 
 from engine.config import EngineConfig, SchedulerConfig
+from engine.core.kv_cache_groups import describe_kv_cache_groups
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.scheduler import Scheduler
 from engine.core.scheduler_output import SchedulerOutput
@@ -92,9 +93,10 @@ class LLMEngine:
         # then costs half the host time (vLLM freezes its heap the same way).
         gc.collect()
         gc.freeze()
-        logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, async scheduling %s, in %.1fs",
+        logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens%s, async scheduling %s, in %.1fs",
                     source.name, self.runner.device, self.runner.dtype, self.runner.num_blocks, config.block_size,
-                    "on" if self.async_scheduling else "off", time.perf_counter() - started)
+                    describe_kv_cache_groups(self.runner.kv_cache_groups), "on" if self.async_scheduling else "off",
+                    time.perf_counter() - started)
 
     @property
     def max_model_len(self) -> int:

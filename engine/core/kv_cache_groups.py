@@ -36,3 +36,15 @@ def group_layers(sliding_windows: list[int | None]) -> list[KVCacheGroup]:
 def group_size(groups: list[KVCacheGroup]) -> int:
     """Layers per group: the cache tensor's slots per block."""
     return max(len(group.layer_indices) for group in groups)
+
+
+def describe_kv_cache_groups(groups: list[KVCacheGroup]) -> str:
+    """For the start-up log: '' for one group, else e.g. ' in 6 groups of 8 layers (1 global, 5 sliding 1024)'."""
+    if len(groups) == 1:
+        return ""
+    kinds: dict[int | None, int] = {}
+    for group in groups:
+        kinds[group.sliding_window] = kinds.get(group.sliding_window, 0) + 1
+    parts = [f"{count} global" if window is None else f"{count} sliding {window}" for window, count in kinds.items()]
+    size = group_size(groups)
+    return f" in {len(groups)} groups of {size} layer{'s' if size > 1 else ''} ({', '.join(parts)})"

@@ -1,6 +1,6 @@
 """group_layers: which layers share a block table, for uniform and mixed attention."""
 
-from engine.core.kv_cache_groups import KVCacheGroup, group_layers, group_size
+from engine.core.kv_cache_groups import KVCacheGroup, describe_kv_cache_groups, group_layers, group_size
 
 
 def test_layers_that_attend_alike_form_one_group():
@@ -28,3 +28,9 @@ def test_a_count_the_group_size_does_not_divide_gets_a_shorter_last_group():
     groups = group_layers([None, 7, None, 7, 7])
     assert groups == [KVCacheGroup(None, (0, 2)), KVCacheGroup(7, (1, 3)), KVCacheGroup(7, (4,))]
     assert group_size(groups) == 2
+
+
+def test_the_start_up_log_names_the_groups():
+    assert describe_kv_cache_groups(group_layers([None] * 4)) == ""
+    assert describe_kv_cache_groups(group_layers(([1024] * 5 + [None]) * 8)) == (
+        " in 6 groups of 8 layers (1 global, 5 sliding 1024)")

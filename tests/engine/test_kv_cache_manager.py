@@ -363,3 +363,18 @@ def test_a_hybrid_prefix_hit_is_one_that_every_group_has(make_request):
     # The global group alone would hit all 6: its hashes are tagged apart from the sliding group's.
     assert len(manager.groups[0].find_longest_cache_hit(diverges.block_hashes[:6])) == 6
     assert manager.groups[1].find_longest_cache_hit(diverges.block_hashes[:6]) == []
+
+
+def test_a_hybrid_sibling_shares_its_prompt_blocks_in_every_group_until_its_window_moves_on(make_request):
+    """`n > 1` without prefix caching: the later child takes the first child's prompt blocks in both
+    groups, until the first child's sliding group has given back a block the later child would see."""
+    manager = KVCacheManager(num_blocks=40, block_size=BLOCK, enable_caching=False, sliding_windows=HYBRID)
+    first = make_request("p-0", range(30), parent_id="p", index=0)
+    compute(manager, first, 30)
+    second = make_request("p-1", range(30), parent_id="p", index=1)
+    (full, sliding), num_cached = manager.get_computed_blocks(second, first)
+    assert num_cached == 28
+    assert full == manager.groups[0].req_to_blocks["p-0"][:7] and sliding == manager.groups[1].req_to_blocks["p-0"][:7]
+    for _ in range(4):  # past 33: the first child's sliding group gives back block 5
+        compute(manager, first, 1)
+    assert manager.get_computed_blocks(second, first) == (([], []), 0)
