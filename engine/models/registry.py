@@ -11,7 +11,8 @@ from engine.models.phi3 import Phi3ForCausalLM
 MODEL_REGISTRY = {
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
-    "Gemma3ForCausalLM": Gemma3ForCausalLM,  # text only (the multimodal Gemma3ForConditionalGeneration is not)
+    # Also the decoder of a multimodal Gemma3ForConditionalGeneration (engine/weights/multimodal_text.py).
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,

@@ -31,9 +31,11 @@ def load_weights_into(model, source: ModelSource, seed: int = 0) -> None:
 
         weights = iterate_gguf(source.path, model.config)
     else:
+        from engine.weights.multimodal_text import text_weight_name
         from engine.weights.safetensors_weights import iterate_safetensors
 
-        weights = iterate_safetensors(source.path)
+        text_only = getattr(model.config, "language_model_only", False)  # a multimodal checkpoint's decoder
+        weights = iterate_safetensors(source.path, text_weight_name if text_only else None)
     loaded = model.load_weights(weights)
     missing = model.expected_weight_names() - loaded
     if missing:

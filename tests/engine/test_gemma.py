@@ -1,4 +1,4 @@
-"""Gemma 1, 2 and 3 (text): what the tiny checkpoints exercise, the bfloat16 roundings transformers
+"""Gemma 1, 2 and 3 (text, and a multimodal Gemma 3 checkpoint's decoder): what the tiny checkpoints exercise, the bfloat16 roundings transformers
 has that a float32 comparison cannot see, the dummy presets of real shapes, and dummy models whose
 vocabulary is larger than the tokenizer they borrow.
 
@@ -147,3 +147,56 @@ def test_without_a_tokenizer_a_dummy_model_samples_its_whole_vocabulary(wide_voc
     params = SamplingParams(temperature=1.0, max_tokens=64, ignore_eos=True, seed=1)
     output = llm.generate([{"prompt_token_ids": [59999, 3, 4]}], params, use_tqdm=False)[0]
     assert max(output.outputs[0].token_ids) >= len(bundled_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_multimodal_gemma3(tmp_path_factory):
+    """A tiny Gemma3ForConditionalGeneration (SigLIP tower, projector, the "gemma3" text variant's
+    decoder), saved by transformers in the Hub's layout: (folder, transformers model)."""
+    import transformers
+
+    from tests.engine.conftest import TINY_VARIANTS, TINY_VOCAB
+
+    _, extra, _ = TINY_VARIANTS["gemma3"]
+    text = transformers.Gemma3TextConfig(**(dict(
+        vocab_size=TINY_VOCAB + 8, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+        initializer_range=0.1) | extra))
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=TINY_VOCAB + 5, eoi_token_index=TINY_VOCAB + 6,
+                                       image_token_index=TINY_VOCAB + 7)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    model.set_attn_implementation("eager")
+    folder = tmp_path_factory.mktemp("tiny-gemma3-multimodal")
+    model.save_pretrained(str(folder))
+    return folder, model
+
+
+def test_a_multimodal_gemma_3_checkpoint_serves_its_language_model(tiny_multimodal_gemma3):
+    """Gemma 3 at 4B and up ships as Gemma3ForConditionalGeneration: its decoder is served for text
+    (the vision tower's tensors are never read), with transformers' logprobs and greedy tokens on
+    text-only prompts longer than the sliding window."""
+    folder, hf_model = tiny_multimodal_gemma3
+    llm = LLM(model=str(folder), dtype="float32", block_size=4, num_gpu_blocks_override=256, seed=0,
+              skip_tokenizer_init=True)
+    engine = llm.llm_engine
+    assert engine.model_config.architectures == ["Gemma3ForCausalLM"]
+    assert engine.kv_cache_manager.sliding_windows == (None, 8, 8)  # one global layer, two local
+    for prompt in prompts():
+        output = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
+            temperature=0, max_tokens=8, ignore_eos=True, logprobs=20), use_tqdm=False)[0].outputs[0]
+        with torch.no_grad():
+            ids = torch.tensor([prompt])
+            expected = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                         eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert output.token_ids == expected
+        reference = hf_log_softmax(hf_model, prompt + output.token_ids[:-1])[len(prompt) - 1:]
+        for row, (token, entries) in enumerate(zip(output.token_ids, output.logprobs)):
+            assert abs(entries[token].logprob - reference[row, token].item()) < 1e-4
