@@ -1,6 +1,6 @@
-"""Gemma 1, 2 and 3 (text, and a multimodal Gemma 3 checkpoint's decoder): what the tiny checkpoints exercise, the bfloat16 roundings transformers
-has that a float32 comparison cannot see, the dummy presets of real shapes, and dummy models whose
-vocabulary is larger than the tokenizer they borrow.
+"""Gemma 1, 2 and 3 (text, and a multimodal Gemma 3 checkpoint's decoder): what the tiny checkpoints
+exercise, the bfloat16 roundings transformers has that a float32 comparison cannot see, the dummy
+presets of real shapes, and dummy models whose vocabulary is larger than the tokenizer they borrow.
 
 The comparisons with transformers (logprobs within 1e-4 over prompts longer than the sliding window,
 greedy tokens, chunked prefill) are test_models_vs_hf.py's variants "gemma", "gemma2" and "gemma3";
