@@ -11,8 +11,9 @@ for part in "$@"; do
         tests) python3 -m pytest -q -m gpu tests/engine/test_cuda_gemma.py tests/engine/test_cuda_sliding_window.py \
                    tests/engine/test_cuda_graphs.py tests/engine/test_cuda.py tests/engine/test_cuda_spec_decode.py \
                    tests/kernels -p no:cacheprovider 2>&1 | tail -15 ;;
-        tests-quick) python3 -m pytest -q -m gpu tests/engine/test_cuda_gemma.py tests/engine/test_cuda_sliding_window.py \
-                         tests/engine/test_cuda_graphs.py -p no:cacheprovider 2>&1 | tail -5 ;;
+        tests-quick) python3 -m pytest -q -m gpu tests/engine/test_cuda_gemma.py \
+                         tests/engine/test_cuda_sliding_window.py tests/engine/test_cuda_graphs.py \
+                         -p no:cacheprovider 2>&1 | tail -5 ;;
         gemma-3-12b|gemma-2-9b|gemma-3-12b-decode)
             # Prompt-heavy: 7,680-token prompts, past Gemma 3's 1,024-token window and Gemma 2's 4,096-token
             # one. Decode-heavy: 4,096 in, 512 out, where more sequences at once mean more tokens per step.

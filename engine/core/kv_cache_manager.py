@@ -106,7 +106,8 @@ class KVCacheManager:
         needed = sum(group.num_blocks_needed(request_id, num_slots, hits[i]) for i, group in enumerate(self.groups))
         if needed > self.block_pool.get_num_free_blocks():
             return None
-        new_blocks = [block for i, group in enumerate(self.groups) for block in group.allocate(request_id, num_slots, hits[i])]
+        new_blocks = [block for i, group in enumerate(self.groups)
+                      for block in group.allocate(request_id, num_slots, hits[i])]
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return new_blocks
 

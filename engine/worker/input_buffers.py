@@ -123,7 +123,8 @@ class InputBuffers:
             decode_max_seq_len = self.max_model_len
         self.sample_rows.np[:len(sample_rows)] = sample_rows
         metadata = AttentionMetadata(
-            slot_mapping=self.slot_mapping.copy_per_group(num_tokens), block_tables=self.block_tables.copy_per_group(num_seqs),
+            slot_mapping=self.slot_mapping.copy_per_group(num_tokens),
+            block_tables=self.block_tables.copy_per_group(num_seqs),
             seq_lens=self.seq_lens.copy(num_seqs), num_decodes=num_decodes,
             decode_max_blocks=-(-decode_max_seq_len // self.block_size), decode_max_seq_len=decode_max_seq_len,
             seq_lens_cpu=seq_lens[:num_seqs].tolist(), query_start_loc_cpu=query_start_loc)

@@ -20,8 +20,8 @@ class CachedRequestState:
                  "block_ids", "num_computed_tokens", "num_output_tokens", "spec_token_ids", "lora_request")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-                 sampling_params: SamplingParams, index: int, block_ids: tuple[list[int], ...], num_computed_tokens: int,
-                 lora_request=None) -> None:
+                 sampling_params: SamplingParams, index: int, block_ids: tuple[list[int], ...],
+                 num_computed_tokens: int, lora_request=None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids = list(output_token_ids)

@@ -137,8 +137,9 @@ def test_one_request_alone_matches_peft(lora_llm, adapters, tiny_hf_checkpoint, 
 
 @pytest.mark.parametrize("variant", ["phi3-short-rope", "olmo2", "qwen3", "granite", "gemma", "gemma2", "gemma3"])
 def test_every_architecture_takes_adapters(lora_llm, adapters, variant):
-    """Phi-3's adapters name its fused qkv_proj / gate_up_proj; the others (Gemma's GeGLU too) the separate projections (Phi-3
-    with short RoPE factors only: transformers switches LongRoPE factors mid-generation past 8 tokens)."""
+    """Phi-3's adapters name its fused qkv_proj / gate_up_proj; the others (Gemma's GeGLU too) the separate
+    projections (Phi-3 with short RoPE factors only: transformers switches LongRoPE factors mid-generation
+    past 8 tokens)."""
     llm = lora_llm(variant)
     lora_request, peft_model = adapters(variant)["r8"]
     for prompt, output in zip(prompts(), run(llm, prompts(), lora_request)):
