@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fused_moe_ref import MoELoRA, add_lora_gate_up, lora_down_delta
+from kernels.lora_expand import lora_expand
+from kernels.lora_shrink import lora_shrink
 from kernels.moe_align_block_size import ExpertAlignment, moe_align_block_size
 from kernels.silu_and_mul import silu_and_mul
 
@@ -103,9 +106,12 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alignment: 
 
 
 def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, out: torch.Tensor | None = None, launch: MoELaunch | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, lora: MoELoRA | None = None, out: torch.Tensor | None = None,
+              launch: MoELaunch | None = None) -> torch.Tensor:
     """Drop-in for `fused_moe_ref` on CUDA (or under TRITON_INTERPRET=1): hidden_states `[T, H]`, w13
-    `[E, 2I, H]`, w2 `[E, H, I]`, topk_weights `[T, top_k]`, topk_ids `[T, top_k]` -> `[T, H]`."""
+    `[E, 2I, H]`, w2 `[E, H, I]`, topk_weights `[T, top_k]`, topk_ids `[T, top_k]` -> `[T, H]`. With
+    `lora`, the batched LoRA kernels add each adapter pair's delta to its gate/up rows before the
+    activation and to its down rows (times its router weight) before the sum."""
     num_tokens, hidden_size = hidden_states.shape
     num_experts, intermediate_size = w2.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
@@ -119,7 +125,13 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     alignment = moe_align_block_size(topk_ids, num_experts, launch.block_m)
     gate_up = torch.empty(num_pairs, 2 * intermediate_size, dtype=hidden_states.dtype, device=hidden_states.device)
     _grouped_gemm(hidden_states, w13, gate_up, alignment, top_k, None, launch)
+    if lora is not None:
+        add_lora_gate_up(hidden_states.repeat_interleave(top_k, dim=0), gate_up, lora, lora_shrink, lora_expand)
+    activated = silu_and_mul(gate_up)
     down = torch.empty(num_tokens, top_k, hidden_size, dtype=hidden_states.dtype, device=hidden_states.device)
-    _grouped_gemm(silu_and_mul(gate_up), w2, down.view(num_pairs, hidden_size), alignment, 1,
-                  topk_weights.contiguous().view(-1), launch)
+    pair_weights = topk_weights.contiguous().view(-1)
+    _grouped_gemm(activated, w2, down.view(num_pairs, hidden_size), alignment, 1, pair_weights, launch)
+    if lora is not None:
+        delta = lora_down_delta(activated, hidden_size, lora, lora_shrink, lora_expand)
+        down.view(num_pairs, hidden_size).add_(delta * pair_weights[:, None].to(delta.dtype))
     return torch.sum(down, dim=1, out=out)

@@ -36,8 +36,8 @@ class LoRAModuleSpec:
 
 def model_lora_modules(model_config) -> dict[str, LoRAModuleSpec]:
     """Every projection LoRA applies to, by its path under a decoder layer (e.g. self_attn.qkv_proj).
-    A mixture of experts takes adapters on its attention only: its experts are one fused kernel's
-    stacked weights (and transformers' own are 3-D parameters, which PEFT's target_modules cannot name)."""
+    A mixture of experts' MLP is its experts: they take adapters through PEFT's target_parameters
+    (engine/lora/moe_layer.py), not as projections of their own."""
     hidden, heads = model_config.hidden_size, model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or hidden // heads
     q_size = heads * head_dim
@@ -55,6 +55,17 @@ def is_mixture_of_experts(model_config) -> bool:
     return bool(getattr(model_config, "num_local_experts", None) or getattr(model_config, "num_experts", None))
 
 
+def expert_matrix_shapes(model_config, parameter: str, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (A, B) shapes of PEFT's LoRA on a stacked expert parameter: A `[r * E, in]`, B `[out, r * E]`."""
+    from engine.models.moe import num_experts_of
+
+    experts, hidden = num_experts_of(model_config), model_config.hidden_size
+    intermediate = getattr(model_config, "moe_intermediate_size", None) or model_config.intermediate_size
+    if parameter == "gate_up_proj":
+        return (rank * experts, hidden), (2 * intermediate, rank * experts)
+    return (rank * experts, intermediate), (hidden, rank * experts)
+
+
 @dataclass
 class LoRALayerWeights:
     """One projection's adapter: per slice, A [rank, in] and B [rows, rank] (scaled), or None where the
@@ -65,10 +76,21 @@ class LoRALayerWeights:
 
 
 @dataclass
+class LoRAExpertWeights:
+    """One MoE layer's adapter, per expert, B scaled: gate_up A `[E, r, H]` and B `[E, 2I, r]` (one A for
+    gate and up), down A `[E, r, I]` and B `[E, H, r]` (full size), or None where the adapter leaves that
+    projection alone."""
+
+    gate_up: tuple[torch.Tensor, torch.Tensor] | None
+    down: tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass
 class LoRAAdapterWeights:
     name: str
     rank: int
-    layers: dict[str, LoRALayerWeights]  # by module name in the model, e.g. model.layers.3.self_attn.qkv_proj
+    # By module name in the model, e.g. model.layers.3.self_attn.qkv_proj (or model.layers.3.mlp.experts).
+    layers: dict[str, LoRALayerWeights | LoRAExpertWeights]
 
 
 def check_adapter(peft: PeftAdapterConfig, model_config, max_lora_rank: int) -> None:
@@ -82,10 +104,14 @@ def check_adapter(peft: PeftAdapterConfig, model_config, max_lora_rank: int) -> 
         if name.layer >= model_config.num_hidden_layers:
             raise LoRAAdapterError(f"{weights_file}: {name.file_key} is for layer {name.layer}, but the model has "
                                    f"{model_config.num_hidden_layers} layers")
+        if name.on_experts:
+            _check_expert_matrix(peft, name, model_config)
+            continue
         module, part = _TARGETS[name.module]
         if module not in specs:
             raise LoRAAdapterError(f"{weights_file}: {name.file_key} targets {name.module}, but this model's MLP is a "
-                                   f"mixture of experts: LoRA applies to its attention projections (q/k/v/o) only")
+                                   f"mixture of experts: LoRA applies to its attention projections (q/k/v/o), and to its "
+                                   f"experts through target_parameters (mlp.experts.gate_up_proj, down_proj)")
         spec = specs[module]
         rows = sum(spec.slice_sizes) if part is None else spec.slice_sizes[part]
         expected = (peft.rank, spec.in_features) if name.kind == "lora_A" else (rows, peft.rank)
@@ -93,6 +119,32 @@ def check_adapter(peft: PeftAdapterConfig, model_config, max_lora_rank: int) -> 
         if tuple(found) != expected:
             raise LoRAAdapterError(f"{weights_file}: {name.file_key} has shape {list(found)}, but this model needs "
                                    f"{list(expected)} (an adapter made for a different model?)")
+
+
+def _check_expert_matrix(peft: PeftAdapterConfig, name, model_config) -> None:
+    from engine.models.moe import is_sparse_layer
+
+    weights_file = peft.path / WEIGHTS_FILE
+    if not is_mixture_of_experts(model_config) or not is_sparse_layer(model_config, name.layer):
+        raise LoRAAdapterError(f"{weights_file}: {name.file_key} targets experts, but layer {name.layer} of this "
+                               f"model has none")
+    shape_a, shape_b = expert_matrix_shapes(model_config, name.module.removeprefix("experts."), peft.rank)
+    expected = shape_a if name.kind == "lora_A" else shape_b
+    found = peft.tensors[name.file_key].shape
+    if tuple(found) != expected:
+        raise LoRAAdapterError(f"{weights_file}: {name.file_key} ({name.module}) has shape {list(found)}, but this "
+                               f"model needs {list(expected)} (rank {peft.rank} for each of its experts)")
+
+
+def _expert_weights(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int, scaling: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's layout to per-expert matrices: A `[r * E, in]` is E blocks of r rows; B `[out, r * E]` has
+    expert e's columns at e, e + E, ... (PEFT reshapes it to `[out, r, E]`). Returns A `[E, r, in]` and
+    B `[E, out, r]`, scaled."""
+    experts = lora_a.shape[0] // rank
+    per_expert_a = lora_a.reshape(experts, rank, lora_a.shape[1])
+    per_expert_b = lora_b.reshape(lora_b.shape[0], rank, experts).permute(2, 0, 1) * scaling
+    return per_expert_a.contiguous(), per_expert_b.contiguous()
 
 
 def load_adapter(path: str | Path, name: str, model_config, max_lora_rank: int) -> LoRAAdapterWeights:
@@ -107,6 +159,17 @@ def load_adapter(path: str | Path, name: str, model_config, max_lora_rank: int) 
     layers: dict[str, LoRALayerWeights] = {}
     for name in peft.names:
         if name.kind != "lora_A":
+            continue
+        if name.on_experts:
+            module = f"model.layers.{name.layer}.mlp.experts"
+            pair = _expert_weights(tensors[name.file_key].float(),
+                                   tensors[name.file_key.replace(".lora_A.", ".lora_B.")].float(), peft.rank,
+                                   peft.scaling)
+            experts = layers.setdefault(module, LoRAExpertWeights(None, None))
+            if name.module == "experts.gate_up_proj":
+                experts.gate_up = pair
+            else:
+                experts.down = pair
             continue
         module, part = _TARGETS[name.module]
         spec = specs[module]

@@ -20,10 +20,11 @@ from torch import nn
 from engine.lora.adapter import load_adapter, model_lora_modules
 from engine.lora.config import LoRAConfig
 from engine.lora.layers import LoRAContext, LoRALinear, wrap_lora_layers
+from engine.lora.moe_layer import LoRAFusedMoE, wrap_lora_experts
 from engine.lora.request import LoRARequest
 from kernels.lora_mapping import NO_ADAPTER, LoRATokenMapping
 
-SlotImages = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A, B) slot contents
+SlotImages = dict[str, tuple[torch.Tensor, ...]]  # module name -> slot contents ((A, B), or an MoE layer's four)
 
 
 class LoRAModelManager:
@@ -33,8 +34,10 @@ class LoRAModelManager:
         self.lora_config = lora_config
         self.device = device
         self.context = LoRAContext(LoRATokenMapping(max_num_tokens, lora_config.max_loras, device))
-        self.layers: dict[str, LoRALinear] = wrap_lora_layers(
+        self.layers: dict[str, LoRALinear | LoRAFusedMoE] = wrap_lora_layers(
             model, model_lora_modules(model_config), self.context, lora_config.max_loras, lora_config.max_lora_rank)
+        self.layers |= wrap_lora_experts(model, self.context, lora_config.max_loras, lora_config.max_lora_rank,
+                                         max_num_tokens)
         self.slot_ids: list[int | None] = [None] * lora_config.max_loras  # the lora_int_id in each slot
         self._slot_last_used = [0] * lora_config.max_loras
         self._num_activations = 0

@@ -23,6 +23,12 @@ SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_p
 # PEFT's key of one LoRA matrix: base_model.model.<module path>.lora_A.weight (or lora_B).
 _TENSOR_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
 _LAYER_MODULE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<leaf>\w+)$")
+# PEFT's LoRA on a parameter (`target_parameters`): transformers' stacked experts. With several on one
+# module each wraps the one before, in the module's parameter order (gate_up_proj, then down_proj, in
+# transformers' experts classes; not the config's list, which is a set's): the first sits deepest, one
+# `.base_layer` under each later one.
+_EXPERTS_MODULE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.mlp\.experts(?P<nesting>(?:\.base_layer)*)$")
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 _MAX_HEADER_BYTES = 100 * 2**20
 
 
@@ -42,8 +48,12 @@ class LoRATensorName:
 
     file_key: str
     layer: int
-    module: str  # e.g. q_proj, gate_up_proj
+    module: str  # e.g. q_proj, gate_up_proj; experts.gate_up_proj for stacked experts
     kind: str  # lora_A or lora_B
+
+    @property
+    def on_experts(self) -> bool:
+        return self.module.startswith("experts.")
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,8 @@ def read_peft_adapter(path: str | Path) -> PeftAdapterConfig:
     config = _read_config(folder / CONFIG_FILE)
     tensors = read_safetensors_header(folder / WEIGHTS_FILE)
     rank, alpha, use_rslora = _check_config(folder / CONFIG_FILE, config)
-    names = tuple(_parse_name(folder / WEIGHTS_FILE, key) for key in sorted(tensors))
+    expert_parameters = _expert_parameters(folder / CONFIG_FILE, config)
+    names = tuple(_parse_name(folder / WEIGHTS_FILE, key, expert_parameters) for key in sorted(tensors))
     if not names:
         raise LoRAAdapterError(f"{folder / WEIGHTS_FILE}: holds no LoRA matrices")
     weights_file = folder / WEIGHTS_FILE
@@ -79,7 +90,7 @@ def read_peft_adapter(path: str | Path) -> PeftAdapterConfig:
         if len(info.shape) != 2:
             raise LoRAAdapterError(f"{weights_file}: {name.file_key} has shape {list(info.shape)}, expected a matrix")
         found_rank = info.shape[0] if name.kind == "lora_A" else info.shape[1]
-        if found_rank != rank:
+        if found_rank != rank and not name.on_experts:  # experts: r per expert, checked against the model
             raise LoRAAdapterError(f"{weights_file}: {name.file_key} has rank {found_rank}, but r is {rank} in "
                                    f"{CONFIG_FILE}")
     pairs = {(n.layer, n.module, n.kind) for n in names}
@@ -163,14 +174,42 @@ def _check_config(path: Path, config: dict) -> tuple[int, float, bool]:
     return rank, float(alpha), bool(config.get("use_rslora", False))
 
 
-def _parse_name(path: Path, key: str) -> LoRATensorName:
+def _expert_parameters(path: Path, config: dict) -> tuple[str, ...]:
+    """The stacked expert parameters `target_parameters` names, in the experts module's order; anything
+    else is refused."""
+    targets = config.get("target_parameters") or []
+    if not isinstance(targets, list):
+        raise LoRAAdapterError(f"{path}: target_parameters must be a list, got {targets!r}")
+    leaves = tuple(str(target).rsplit(".", 1)[-1] for target in targets)
+    unsupported = [t for t, leaf in zip(targets, leaves) if leaf not in EXPERT_PARAMETERS
+                   or not str(target_module_of(t)).endswith("experts")]
+    if unsupported:
+        raise LoRAAdapterError(f"{path}: target_parameters {unsupported} are not supported; LoRA on parameters "
+                               f"applies to a mixture of experts' mlp.experts.{{{', '.join(EXPERT_PARAMETERS)}}}")
+    return tuple(parameter for parameter in EXPERT_PARAMETERS if parameter in leaves)
+
+
+def target_module_of(target: str) -> str:
+    """`mlp.experts.gate_up_proj` -> `mlp.experts`; a bare parameter name is taken as the experts'."""
+    return target.rsplit(".", 1)[0] if "." in target else "experts"
+
+
+def _parse_name(path: Path, key: str, expert_parameters: tuple[str, ...] = ()) -> LoRATensorName:
     match = _TENSOR_NAME.match(key)
+    experts_match = match and _EXPERTS_MODULE.match(match["module"])
+    if experts_match:
+        depth = experts_match["nesting"].count(".base_layer")
+        if depth >= len(expert_parameters):
+            raise LoRAAdapterError(f"{path}: tensor {key!r} is LoRA on the experts' parameters, but "
+                                   f"{CONFIG_FILE}'s target_parameters names {len(expert_parameters)} of them")
+        parameter = expert_parameters[len(expert_parameters) - 1 - depth]
+        return LoRATensorName(key, int(experts_match["layer"]), f"experts.{parameter}", match["kind"])
     layer_match = match and _LAYER_MODULE.match(match["module"])
     if not layer_match:
         module = re.sub(r"^model\.layers\.\d+\.", "", match["module"]) if match else key
         raise LoRAAdapterError(f"{path}: tensor {key!r} is not supported (module {module!r}); LoRA applies to the "
-                               f"decoder layers' {', '.join(SUPPORTED_MODULES)} (a mixture of experts: its "
-                               f"attention's only)")
+                               f"decoder layers' {', '.join(SUPPORTED_MODULES)} (on a mixture of experts: its "
+                               f"attention's, and its experts' through target_parameters)")
     if layer_match["leaf"] not in SUPPORTED_MODULES:
         raise LoRAAdapterError(f"{path}: tensor {key!r} targets {layer_match['leaf']!r}, which is not supported; "
                                f"LoRA applies to {', '.join(SUPPORTED_MODULES)}")

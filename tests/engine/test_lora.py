@@ -34,13 +34,14 @@ ENGINE = dict(dtype="float32", block_size=4, num_gpu_blocks_override=256, seed=0
               max_lora_rank=16)
 
 
-def make_peft_adapter(hf_model, folder, rank, alpha, use_rslora, seed, targets=ALL_PROJECTIONS):
-    """Save a random PEFT adapter for `hf_model` in `folder`; returns the PEFT model (the reference)."""
+def make_peft_adapter(hf_model, folder, rank, alpha, use_rslora, seed, targets=ALL_PROJECTIONS, parameters=None):
+    """Save a random PEFT adapter for `hf_model` in `folder`; returns the PEFT model (the reference).
+    `parameters`: PEFT's target_parameters (a mixture of experts' stacked expert weights)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=targets, lora_dropout=0.0,
-                        init_lora_weights=False)
+                        init_lora_weights=False, target_parameters=parameters)
     peft_model = get_peft_model(copy.deepcopy(hf_model), config)
     with torch.no_grad():  # B at PEFT's random init moves the logits a lot; keep the model sane but changed
         for name, param in peft_model.named_parameters():
@@ -156,6 +157,66 @@ def test_a_mixture_of_experts_takes_adapters_on_its_attention(lora_llm, adapters
     for prompt, output in zip(prompts(), outputs):
         assert output.outputs[0].token_ids == peft_greedy(peft_model, prompt)
     assert [o.outputs[0].token_ids for o in outputs] != [peft_greedy(base_model, p) for p in prompts()]
+
+
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def expert_adapters(tiny_hf_checkpoint, tmp_path_factory):
+    """`expert_adapters(variant) -> {name: (LoRARequest, peft_model)}`: PEFT adapters on the attention
+    and on the stacked experts (target_parameters), one rank-8 and one rsLoRA rank-4 on the experts only."""
+    built = {}
+
+    def get(variant):
+        if variant not in built:
+            hf_model = tiny_hf_checkpoint(variant)[1]
+            built[variant] = {}
+            for int_id, (name, rank, alpha, rslora, targets) in enumerate(
+                    [("both", 8, 16, False, ATTENTION_PROJECTIONS), ("experts", 4, 8, True, [])], start=50):
+                folder = tmp_path_factory.mktemp(f"lora-experts-{variant}-{name}")
+                peft_model = make_peft_adapter(hf_model, folder, rank, alpha, rslora, int_id, targets,
+                                               EXPERT_PARAMETERS)
+                built[variant][name] = (LoRARequest(f"{variant}-{name}", int_id, str(folder)), peft_model)
+        return built[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_a_mixture_of_experts_takes_adapters_on_its_experts(lora_llm, expert_adapters, tiny_hf_checkpoint,
+                                                             variant):
+    """PEFT's LoRA on transformers' stacked expert weights: every (token, expert) pair of an adapter's
+    tokens gets its expert's delta, in one batch with the base model's requests and another adapter's."""
+    llm, base_model = lora_llm(variant), tiny_hf_checkpoint(variant)[1]
+    cases = [(request, peft_model) for request, peft_model in expert_adapters(variant).values()]
+    cases.append((None, base_model))
+    batch = [(prompt, request, model) for prompt in prompts() for request, model in cases]
+    outputs = llm.generate([{"prompt_token_ids": p} for p, _, _ in batch], GREEDY, use_tqdm=False,
+                           lora_request=[request for _, request, _ in batch])
+    for (prompt, request, model), output in zip(batch, outputs):
+        tokens = output.outputs[0].token_ids
+        assert tokens == peft_greedy(model, prompt), f"adapter {request and request.lora_name}"
+        reference = hf_log_softmax(model, prompt + tokens[:-1])[len(prompt) - 1:]
+        torch.testing.assert_close(logprob_matrix(output.outputs[0].logprobs), reference, atol=1e-4, rtol=0)
+    experts_only = [o.outputs[0].token_ids for (_, r, _), o in zip(batch, outputs) if r is cases[1][0]]
+    assert experts_only != [peft_greedy(base_model, p) for p in prompts()], "the expert adapter changes nothing"
+
+
+def test_expert_matrices_nest_in_the_experts_parameter_order_whatever_the_config_lists(
+        lora_llm, expert_adapters, tmp_path):
+    """PEFT wraps gate_up_proj first (the module's order), so its matrices sit under `.base_layer`; the
+    config's target_parameters list is a set's, in either order."""
+    llm = lora_llm("mixtral")
+    request, peft_model = expert_adapters("mixtral")["both"]
+    folder = tmp_path / "reversed"
+    shutil.copytree(request.lora_path, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    names = config["target_parameters"]
+    for int_id, order in enumerate((sorted(names), sorted(names, reverse=True)), start=90):
+        (folder / "adapter_config.json").write_text(json.dumps(config | {"target_parameters": order}))
+        reordered = LoRARequest(f"reordered-{int_id}", int_id, str(folder))  # a new id: read from disk again
+        assert run(llm, prompts(1), reordered)[0].outputs[0].token_ids == peft_greedy(peft_model, prompts(1)[0])
 
 
 def test_an_adapter_on_a_mixture_of_experts_mlp_is_refused_by_name(lora_llm, adapters, tmp_path):
@@ -297,10 +358,18 @@ def test_one_id_never_names_two_adapters(lora_llm, adapters):
 
 @pytest.mark.slow
 def test_two_ranks_with_adapters_match_one(tiny_hf_checkpoint, adapters):
-    folder, _ = tiny_hf_checkpoint("llama")
     loras = [request for request, _ in adapters("llama").values()]
-    choices = [loras[0], loras[3], None]
+    assert_two_ranks_match_one(tiny_hf_checkpoint("llama")[0], [loras[0], loras[3], None])
 
+
+def test_two_ranks_with_expert_adapters_match_one(tiny_hf_checkpoint, expert_adapters):
+    """Each rank holds its slice of every expert's intermediate rows, and of their adapters' B (gate/up)
+    and A (down)."""
+    loras = [request for request, _ in expert_adapters("mixtral").values()]
+    assert_two_ranks_match_one(tiny_hf_checkpoint("mixtral")[0], [loras[0], loras[1], None])
+
+
+def assert_two_ranks_match_one(folder, choices):
     def generate(size):
         llm = LLM(model=str(folder), tensor_parallel_size=size, **ENGINE)
         try:

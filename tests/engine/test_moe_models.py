@@ -144,12 +144,6 @@ def test_experts_with_another_activation_are_refused(tiny_hf_checkpoint, tmp_pat
         LLM(model=str(tmp_path), skip_tokenizer_init=True, **TINY)
 
 
-def test_lora_on_a_moe_model_is_refused(tiny_hf_checkpoint):
-    folder, _ = tiny_hf_checkpoint("mixtral")
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        LLM(model=str(folder), enable_lora=True, max_lora_rank=8, **TINY)
-
-
 @pytest.mark.parametrize("preset, experts, top_k, billions", [("mixtral-8x7b", 8, 2, 46.7),
                                                               ("qwen3-30b-a3b", 128, 8, 30.5)])
 def test_moe_presets_have_the_real_shapes(preset, experts, top_k, billions):

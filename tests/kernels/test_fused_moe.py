@@ -185,3 +185,33 @@ def test_replays_in_a_cuda_graph_with_new_routing():
     graph.replay()
     torch.cuda.synchronize()
     assert_matches(out, fused_moe_ref(x, w13, w2, weights, ids), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("token_slots, top_k", [([1], 2), ([0, -1, 1, 1, -1, 0, 1], 2), ([-1, -1, -1], 1)])
+def test_lora_on_the_experts_matches_the_reference(dtype, token_slots, top_k):
+    """Each (token, k) pair of a token with an adapter gets its (adapter, expert) slot's LoRA on gate/up
+    and down; pairs without one are the plain kernel's rows. Slots of (adapter, expert) no pair uses
+    hold NaN."""
+    from kernels.fused_moe_ref import MoELoRA
+    from tests.kernels.test_lora_mapping import filled_mapping
+
+    num_tokens, hidden, intermediate, num_experts, rank, num_adapters = len(token_slots), 32, 24, 4, 8, 2
+    x, w13, w2, weights, ids = moe_case(num_tokens, hidden, intermediate, num_experts, top_k, dtype)
+    slots = torch.tensor(token_slots, device=DEVICE)[:, None]
+    pair_slots = torch.where(slots < 0, -1, slots * num_experts + ids).view(-1).tolist()
+    count = num_adapters * num_experts
+    lora = MoELoRA(filled_mapping(pair_slots, count), randn(count, rank, hidden, dtype=dtype, seed=7) / hidden ** 0.5,
+                   randn(count, 2 * intermediate, rank, dtype=dtype, seed=8) / rank ** 0.5,
+                   randn(count, rank, intermediate, dtype=dtype, seed=9) / intermediate ** 0.5,
+                   randn(count, hidden, rank, dtype=dtype, seed=10) / rank ** 0.5)
+    unused = [s for s in range(count) if s not in pair_slots]
+    for buffer in (lora.a13, lora.b13, lora.a2, lora.b2):
+        buffer[unused] = float("nan")
+    out = fused_moe(x, w13, w2, weights, ids, lora=lora)
+    assert_matches(out, fused_moe_ref(x, w13, w2, weights, ids, lora=lora), dtype)
+    plain = fused_moe(x, w13, w2, weights, ids)
+    no_adapter = torch.tensor(token_slots, device=DEVICE) < 0
+    assert torch.equal(out[no_adapter], plain[no_adapter])
+    if not no_adapter.all():
+        assert not torch.allclose(out[~no_adapter].float(), plain[~no_adapter].float())
