@@ -110,8 +110,8 @@ def check_adapter(peft: PeftAdapterConfig, model_config, max_lora_rank: int) -> 
         module, part = _TARGETS[name.module]
         if module not in specs:
             raise LoRAAdapterError(f"{weights_file}: {name.file_key} targets {name.module}, but this model's MLP is a "
-                                   f"mixture of experts: LoRA applies to its attention projections (q/k/v/o), and to its "
-                                   f"experts through target_parameters (mlp.experts.gate_up_proj, down_proj)")
+                                   f"mixture of experts: LoRA applies to its attention projections (q/k/v/o), and "
+                                   f"to its experts through target_parameters (mlp.experts.gate_up_proj, down_proj)")
         spec = specs[module]
         rows = sum(spec.slice_sizes) if part is None else spec.slice_sizes[part]
         expected = (peft.rank, spec.in_features) if name.kind == "lora_A" else (rows, peft.rank)
