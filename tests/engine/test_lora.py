@@ -398,3 +398,24 @@ def test_adapters_on_cuda_match_peft(tiny_hf_checkpoint, adapters, enforce_eager
     for prompt, choice, output in zip(prompt_list, choices, outputs):
         model = tiny_hf_checkpoint("llama")[1] if choice is None else references[choice.lora_int_id]
         assert output.outputs[0].token_ids == peft_greedy(model, prompt)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["cuda-graphs", "eager"])
+def test_expert_adapters_on_cuda_match_peft(tiny_hf_checkpoint, expert_adapters, enforce_eager):
+    """Mixtral's expert adapters through the fused MoE kernel and the batched LoRA kernels, the pair
+    mapping refilled inside the decode CUDA graphs, with async scheduling and one slot for two adapters."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    base_model = tiny_hf_checkpoint("mixtral")[1]
+    llm = LLM(model=str(tiny_hf_checkpoint("mixtral")[0]), **(ENGINE | dict(
+        device="cuda", max_loras=1, enforce_eager=enforce_eager, async_scheduling=True)))
+    assert (llm.llm_engine.runner.cuda_graphs is None) == enforce_eager
+    loras = list(expert_adapters("mixtral").values())
+    choices = [loras[i % 2][0] if i % 3 else None for i in range(6)]
+    prompt_list = [prompts()[i % 3] for i in range(6)]
+    outputs = run(llm, prompt_list, choices, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    references = {lora.lora_int_id: model for lora, model in loras}
+    for prompt, choice, output in zip(prompt_list, choices, outputs):
+        model = base_model if choice is None else references[choice.lora_int_id]
+        assert output.outputs[0].token_ids == peft_greedy(model, prompt)
