@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kernels import triton_or_reference
-from kernels.fused_moe_ref import fused_moe_ref
+from kernels.fused_moe_ref import MoELoRA, fused_moe_ref
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,11 +41,17 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's part of sum_k weight_k * expert_k(x), to be all-reduced under tensor parallelism."""
+        return self.run_experts(hidden_states, *self.route(router_logits))
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(router weights, expert ids) `[T, top_k]` as this model's router gives them."""
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
-        if self.round_weights:
-            weights = weights.to(router_logits.dtype)
+        return (weights.to(router_logits.dtype) if self.round_weights else weights), ids
+
+    def run_experts(self, hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    lora: MoELoRA | None = None) -> torch.Tensor:
         experts = triton_or_reference(hidden_states, "fused_moe", fused_moe_ref)
-        return experts(hidden_states, self.w13_weight, self.w2_weight, weights, ids)
+        return experts(hidden_states, self.w13_weight, self.w2_weight, weights, ids, lora=lora)
 
     def load(self, part: str, tensor: torch.Tensor, expert: int | None) -> list[str]:
         """Copy in one expert's `gate` or `up` `[I, H]` or `down` `[H, I]` weight, or with expert None

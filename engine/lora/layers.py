@@ -22,6 +22,7 @@ from kernels import triton_or_reference
 from kernels.lora_mapping import LoRATokenMapping
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 
+
 class LoRAContext:
     """What every LoRA layer of a model reads each step: the token -> slot mapping, and whether any
     token uses an adapter (an eager step without one skips the LoRA work; a CUDA graph always runs it,
@@ -131,7 +132,7 @@ def wrap_lora_layers(model: nn.Module, module_specs: dict, context: LoRAContext,
     base weights move under `base_layer`); returns them by their module name."""
     wrapped = {}
     for index, layer in enumerate(model.model.layers):
-        for path in module_specs:  # a mixture of experts: its attention's only
+        for path in module_specs:  # a mixture of experts: its attention's (engine/lora/moe_layer.py does its experts)
             parent_name, leaf = path.split(".")
             parent = getattr(layer, parent_name)
             lora_layer = LoRALinear(getattr(parent, leaf), module_specs[path].slice_sizes, context, max_loras,

@@ -14,11 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.fused_moe import FusedMoE, select_experts
+from engine.layers.fused_moe import FusedMoE
 from engine.lora.adapter import LoRAExpertWeights
 from engine.lora.layers import LoRAContext
-from kernels import triton_or_reference
-from kernels.fused_moe_ref import MoELoRA, fused_moe_ref
+from kernels.fused_moe_ref import MoELoRA
 from kernels.lora_mapping import NO_ADAPTER, LoRATokenMapping
 
 
@@ -42,15 +41,12 @@ class LoRAFusedMoE(nn.Module):
         base = self.base_layer
         if not self.context.active:
             return base(hidden_states, router_logits)
-        weights, ids = select_experts(router_logits, base.top_k, base.renormalize)
-        if base.round_weights:
-            weights = weights.to(router_logits.dtype)
+        weights, ids = base.route(router_logits)
         token_slots = self.context.mapping.token_slots[:hidden_states.shape[0], None]
         pair_slots = torch.where(token_slots == NO_ADAPTER, NO_ADAPTER, token_slots * base.num_experts + ids)
         self.pair_mapping.fill(pair_slots.view(-1).to(torch.int32))
-        lora = MoELoRA(self.pair_mapping, self.a13, self.b13, self.a2, self.b2)
-        experts = triton_or_reference(hidden_states, "fused_moe", fused_moe_ref)
-        return experts(hidden_states, base.w13_weight, base.w2_weight, weights, ids, lora=lora)
+        return base.run_experts(hidden_states, weights, ids, MoELoRA(self.pair_mapping, self.a13, self.b13, self.a2,
+                                                                     self.b2))
 
     def slot_image(self, weights: LoRAExpertWeights | None) -> tuple[torch.Tensor, ...] | None:
         """This rank's contents of one adapter's E slots (host tensors, zero-padded to max_rank)."""

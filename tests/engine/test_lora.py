@@ -386,18 +386,9 @@ def assert_two_ranks_match_one(folder, choices):
 def test_adapters_on_cuda_match_peft(tiny_hf_checkpoint, adapters, enforce_eager):
     """The Triton shrink/expand kernels, inside the decode CUDA graphs too, with async scheduling and
     two slots for four adapters (slot swaps queued behind the step in flight)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    llm = LLM(model=str(tiny_hf_checkpoint("llama")[0]), **(ENGINE | dict(
-        device="cuda", max_loras=2, enforce_eager=enforce_eager, async_scheduling=True)))
-    assert (llm.llm_engine.runner.cuda_graphs is None) == enforce_eager
     loras = list(adapters("llama").values())
     choices = [loras[i % 4][0] if i % 5 else None for i in range(10)]
-    prompt_list = [prompts()[i % 3] for i in range(10)]
-    outputs = run(llm, prompt_list, choices, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
-    references = {lora.lora_int_id: model for lora, model in loras}
-    for prompt, choice, output in zip(prompt_list, choices, outputs):
-        model = tiny_hf_checkpoint("llama")[1] if choice is None else references[choice.lora_int_id]
-        assert output.outputs[0].token_ids == peft_greedy(model, prompt)
+    assert_cuda_matches_peft(tiny_hf_checkpoint("llama"), loras, choices, max_loras=2, enforce_eager=enforce_eager)
 
 
 @pytest.mark.gpu
@@ -406,14 +397,19 @@ def test_adapters_on_cuda_match_peft(tiny_hf_checkpoint, adapters, enforce_eager
 def test_expert_adapters_on_cuda_match_peft(tiny_hf_checkpoint, expert_adapters, enforce_eager):
     """Mixtral's expert adapters through the fused MoE kernel and the batched LoRA kernels, the pair
     mapping refilled inside the decode CUDA graphs, with async scheduling and one slot for two adapters."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    base_model = tiny_hf_checkpoint("mixtral")[1]
-    llm = LLM(model=str(tiny_hf_checkpoint("mixtral")[0]), **(ENGINE | dict(
-        device="cuda", max_loras=1, enforce_eager=enforce_eager, async_scheduling=True)))
-    assert (llm.llm_engine.runner.cuda_graphs is None) == enforce_eager
     loras = list(expert_adapters("mixtral").values())
     choices = [loras[i % 2][0] if i % 3 else None for i in range(6)]
-    prompt_list = [prompts()[i % 3] for i in range(6)]
+    assert_cuda_matches_peft(tiny_hf_checkpoint("mixtral"), loras, choices, max_loras=1, enforce_eager=enforce_eager)
+
+
+def assert_cuda_matches_peft(checkpoint, loras, choices, max_loras: int, enforce_eager: bool) -> None:
+    """`choices[i]` (an adapter of `loras`, or None: the base) for prompt i % 3: PEFT's greedy tokens on CUDA."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    folder, base_model = checkpoint
+    llm = LLM(model=str(folder), **(ENGINE | dict(
+        device="cuda", max_loras=max_loras, enforce_eager=enforce_eager, async_scheduling=True)))
+    assert (llm.llm_engine.runner.cuda_graphs is None) == enforce_eager
+    prompt_list = [prompts()[i % 3] for i in range(len(choices))]
     outputs = run(llm, prompt_list, choices, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     references = {lora.lora_int_id: model for lora, model in loras}
     for prompt, choice, output in zip(prompt_list, choices, outputs):
