@@ -8,7 +8,7 @@ graphs; programs past their slot's token count or their slice's width exit at on
 without an adapter are never visited (their rows stay bit-identical).
 `y` is rounded to the adapter's dtype before the product, as PEFT's `lora_B(lora_A(x))` sees it.
 With `y_per_slot`, `y` holds every slot's shrink side by side (the base GEMM computed them: see
-engine/lora/layers.py) and a token reads its own slot's.
+engine/lora/layers.py), a token reads its own slot's, and lora_expand_per_token.py's kernel runs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.lora_expand_per_token import lora_expand_per_token
 from kernels.lora_mapping import LoRATokenMapping
 from kernels.lora_shrink import slot_tile_tokens
 
@@ -53,7 +54,7 @@ def _slice_rows(slice_starts, slice_index, NUM_SLICES: tl.constexpr):
 @triton.jit
 def _lora_expand_kernel(
     y_ptr, lora_b_ptr, out_ptr, sorted_token_ids_ptr, slot_starts_ptr, num_tokens_per_slot_ptr, slice_starts,
-    max_slice_width, stride_y, stride_y_slot, stride_b_slot, stride_b_row, stride_out,
+    max_slice_width, stride_y, stride_b_slot, stride_b_row, stride_out,
     MAX_RANK: tl.constexpr, NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -70,7 +71,7 @@ def _lora_expand_kernel(
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < width
 
-    y_block_ptr = y_ptr + tokens[:, None] * stride_y + slot * stride_y_slot + slice_index * MAX_RANK
+    y_block_ptr = y_ptr + tokens[:, None] * stride_y + slice_index * MAX_RANK
     b_ptr = lora_b_ptr + slot.to(tl.int64) * stride_b_slot + (first_row + cols)[None, :].to(tl.int64) * stride_b_row
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k_step in range(0, tl.cdiv(MAX_RANK, BLOCK_K)):
@@ -89,14 +90,17 @@ def _lora_expand_kernel(
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, mapping: LoRATokenMapping, slice_starts: tuple[int, ...],
                 out: torch.Tensor, launch: ExpandLaunch | None = None, y_per_slot: bool = False) -> torch.Tensor:
     """Drop-in for `lora_expand_ref` on CUDA (or under TRITON_INTERPRET=1); no host sync."""
+    if y_per_slot:
+        assert y.shape[0] == mapping.num_tokens
+        return lora_expand_per_token(y, lora_b, mapping.token_slots, slice_starts, out)
     num_tokens = y.shape[0]
     num_slots, out_features, max_rank = lora_b.shape
     num_slices = len(slice_starts) - 1
     rank_width = num_slices * max_rank
     assert num_tokens == mapping.num_tokens and num_slots == mapping.num_slots
     assert slice_starts[0] == 0 and slice_starts[-1] == out_features
-    assert y.shape[1] == (num_slots * rank_width if y_per_slot else rank_width)
-    assert out.shape == (num_tokens, out_features) and (y_per_slot or y.dtype == torch.float32)
+    assert y.shape[1] == rank_width and y.dtype == torch.float32
+    assert out.shape == (num_tokens, out_features)
     assert y.stride(1) == 1 and lora_b.stride(2) == 1 and out.stride(1) == 1
     if num_tokens == 0:
         return out
@@ -106,7 +110,7 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, mapping: LoRATokenMapping
             num_slots)
     _lora_expand_kernel[grid](
         y, lora_b, out, mapping.sorted_token_ids, mapping.slot_starts, mapping.num_tokens_per_slot,
-        tuple(slice_starts), max_slice_width, y.stride(0), rank_width if y_per_slot else 0, lora_b.stride(0),
+        tuple(slice_starts), max_slice_width, y.stride(0), lora_b.stride(0),
         lora_b.stride(1), out.stride(0),
         MAX_RANK=max_rank, NUM_SLICES=num_slices, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
         BLOCK_K=launch.block_k, INPUT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32",

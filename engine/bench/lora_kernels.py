@@ -5,6 +5,9 @@ base layer's own `F.linear`, and against the torch reference, with tokens spread
 On CUDA the Triton path and the linear are timed as replays of a CUDA graph holding `--iters`
 calls, as the engine's decode graphs run them (no launch overhead); the reference, which reads
 slot groups back to the host, is timed eagerly. Shrink alone is also timed for several SPLIT_K.
+`--one-token` times instead the batch-1 path of engine/lora/layers.py on a projection: the base
+weight with every slot's A stacked under it in one GEMM, then lora_expand_per_token for several
+BLOCK_N, against the base layer's own GEMM.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from engine.bench.timing import eager_ms, graph_ms
 from kernels.lora_expand import lora_expand
+from kernels.lora_expand_per_token import lora_expand_per_token
 from kernels.lora_mapping import LoRATokenMapping
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 from kernels.lora_shrink import lora_shrink, shrink_launch_for
@@ -66,6 +70,27 @@ def run_lora_kernels_bench(num_tokens: int, num_slots: int, rank: int, num_slice
             "max_abs_error_vs_reference": max_error}
 
 
+def run_one_token_bench(num_slots: int, rank: int, num_slices: int, in_features: int, out_features: int,
+                        dtype: torch.dtype, iters: int) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows, rank_width = out_features * num_slices, num_slices * rank
+    x = torch.randn(1, in_features, device=device, dtype=dtype)
+    stacked = torch.randn(rows + num_slots * rank_width, in_features, device=device, dtype=dtype) / in_features ** 0.5
+    lora_b = torch.randn(num_slots, rows, rank, device=device, dtype=dtype) / rank ** 0.5
+    slice_starts = tuple(j * out_features for j in range(num_slices + 1))
+    token_slots = torch.tensor([num_slots - 1], dtype=torch.int32, device=device)
+
+    def one_token(block_n):
+        y = F.linear(x, stacked)
+        lora_expand_per_token(y[:, rows:], lora_b, token_slots, slice_starts, y[:, :rows], block_n=block_n)
+
+    return {"num_slices": num_slices, "in_features": in_features, "out_features": out_features,
+            "base_linear_ms": graph_ms(lambda: F.linear(x, stacked[:rows]), iters),
+            "stacked_linear_ms": graph_ms(lambda: F.linear(x, stacked), iters),
+            "stacked_and_expand_ms_by_block_n": {n: graph_ms(lambda n=n: one_token(n), iters)
+                                                 for n in (64, 128, 256, 512)}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.bench.lora_kernels", description=__doc__)
     parser.add_argument("--num-tokens", type=int, nargs="+", default=[1, 16, 256, 1024])
@@ -76,11 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-features", type=int, default=4096, help="per slice")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--one-token", action="store_true", help="the stacked batch-1 path instead")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    results = [run_lora_kernels_bench(t, args.num_slots, args.rank, args.num_slices, args.in_features,
-                                      args.out_features, getattr(torch, args.dtype), args.iters)
-               for t in args.num_tokens]
+    dtype = getattr(torch, args.dtype)
+    if args.one_token:
+        results = [run_one_token_bench(args.num_slots, args.rank, args.num_slices, args.in_features,
+                                       args.out_features, dtype, args.iters)]
+    else:
+        results = [run_lora_kernels_bench(t, args.num_slots, args.rank, args.num_slices, args.in_features,
+                                          args.out_features, dtype, args.iters) for t in args.num_tokens]
     for row in results:
         print(json.dumps(row))
     if args.json:

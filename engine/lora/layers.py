@@ -23,6 +23,12 @@ from kernels.lora_mapping import LoRATokenMapping
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 
 
+# Steps of at most this many tokens (batch-1 and small-batch decoding, a short prompt's prefill) take
+# every slot's shrink from the base GEMM's extra rows: re-reading each token's slot B in the per-token
+# expand costs less than the shrink launch it saves. Larger steps run the shrink and tiled expand.
+STACKED_MAX_TOKENS = 32
+
+
 class LoRAContext:
     """What every LoRA layer of a model reads each step: the token -> slot mapping, and whether any
     token uses an adapter (an eager step without one skips the LoRA work; a CUDA graph always runs it,
@@ -51,10 +57,10 @@ class LoRALinear(nn.Module):
         self.slice_starts = tuple(starts)
         weight = base_layer.weight
         factory = dict(dtype=weight.dtype, device=weight.device)
-        # The slots' A matrices are rows below the base weight's, in one tensor: a one-token step
-        # (batch-1 decoding) runs one GEMM for the base output and every slot's shrink, where the
-        # shrink kernel (and the clear before it) would each be a launch per projection. The base
-        # layer's weight is the first rows, so every other step's GEMM is what it was.
+        # The slots' A matrices are rows below the base weight's, in one tensor: a small step (batch-1
+        # decoding) runs one GEMM for the base output and every slot's shrink, where the shrink
+        # kernel (and the clear before it) would each be a launch per projection. The base layer's
+        # weight is the first rows, so every larger step's GEMM is what it was.
         num_rows, rank_width = weight.shape[0], len(self.slice_rows) * max_rank
         stacked = torch.empty(num_rows + max_loras * rank_width, weight.shape[1], **factory)
         stacked[:num_rows].copy_(weight.data)
@@ -71,12 +77,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        if self.context.active and x.shape[0] == 1:  # one row: the stacked output's base part is contiguous
+        if self.context.active and x.shape[0] <= STACKED_MAX_TOKENS:
+            num_rows = base.weight.shape[0]
             stacked = F.linear(x, self.stacked_weight, self.stacked_bias)
-            out = stacked[:, :base.weight.shape[0]]
             expand = triton_or_reference(x, "lora_expand", lora_expand_ref)
-            expand(stacked[:, base.weight.shape[0]:], self.lora_b, self.context.mapping, self.slice_starts, out,
-                   y_per_slot=True)
+            expand(stacked[:, num_rows:], self.lora_b, self.context.mapping, self.slice_starts,
+                   stacked[:, :num_rows], y_per_slot=True)
+            out = stacked[:, :num_rows].contiguous()  # a copy only for more than one row
         else:
             out = F.linear(x, base.weight, None if self.row_parallel else base.bias)
             if self.context.active:

@@ -18,8 +18,9 @@ from engine.worker.request_states import CachedRequestState
 NULL_SLOT = 0  # slot 0 of the null block 0, which no request owns: padded rows write there
 
 
-class _Buffer:
-    """One host tensor (with a numpy view to fill it cheaply) and its device twin."""
+class StagedBuffer:
+    """One host tensor (with a numpy view to fill it cheaply) and its device twin. A host buffer must
+    not be refilled before the copies queued from it ran: the owner records an event after them."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         on_cuda = device.type == "cuda"
@@ -58,14 +59,14 @@ class InputBuffers:
                  device: torch.device, num_kv_groups: int = 1) -> None:
         self.block_size = block_size
         self.max_model_len = max_model_len
-        self.input_ids = _Buffer((max_num_tokens,), torch.long, device)
-        self.positions = _Buffer((max_num_tokens,), torch.long, device)
+        self.input_ids = StagedBuffer((max_num_tokens,), torch.long, device)
+        self.positions = StagedBuffer((max_num_tokens,), torch.long, device)
         # A slot and a block-table row per KV cache group (engine/core/kv_cache_groups.py).
-        self.slot_mapping = _Buffer((num_kv_groups, max_num_tokens), torch.long, device)
-        self.seq_lens = _Buffer((max_num_seqs,), torch.int32, device)
-        self.block_tables = _Buffer((num_kv_groups, max_num_seqs, -(-max_model_len // block_size)), torch.int32,
+        self.slot_mapping = StagedBuffer((num_kv_groups, max_num_tokens), torch.long, device)
+        self.seq_lens = StagedBuffer((max_num_seqs,), torch.int32, device)
+        self.block_tables = StagedBuffer((num_kv_groups, max_num_seqs, -(-max_model_len // block_size)), torch.int32,
                                     device)
-        self.sample_rows = _Buffer((max_num_tokens,), torch.long, device)  # several per request when speculating
+        self.sample_rows = StagedBuffer((max_num_tokens,), torch.long, device)  # several per request when speculating
         # Per block-table row: (request state, blocks written in each group). A state only gains blocks
         # (a preempted request comes back as a new state), so while it keeps its row a step writes
         # the new ones.

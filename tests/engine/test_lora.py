@@ -125,8 +125,9 @@ def test_each_adapter_matches_transformers_and_peft(lora_llm, adapters, tiny_hf_
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2"])
 def test_one_request_alone_matches_peft(lora_llm, adapters, tiny_hf_checkpoint, variant):
-    """Alone, a request decodes one token a step: each projection's GEMM then also computes every
-    slot's shrink (the slots' A rows under the base weight; Qwen2's q/k/v bias stays off them)."""
+    """Alone, a request's prompt (at most 32 tokens) and its decode steps are small steps: each
+    projection's GEMM then also computes every slot's shrink (the slots' A rows under the base weight;
+    Qwen2's q/k/v bias stays off them). Three prompts together (54 tokens) take the shrink kernel."""
     llm = lora_llm(variant)
     for name, (lora_request, peft_model) in adapters(variant).items():
         for prompt in prompts():

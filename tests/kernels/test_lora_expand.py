@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels.lora_expand import ExpandLaunch, lora_expand
+from kernels.lora_expand_per_token import lora_expand_per_token
 from kernels.lora_mapping import LoRATokenMapping
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 from kernels.lora_shrink import lora_shrink
@@ -54,11 +55,15 @@ def test_matches_reference(dtype, token_slots, num_slots, slice_starts, max_rank
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("token_slots", [[2], [-1], [0, 2, -1, 2]])
-def test_every_slots_shrink_side_by_side_reads_the_tokens_own(dtype, token_slots):
-    """`y_per_slot`: y holds every slot's rank block (a stacked base GEMM's extra columns, in the
-    model's dtype); a token reads its slot's, and the other slots' blocks are NaN."""
-    num_slots, slice_starts, max_rank = 3, (0, 37, 50, 63), 16
+@pytest.mark.parametrize("token_slots, max_rank, block_n", [
+    ([2], 16, None), ([-1], 16, None), ([0, 2, -1, 2], 16, None),
+    ([1, 0], 24, 16),  # rank not a power of two; programs of 16 rows, some across a slice boundary
+])
+def test_every_slots_shrink_side_by_side_reads_the_tokens_own(dtype, token_slots, max_rank, block_n):
+    """`y_per_slot` (lora_expand_per_token.py's kernel): y holds every slot's rank block (a stacked base
+    GEMM's extra columns, in the model's dtype); a token reads its slot's, and the other slots' blocks
+    are NaN."""
+    num_slots, slice_starts = 3, (0, 37, 50, 63)
     width = (len(slice_starts) - 1) * max_rank
     y, lora_b, mapping, out = expand_case(token_slots, num_slots, slice_starts, max_rank, dtype)
     y_all = torch.full((len(token_slots), num_slots * width), float("nan"), dtype=dtype, device=DEVICE)
@@ -66,7 +71,10 @@ def test_every_slots_shrink_side_by_side_reads_the_tokens_own(dtype, token_slots
         if slot >= 0:
             y_all[t, slot * width:(slot + 1) * width] = y[t].to(dtype)
     base = out.clone()
-    lora_expand(y_all, lora_b, mapping, slice_starts, out, y_per_slot=True)
+    if block_n is None:
+        lora_expand(y_all, lora_b, mapping, slice_starts, out, y_per_slot=True)
+    else:
+        lora_expand_per_token(y_all, lora_b, mapping.token_slots, slice_starts, out, block_n=block_n)
     expected = lora_expand_ref(y.to(dtype).float(), lora_b, mapping, slice_starts, base.clone())
     assert_matches(out, expected, dtype)
     reference = lora_expand_ref(y_all, lora_b, mapping, slice_starts, base.clone(), y_per_slot=True)
