@@ -13,12 +13,12 @@ BLOCK_N, against the base layer's own GEMM.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
+from engine.bench.kernel_report import report
 from engine.bench.timing import eager_ms, graph_ms
 from kernels.lora_expand import lora_expand
 from kernels.lora_expand_per_token import lora_expand_per_token
@@ -111,12 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = [run_lora_kernels_bench(t, args.num_slots, args.rank, args.num_slices, args.in_features,
                                           args.out_features, dtype, args.iters) for t in args.num_tokens]
-    for row in results:
-        print(json.dumps(row))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "results": results}, f, indent=2)
-    return 0
+    return report(results, args)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed.parallel_state import all_reduce, tp_rank, tp_world_size
+from engine.layers.linear import Linear, linear
 
 
-class ColumnParallelLinear(nn.Linear):
+class ColumnParallelLinear(Linear):
     """`shard_rows` maps each checkpoint shard (q/k/v, gate/up, or None for an unmerged weight) to
     the (first row, number of rows) of the full tensor this rank keeps; the kept rows of the merged
     shards are stacked in the order given."""
@@ -36,7 +37,7 @@ class ColumnParallelLinear(nn.Linear):
         return tensor.narrow(0, start, size)
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """Each rank holds a slice of the input columns; the partial products are summed across ranks.
     A bias (whole on every rank) is added once, after the sum. With `reduce_results=False` the
     partial product is returned for the caller to sum with others (an MoE block's shared expert)."""
@@ -52,7 +53,7 @@ class RowParallelLinear(nn.Linear):
         return tensor.narrow(1, tp_rank() * self.in_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = linear(x, self.weight)
         if not self.reduce_results:
             return out
         out = all_reduce(out)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.layers.linear import Linear
+
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -45,7 +47,7 @@ def prepack_linear_weights(model: nn.Module) -> None:
     hidden more memory): the embedding lookup still reads the plain rows."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) in (nn.Linear, Linear):
                 setattr(module, name, PrepackedLinear(child.weight, child.bias))
     if model.lm_head is None:
         model.packed_lm_head = PrepackedLinear(model.model.embed_tokens.weight, None)

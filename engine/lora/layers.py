@@ -12,11 +12,11 @@ joins the partial base product before the one all-reduce.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed.layers import ColumnParallelLinear, RowParallelLinear
 from engine.distributed.parallel_state import all_reduce, tp_rank
+from engine.layers.linear import linear
 from engine.lora.adapter import LoRALayerWeights
 from kernels import triton_or_reference
 from kernels.lora_mapping import LoRATokenMapping
@@ -79,13 +79,13 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if self.context.active and x.shape[0] <= STACKED_MAX_TOKENS:
             num_rows = base.weight.shape[0]
-            stacked = F.linear(x, self.stacked_weight, self.stacked_bias)
+            stacked = linear(x, self.stacked_weight, self.stacked_bias)
             expand = triton_or_reference(x, "lora_expand", lora_expand_ref)
             expand(stacked[:, num_rows:], self.lora_b, self.context.mapping, self.slice_starts,
                    stacked[:, :num_rows], y_per_slot=True)
             out = stacked[:, :num_rows].contiguous()  # a copy only for more than one row
         else:
-            out = F.linear(x, base.weight, None if self.row_parallel else base.bias)
+            out = linear(x, base.weight, None if self.row_parallel else base.bias)
             if self.context.active:
                 self._add_lora(x, out)
         if self.row_parallel:  # the partial LoRA products are summed with the base ones

@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.activation import GeluAndMul
 from engine.layers.attention import Attention
+from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
@@ -155,7 +155,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
         self.config = config
         self.model = GemmaModel(config, self.decoder_layer, self.qk_norm, self.caps_attention_logits)
         tied = self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if tied else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.packed_lm_head = None
         self.final_logit_soft_cap = getattr(config, "final_logit_softcapping", None)
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.linear import Linear
 from engine.layers.prepacked_linear import PrepackedLinear, weight_bytes
 
 
@@ -28,7 +29,7 @@ def test_a_cpu_float32_engine_runs_every_projection_packed(tiny_hf_checkpoint, v
     folder, hf_model = tiny_hf_checkpoint(variant)
     llm = LLM(model=str(folder), dtype="float32", block_size=4, num_gpu_blocks_override=16, seed=0)
     model = llm.llm_engine.runner.model
-    assert not any(type(module) is nn.Linear for module in model.modules())
+    assert not any(type(module) in (nn.Linear, Linear) for module in model.modules())
     assert isinstance(model.model.layers[0].mlp.gate_up_proj, PrepackedLinear)
     embedding = hf_model.model.embed_tokens.weight
     tied = hf_model.lm_head.weight is embedding
