@@ -64,9 +64,10 @@ class InputBuffers:
         # A slot and a block-table row per KV cache group (engine/core/kv_cache_groups.py).
         self.slot_mapping = StagedBuffer((num_kv_groups, max_num_tokens), torch.long, device)
         self.seq_lens = StagedBuffer((max_num_seqs,), torch.int32, device)
-        self.block_tables = StagedBuffer((num_kv_groups, max_num_seqs, -(-max_model_len // block_size)), torch.int32,
-                                    device)
-        self.sample_rows = StagedBuffer((max_num_tokens,), torch.long, device)  # several per request when speculating
+        self.block_tables = StagedBuffer((num_kv_groups, max_num_seqs, -(-max_model_len // block_size)),
+                                         torch.int32, device)
+        # Several rows per request when speculating.
+        self.sample_rows = StagedBuffer((max_num_tokens,), torch.long, device)
         # Per block-table row: (request state, blocks written in each group). A state only gains blocks
         # (a preempted request comes back as a new state), so while it keeps its row a step writes
         # the new ones.
