@@ -6,8 +6,8 @@ On CUDA the Triton path and the linear are timed as replays of a CUDA graph hold
 calls, as the engine's decode graphs run them (no launch overhead); the reference, which reads
 slot groups back to the host, is timed eagerly. Shrink alone is also timed for several SPLIT_K.
 `--one-token` times instead the batch-1 path of engine/lora/layers.py on a projection: the base
-weight with every slot's A stacked under it in one GEMM, then lora_expand_per_token for several
-BLOCK_N, against the base layer's own GEMM.
+weight with every slot's A stacked under it in one product (`linear`, as the model runs it), then
+lora_expand_per_token for several BLOCK_N, against the base layer's own product.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from engine.bench.kernel_report import report
 from engine.bench.timing import eager_ms, graph_ms
+from engine.layers.linear import linear
 from kernels.lora_expand import lora_expand
 from kernels.lora_expand_per_token import lora_expand_per_token
 from kernels.lora_mapping import LoRATokenMapping
@@ -81,12 +82,12 @@ def run_one_token_bench(num_slots: int, rank: int, num_slices: int, in_features:
     token_slots = torch.tensor([num_slots - 1], dtype=torch.int32, device=device)
 
     def one_token(block_n):
-        y = F.linear(x, stacked)
+        y = linear(x, stacked)
         lora_expand_per_token(y[:, rows:], lora_b, token_slots, slice_starts, y[:, :rows], block_n=block_n)
 
     return {"num_slices": num_slices, "in_features": in_features, "out_features": out_features,
-            "base_linear_ms": graph_ms(lambda: F.linear(x, stacked[:rows]), iters),
-            "stacked_linear_ms": graph_ms(lambda: F.linear(x, stacked), iters),
+            "base_linear_ms": graph_ms(lambda: linear(x, stacked[:rows]), iters),
+            "stacked_linear_ms": graph_ms(lambda: linear(x, stacked), iters),
             "stacked_and_expand_ms_by_block_n": {n: graph_ms(lambda n=n: one_token(n), iters)
                                                  for n in (64, 128, 256, 512)}}
 

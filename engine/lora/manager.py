@@ -22,7 +22,7 @@ from engine.lora.config import LoRAConfig
 from engine.lora.layers import LoRAContext, LoRALinear, wrap_lora_layers
 from engine.lora.moe_layer import LoRAFusedMoE, wrap_lora_experts
 from engine.lora.request import LoRARequest
-from engine.worker.input_buffers import StagedBuffer
+from engine.worker.input_buffers import CopyFence, StagedBuffer
 from kernels.lora_mapping import NO_ADAPTER, LoRATokenMapping
 
 SlotImages = dict[str, tuple[torch.Tensor, ...]]  # module name -> slot contents ((A, B), or an MoE layer's four)
@@ -38,7 +38,7 @@ class LoRAModelManager:
         # Pinned on CUDA: a copy from pageable memory would wait for the device, and async scheduling
         # would lose its overlap (a whole step's host time per token at batch 1).
         self._token_slots = StagedBuffer((max_num_tokens,), torch.int32, device)
-        self._token_slots_copied = torch.cuda.Event() if device.type == "cuda" else None
+        self._token_slots_copied = CopyFence(device)
         self.layers: dict[str, LoRALinear | LoRAFusedMoE] = wrap_lora_layers(
             model, model_lora_modules(model_config), self.context, lora_config.max_loras, lora_config.max_lora_rank)
         self.layers |= wrap_lora_experts(model, self.context, lora_config.max_loras, lora_config.max_lora_rank,
@@ -134,13 +134,10 @@ class LoRAModelManager:
     def set_token_slots(self, token_slots: np.ndarray) -> None:
         """The step's slot per token (-1: no adapter), padded rows included; sorted on the device."""
         self.context.active = bool((token_slots != NO_ADAPTER).any())
-        copied = self._token_slots_copied
-        if copied is not None and not copied.query():
-            copied.synchronize()  # the last step's copy may still read the pinned buffer
+        self._token_slots_copied.wait()  # the last step's copy may still read the pinned buffer
         self._token_slots.np[:len(token_slots)] = token_slots
         self.context.mapping.fill(self._token_slots.copy(len(token_slots)))
-        if copied is not None:
-            copied.record()
+        self._token_slots_copied.mark()
 
     def prepare_capture(self, num_tokens: int) -> None:
         """Before a decode CUDA graph of `num_tokens` is captured: the LoRA kernels go into it (every

@@ -20,7 +20,7 @@ NULL_SLOT = 0  # slot 0 of the null block 0, which no request owns: padded rows 
 
 class StagedBuffer:
     """One host tensor (with a numpy view to fill it cheaply) and its device twin. A host buffer must
-    not be refilled before the copies queued from it ran: the owner records an event after them."""
+    not be refilled before the copies queued from it ran: its owner keeps a CopyFence."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         on_cuda = device.type == "cuda"
@@ -40,6 +40,22 @@ class StagedBuffer:
             for group in range(self.host.shape[0]):
                 self.device[group, :rows].copy_(self.host[group, :rows], non_blocking=True)
         return self.device[:, :rows]
+
+
+class CopyFence:
+    """Marks where the copies queued from pinned host buffers end, so that refilling the buffers can wait
+    until those copies ran (usually long done: a step's copies precede its forward). A no-op off CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+
+    def wait(self) -> None:
+        if self.event is not None and not self.event.query():
+            self.event.synchronize()
+
+    def mark(self) -> None:
+        if self.event is not None:
+            self.event.record()
 
 
 @dataclass
@@ -74,14 +90,13 @@ class InputBuffers:
         self.row_owners: list[tuple[CachedRequestState, int] | None] = [None] * max_num_seqs
         self.block_table_writes = 0  # rows (re)written, counted for tests
         # The pinned buffers must not be refilled while the last step's copies may still read them.
-        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.copied = CopyFence(device)
 
     def prepare(self, batch: list[tuple[CachedRequestState, int]], sample_rows: list[int],
                 padded_seqs: int | None = None) -> StepInputs:
         """Fill and copy the inputs of `batch` (decodes first). `padded_seqs` pads an all-decode batch
         with dummy decodes up to a CUDA graph's size and sizes the decode launch for any length."""
-        if self.copied is not None and not self.copied.query():
-            self.copied.synchronize()  # the last step's copies may still read the pinned buffers
+        self.copied.wait()
         ids, positions, seq_lens, tables = self.input_ids.np, self.positions.np, self.seq_lens.np, self.block_tables.np
         query_start_loc = [0]
         num_decodes = 0
@@ -132,8 +147,7 @@ class InputBuffers:
             seq_lens_cpu=seq_lens[:num_seqs].tolist(), query_start_loc_cpu=query_start_loc)
         inputs = StepInputs(metadata, self.input_ids.copy(num_tokens), self.positions.copy(num_tokens),
                             self.sample_rows.copy(len(sample_rows)), unknown_rows, unknown_requests)
-        if self.copied is not None:
-            self.copied.record()
+        self.copied.mark()
         return inputs
 
     def _pad_decodes(self, first: int, end: int) -> None:
