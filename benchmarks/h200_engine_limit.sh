@@ -2,10 +2,13 @@
 # The engine-limit figures (issue 16) on one H200 (the device tool's nvidia-h200), new defaults
 # (async scheduling, max_num_seqs 1024, max_num_batched_tokens 16384) against the previous
 # configuration (no async scheduling, 256 sequences, 8192 tokens) in the same call.
-# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile|structured ... (each part takes
+# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile|structured|baseline ... (each part takes
 # minutes); ONLY_NEW=1 skips the previous configuration. `structured` (issue 20) runs 1000 requests free and
 # with half of them under a JSON schema; it needs .gpu/tokenizer (grammars compile against a tokenizer) and
-# the llguidance wheel installed from .whl (see benchmarks/h200_serving.sh).
+# the llguidance wheel installed from .whl (see benchmarks/h200_serving.sh). `baseline` runs the batch-1
+# latency of another commit in the same call, from a copy of its tree in $BASELINE_TREE (carried to the
+# device: `mkdir .clean && git archive COMMIT | tar -x -C .clean`), then this tree's again, and the
+# baseline's batch-1 kernel profile (compare with `profile`'s last part: which launches went, what each costs).
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -41,6 +44,15 @@ for part in "$@"; do
                 --num-iters-warmup 3 --num-iters 5
             bench latency_previous latency "${model[@]}" --input-len 32 --output-len 128 --batch-size 1 \
                 --num-iters-warmup 3 --num-iters 5 --no-async-scheduling ;;
+        baseline)
+            one=(latency "${model[@]}" --input-len 32 --output-len 128 --batch-size 1 --num-iters-warmup 3 --num-iters 5)
+            echo "== baseline_latency ($BASELINE_TREE): python -m engine.bench ${one[*]}"
+            (cd "$BASELINE_TREE" && python3 -m engine.bench "${one[@]}" --json "$OUT/baseline_latency.json" 2>&1 |
+                grep -v "^INFO" | tail -3)
+            bench latency_after_baseline "${one[@]}"
+            echo "== baseline profile batch 1, 32/128 ($BASELINE_TREE)"
+            (cd "$BASELINE_TREE" && python3 -m engine.bench.step_profile "${model[@]}" --num-prompts 1 --input-len 32 \
+                --output-len 128 --window 40 2>&1 | grep -v "^INFO") ;;
         profile)
             for flags in "" "--no-async-scheduling"; do
                 echo "== profile 1000 x 256/256 $flags"

@@ -38,8 +38,19 @@ def gemv_launch_for(out_features: int, in_features: int) -> GemvLaunch:
 
 
 @triton.jit
+def _silu_gated(gate_up_ptr, ks, mask, K: tl.constexpr):
+    """silu(gate) * up for columns `ks`, rounded where kernels/silu_and_mul.py rounds (the activation,
+    then the product, to the input's dtype): the same x as the unfused layers, bit for bit."""
+    gate = tl.load(gate_up_ptr + ks, mask=mask, other=0.0)
+    up = tl.load(gate_up_ptr + K + ks, mask=mask, other=0.0).to(tl.float32)
+    gate32 = gate.to(tl.float32)
+    activated = (gate32 / (1.0 + tl.exp(-gate32))).to(gate.dtype).to(tl.float32)
+    return (activated * up).to(gate.dtype)
+
+
+@triton.jit
 def _gemv_kernel(w_ptr, x_ptr, bias_ptr, y_ptr, N, stride_w, K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SILU_GATED: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -47,12 +58,16 @@ def _gemv_kernel(w_ptr, x_ptr, bias_ptr, y_ptr, N, stride_w, K: tl.constexpr,
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + ks[None, :])
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if SILU_GATED:  # x is the MLP's gate/up projection: its activation is computed here, not stored
+            x = _silu_gated(x_ptr, ks, k_mask, K)
+        elif EVEN_K:
             x = tl.load(x_ptr + ks)
         else:
-            k_mask = ks < K
-            w = tl.load(w_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             x = tl.load(x_ptr + ks, mask=k_mask, other=0.0)
         acc += w.to(tl.float32) * x[None, :].to(tl.float32)
     y = tl.sum(acc, axis=1)
@@ -62,17 +77,19 @@ def _gemv_kernel(w_ptr, x_ptr, bias_ptr, y_ptr, N, stride_w, K: tl.constexpr,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         launch: GemvLaunch | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for x of one row `[1, in]`; weight `[out, in]` with unit column stride."""
-    assert x.shape[0] == 1 and x.shape[1] == weight.shape[1] and weight.stride(1) == 1
+         launch: GemvLaunch | None = None, silu_gated: bool = False) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for x of one row `[1, in]`; weight `[out, in]` with unit column stride.
+    `silu_gated`: x is `[1, 2 * in]`, an MLP's merged gate/up projection, and the product is
+    `F.linear(silu_and_mul(x), weight, bias)`: batch 1 saves the activation's launch."""
     out_features, in_features = weight.shape
+    assert x.shape[0] == 1 and x.shape[1] == in_features * (2 if silu_gated else 1) and weight.stride(1) == 1
     launch = launch or gemv_launch_for(out_features, in_features)
     x = x.contiguous()
     y = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(out_features, launch.block_n),)](
         weight, x, bias if bias is not None else x, y, out_features, weight.stride(0), in_features,
         HAS_BIAS=bias is not None, EVEN_N=out_features % launch.block_n == 0,
-        EVEN_K=in_features % launch.block_k == 0, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        EVEN_K=in_features % launch.block_k == 0, SILU_GATED=silu_gated, BLOCK_N=launch.block_n,
+        BLOCK_K=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return y

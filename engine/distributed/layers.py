@@ -52,8 +52,8 @@ class RowParallelLinear(Linear):
     def _slice(self, tensor: torch.Tensor, shard) -> torch.Tensor:
         return tensor.narrow(1, tp_rank() * self.in_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
+    def forward(self, x: torch.Tensor, silu_gated: bool = False) -> torch.Tensor:
+        out = linear(x, self.weight, silu_gated=silu_gated)
         if not self.reduce_results:
             return out
         out = all_reduce(out)

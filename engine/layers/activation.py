@@ -15,9 +15,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def apply_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul on x's device: the Triton kernel on CUDA."""
+    return triton_or_reference(x, "silu_and_mul", silu_and_mul)(x)
+
+
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return triton_or_reference(x, "silu_and_mul", silu_and_mul)(x)
+        return apply_silu_and_mul(x)
 
 
 def gelu_and_mul(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:

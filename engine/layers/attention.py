@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.layers.rotary import RotaryEmbedding, rotary_embedding
 from kernels import triton_or_reference
 from kernels.paged_attention_ref import paged_decode_attention, reshape_and_cache, varlen_paged_prefill_attention
 
@@ -66,12 +67,21 @@ class Attention(nn.Module):
         self.value_cache = torch.empty(0)
         self.kv_group = 0  # its KV cache group: which block table it reads (set with the cache)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """query: `[num_tokens, num_heads, head_dim]`; key/value: `[num_tokens, num_kv_heads, head_dim]`."""
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                positions: torch.Tensor | None = None, rotary_emb: RotaryEmbedding | None = None) -> torch.Tensor:
+        """query: `[num_tokens, num_heads, head_dim]`; key/value: `[num_tokens, num_kv_heads, head_dim]`.
+        With `rotary_emb`, query and key are rotated at `positions` first (on CUDA in the launch that
+        writes the cache; the query in place, the key only in the cache)."""
         meta = get_forward_context()
-        write_kv = triton_or_reference(key, "reshape_and_cache", reshape_and_cache)
         block_tables = meta.block_tables[self.kv_group]
-        write_kv(key, value, self.key_cache, self.value_cache, meta.slot_mapping[self.kv_group])
+        slots = meta.slot_mapping[self.kv_group]
+        if rotary_emb is None:
+            write_kv = triton_or_reference(key, "reshape_and_cache", reshape_and_cache)
+            write_kv(key, value, self.key_cache, self.value_cache, slots)
+        else:
+            rotate_and_write = triton_or_reference(query, "rotary_and_cache", rotary_and_cache)
+            query = rotate_and_write(positions, query, key, value, rotary_emb.cos_cache, rotary_emb.sin_cache,
+                                     self.key_cache, self.value_cache, slots)
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes:
@@ -98,3 +108,13 @@ class Attention(nn.Module):
                 query_start_loc, self.scale, max(end - start for start, end in zip(starts, starts[1:])), out=out,
                 sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap)
 
+
+
+def rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     cos_cache: torch.Tensor, sin_cache: torch.Tensor, key_cache: torch.Tensor,
+                     value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """The reference (and CPU path) of kernels/rotary_and_cache.py: rotary, then the cache write of
+    the rotated key and the value; returns the rotated query."""
+    query, key = rotary_embedding(positions, query, key, cos_cache, sin_cache)
+    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    return query

@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import triton_or_reference
 
 
 def rope_parameters(config, layer_type: str | None = None) -> dict:
@@ -67,7 +66,9 @@ def _scaled_inverse_frequencies(config, head_dim: int, max_position: int,
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotation (rotate halves), applied at absolute token positions."""
+    """The cos/sin tables of a Neox-style rotation (rotate halves) at absolute token positions. The
+    attention layer applies them (`Attention.forward`'s `rotary_emb`), on CUDA in the launch that
+    writes the KV cache (kernels/rotary_and_cache.py)."""
 
     def __init__(self, config, head_dim: int, max_position: int, layer_type: str | None = None) -> None:
         super().__init__()
@@ -78,15 +79,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", freqs.cos() * attention_factor, persistent=False)
         self.register_buffer("sin_cache", freqs.sin() * attention_factor, persistent=False)
 
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
-        """query/key: `[num_tokens, heads, head_dim]`. On CUDA they are rotated in place."""
-        kernel = triton_or_reference(query, "rotary_embedding", rotary_embedding)
-        return kernel(positions, query, key, self.cos_cache, self.sin_cache)
-
 
 def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_cache: torch.Tensor,
                      sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch reference (and CPU path): rotates each head's halves, in float32; returns new tensors."""
+    """The rotation in torch: rotates each head's halves, in float32; returns new tensors."""
     cos = cos_cache[positions].unsqueeze(1)
     sin = sin_cache[positions].unsqueeze(1)
     return _rotate(query, cos, sin), _rotate(key, cos, sin)

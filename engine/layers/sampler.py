@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.request import Request
+from kernels import triton_or_reference
 from engine.structured_outputs.bitmask import apply_token_bitmask
 
 
@@ -45,6 +46,15 @@ class DeviceSample:
             if num is not None:
                 logprobs[row] = top_logprobs(self.raw_logprobs[row], token_list[row], num)
         return SamplerOutput(token_list, logprobs)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax: on CUDA kernels/argmax.py (a row cut into chunks, so batch 1 fills the GPU)."""
+    return triton_or_reference(logits, "argmax", _torch_argmax)(logits)
+
+
+def _torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -75,13 +85,13 @@ class Sampler:
             # Nothing to adjust: the argmax of the model's own dtype is the argmax of its float32 copy,
             # without writing (and reading) a float32 copy of batch x vocabulary logits.
             self._apply_bitmask(logits, bitmask)
-            return DeviceSample(logits.argmax(dim=-1), None, num_logprobs)
+            return DeviceSample(greedy_tokens(logits), None, num_logprobs)
         logits = logits.to(torch.float32, copy=True)  # penalties and masks write in place
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         self._apply_bitmask(logits, bitmask)
         self._apply_penalties(logits, requests)
         self._mask_stop_tokens_before_min(logits, requests)
-        token_ids = logits.argmax(dim=-1)
+        token_ids = greedy_tokens(logits)
         random_rows = [row for row, p in enumerate(params) if not p.is_greedy]
         if len(random_rows) == len(requests):
             token_ids = self._sample(logits, requests)

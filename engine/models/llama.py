@@ -61,8 +61,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v)
+        out = self.attn(q, k, v, positions, self.rotary_emb)
         return self.o_proj(out.flatten(1))
 
 
@@ -80,7 +79,10 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if type(self.act_fn) is SiluAndMul and isinstance(self.down_proj, Linear):  # not wrapped (LoRA, prepacked)
+            return self.down_proj(gate_up, silu_gated=True)  # the activation inside the product (batch 1)
+        return self.down_proj(self.act_fn(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):

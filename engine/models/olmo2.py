@@ -26,8 +26,7 @@ class Olmo2Attention(LlamaAttention):
         q = self.q_norm(q).view(-1, self.num_heads, self.head_dim)
         k = self.k_norm(k).view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v).flatten(1))
+        return self.o_proj(self.attn(q, k, v, positions, self.rotary_emb).flatten(1))
 
 
 class Olmo2DecoderLayer(nn.Module):

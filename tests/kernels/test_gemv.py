@@ -49,3 +49,31 @@ def test_linear_takes_the_gemv_for_one_row_only():
     assert torch.equal(linear(one, weight), gemv(one, weight))
     assert torch.equal(linear(many, weight), F.linear(many, weight))
     assert torch.equal(linear(one.float(), weight.float()), F.linear(one.float(), weight.float()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_features, in_features, launch", [
+    (64, 256, GemvLaunch(16, 256)),   # even tiles
+    (37, 100, GemvLaunch(8, 64)),     # rows and width past the tiles' edges
+])
+def test_silu_gated_is_the_activation_then_the_product_bit_for_bit(dtype, out_features, in_features, launch):
+    """The down projection reading the gate/up projection gives exactly what the activation kernel
+    and then the GEMV give: the same rounding of the activation, the same sums."""
+    from kernels.silu_and_mul import silu_and_mul
+
+    weight = poisoned_weight(out_features, in_features, dtype, seed=8)
+    gate_up = randn(1, 2 * in_features, dtype=dtype, seed=9) * 3
+    fused = gemv(gate_up, weight, launch=launch, silu_gated=True)
+    assert torch.equal(fused, gemv(silu_and_mul(gate_up), weight, launch=launch))
+
+
+@gpu_only
+def test_llama_mlp_at_one_token_gives_the_unfused_result_exactly():
+    from types import SimpleNamespace
+
+    from engine.models.llama import LlamaMLP
+
+    mlp = LlamaMLP(SimpleNamespace(hidden_size=4096, intermediate_size=14336)).to(DEVICE, torch.bfloat16)
+    x = randn(1, 4096, dtype=torch.bfloat16, seed=10)
+    unfused = mlp.down_proj(mlp.act_fn(mlp.gate_up_proj(x)))
+    assert torch.equal(mlp(x), unfused)

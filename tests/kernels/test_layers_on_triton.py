@@ -1,7 +1,7 @@
 """The model's layers wired to the Triton kernels, as CUDA picks them (interpreted here), give what
 the torch references give: through chunked prefill, prefix-cache hits and steps that mix decodes
 with prefill chunks. Catches wiring mistakes (argument order, in-place rotary on strided q/k views,
-the prefill rows of the shared output) that the per-kernel tests cannot."""
+the prefill rows of the shared output, the greedy argmax) that the per-kernel tests cannot."""
 
 from types import SimpleNamespace
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.layers import activation, attention, norm, rotary
+from engine.layers import activation, attention, norm, sampler
 from kernels import triton_or_reference
 
 
@@ -67,7 +67,7 @@ def logprobs_of(output) -> list[float]:
 def use_triton_everywhere(monkeypatch):
     """Every layer picks as if its tensors were on CUDA."""
     on_cuda = SimpleNamespace(is_cuda=True)
-    for layer in (activation, attention, norm, rotary):
+    for layer in (activation, attention, norm, sampler):
         monkeypatch.setattr(layer, "triton_or_reference",
                             lambda tensor, kernel, reference: triton_or_reference(on_cuda, kernel, reference))
 

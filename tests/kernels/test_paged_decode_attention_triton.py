@@ -118,3 +118,31 @@ def test_empty_batch_returns_empty():
     query, key_cache, value_cache, block_tables, lens = make_case([4], 2, 2, 16, 16, torch.float32)
     out = paged_decode_attention(query[:0], key_cache, value_cache, block_tables[:0], lens[:0], 0.25)
     assert out.shape == (0, 2, 16)
+
+
+def test_chunks_merged_by_their_last_program_leave_the_counters_at_zero():
+    """The merge counters are shared by every launch (a CUDA graph replays with the same buffer): each
+    launch must leave them at zero, so the same launch again, and another shape, still merge right."""
+    from kernels.paged_decode_attention import split_counters
+
+    for seq_lens, group in (([700, 3, 260, 1100], 4), ([1100, 600], 2), ([700, 3, 260, 1100], 4)):
+        query, key_cache, value_cache, block_tables, lens = make_case(seq_lens, 2 * group, 2, 32, 16, torch.float32)
+        out = torch.full_like(query, float("nan"))
+        paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.2, out=out, max_seq_len=4096)
+        torch.testing.assert_close(out, reference(query, key_cache, value_cache, block_tables, lens, 0.2),
+                                   atol=1e-5, rtol=1e-5)
+        assert not split_counters(query.device, 1).any()
+
+
+@gpu_only
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_llama_8b_shapes_with_many_chunks_on_gpu(batch):
+    """Llama 8B's heads at contexts from one tile to 64 chunks, many launches in a row: a merge that
+    read a chunk before its program had written it would show as a mismatch in some launch."""
+    seq_lens = [(17 + 4093 * i) % 16384 + 1 for i in range(batch)]
+    query, key_cache, value_cache, block_tables, lens = make_case(seq_lens, 32, 8, 128, 16, torch.bfloat16)
+    expected = reference(query.float(), key_cache.float(), value_cache.float(), block_tables, lens, 128 ** -0.5)
+    for _ in range(20):
+        out = paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 128 ** -0.5,
+                                     max_seq_len=16384)
+        assert_matches(out, expected, torch.bfloat16)
