@@ -81,9 +81,11 @@ def num_chunks_for(rows: int, vocab: int) -> int:
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """`logits` `[rows, vocab]` with unit column stride (any row stride); int64 `[rows]`."""
+    """`logits` `[rows, vocab]` (any row stride); int64 `[rows]`."""
     rows, vocab = logits.shape
-    assert logits.stride(1) == 1 and vocab > 0
+    assert vocab > 0
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out

@@ -23,6 +23,11 @@ def test_matches_torch_argmax(dtype, rows, vocab):
     assert torch.equal(argmax(logits), logits.argmax(dim=-1))
 
 
+def test_a_strided_column_is_read_right():
+    logits = randn(5, 2 * 300, dtype=torch.float32, seed=3)[:, ::2]
+    assert torch.equal(argmax(logits), logits.argmax(dim=-1))
+
+
 def test_one_row_is_cut_into_chunks_and_many_rows_are_not():
     assert num_chunks_for(1, 128256) > 1
     assert num_chunks_for(1024, 128256) == 1
