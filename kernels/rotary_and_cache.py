@@ -3,8 +3,8 @@
 Drop-in for `engine.layers.attention.rotary_and_cache` (rotary, then `reshape_and_cache`, in torch),
 Neox-style in float32 at each token's position: the query is rotated in place
 (it is a view into the fused qkv projection), and the key is rotated on its way into the cache, so
-it is read once and never written back (attention reads keys from the cache only). Batch-1 decoding
-runs ~11 launches a layer; each launch it saves is ~2 us a layer on an H200.
+it is read once and never written back (attention reads keys from the cache only). It replaced a
+rotary kernel and a cache-write kernel: one launch a layer fewer, which batch-1 decoding pays ~2 us for.
 One program per token; a token whose slot is negative (a CUDA graph's padding row) writes no cache.
 """
 

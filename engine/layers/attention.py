@@ -67,21 +67,16 @@ class Attention(nn.Module):
         self.value_cache = torch.empty(0)
         self.kv_group = 0  # its KV cache group: which block table it reads (set with the cache)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                positions: torch.Tensor | None = None, rotary_emb: RotaryEmbedding | None = None) -> torch.Tensor:
-        """query: `[num_tokens, num_heads, head_dim]`; key/value: `[num_tokens, num_kv_heads, head_dim]`.
-        With `rotary_emb`, query and key are rotated at `positions` first (on CUDA in the launch that
-        writes the cache; the query in place, the key only in the cache)."""
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
+                rotary_emb: RotaryEmbedding) -> torch.Tensor:
+        """query: `[num_tokens, num_heads, head_dim]`; key/value: `[num_tokens, num_kv_heads, head_dim]`,
+        rotated at `positions` by `rotary_emb` here: on CUDA in the launch that writes the cache (the
+        query in place, the key only in the cache)."""
         meta = get_forward_context()
         block_tables = meta.block_tables[self.kv_group]
-        slots = meta.slot_mapping[self.kv_group]
-        if rotary_emb is None:
-            write_kv = triton_or_reference(key, "reshape_and_cache", reshape_and_cache)
-            write_kv(key, value, self.key_cache, self.value_cache, slots)
-        else:
-            rotate_and_write = triton_or_reference(query, "rotary_and_cache", rotary_and_cache)
-            query = rotate_and_write(positions, query, key, value, rotary_emb.cos_cache, rotary_emb.sin_cache,
-                                     self.key_cache, self.value_cache, slots)
+        rotate_and_write = triton_or_reference(query, "rotary_and_cache", rotary_and_cache)
+        query = rotate_and_write(positions, query, key, value, rotary_emb.cos_cache, rotary_emb.sin_cache,
+                                 self.key_cache, self.value_cache, meta.slot_mapping[self.kv_group])
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes:

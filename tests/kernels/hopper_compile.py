@@ -97,7 +97,6 @@ def launch_cases():
     from kernels.gemv import gemv
     from kernels.paged_decode_attention import paged_decode_attention
     from kernels.paged_prefill_attention import paged_prefill_attention
-    from kernels.reshape_and_cache import reshape_and_cache
     from kernels.rotary_and_cache import rotary_and_cache
     from kernels.silu_and_mul import silu_and_mul
 
@@ -118,8 +117,6 @@ def launch_cases():
     yield "rotary and cache", lambda: rotary_and_cache(
         zeros(1, dtype=torch.long), empty(1, 32, 128), empty(1, 8, 128), empty(1, 8, 128), rope, rope, llama_cache,
         llama_cache, zeros(1, dtype=torch.long))
-    yield "reshape and cache", lambda: reshape_and_cache(empty(64, 8, 128), empty(64, 8, 128), llama_cache, llama_cache,
-                                                         zeros(64, dtype=torch.long))
     for batch in (1, 256):
         yield f"decode attention, batch {batch}", lambda batch=batch: paged_decode_attention(
             empty(batch, 32, 128), llama_cache, llama_cache, zeros(batch, 256), zeros(batch), 128 ** -0.5,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"_argmax_chunk_kernel", "_argmax_pick_kernel", "_rms_norm_kernel", "_gated_kernel", "_gemv_kernel",
-           "_rotary_and_cache_kernel", "_reshape_and_cache_kernel", "_paged_decode_kernel", "_prefill_kernel",
+           "_rotary_and_cache_kernel", "_paged_decode_kernel", "_prefill_kernel",
            "_apply_token_bitmask_kernel", "_lora_shrink_kernel", "_lora_expand_kernel",
            "_lora_expand_per_token_kernel", "_count_kernel", "_offsets_kernel", "_scatter_kernel",
            "_grouped_gemm_kernel"}
