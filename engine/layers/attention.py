@@ -104,7 +104,6 @@ class Attention(nn.Module):
                 sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap)
 
 
-
 def rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      cos_cache: torch.Tensor, sin_cache: torch.Tensor, key_cache: torch.Tensor,
                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:

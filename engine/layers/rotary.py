@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 
-
 def rope_parameters(config, layer_type: str | None = None) -> dict:
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     if layer_type is not None:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.request import Request
-from kernels import triton_or_reference
 from engine.structured_outputs.bitmask import apply_token_bitmask
+from kernels import triton_or_reference
 
 
 @dataclass
