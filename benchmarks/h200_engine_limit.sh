@@ -2,8 +2,8 @@
 # The engine-limit figures (issue 16) on one H200 (the device tool's nvidia-h200), new defaults
 # (async scheduling, max_num_seqs 1024, max_num_batched_tokens 16384) against the previous
 # configuration (no async scheduling, 256 sequences, 8192 tokens) in the same call.
-# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile|structured|baseline ... (each part takes
-# minutes); ONLY_NEW=1 skips the previous configuration. `structured` (issue 20) runs 1000 requests free and
+# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile|structured|baseline|kernels ...
+# (each part takes minutes); ONLY_NEW=1 skips the previous configuration. `structured` (issue 20) runs 1000 requests free and
 # with half of them under a JSON schema; it needs .gpu/tokenizer (grammars compile against a tokenizer) and
 # the llguidance wheel installed from .whl (see benchmarks/h200_serving.sh). `baseline` runs the batch-1
 # latency of another commit in the same call, from a copy of its tree in $BASELINE_TREE (carried to the
@@ -53,6 +53,9 @@ for part in "$@"; do
             echo "== baseline profile batch 1, 32/128 ($BASELINE_TREE)"
             (cd "$BASELINE_TREE" && python3 -m engine.bench.step_profile "${model[@]}" --num-prompts 1 --input-len 32 \
                 --output-len 128 --window 40 2>&1 | grep -v "^INFO") ;;
+        kernels)  # the down projection's SiLU-gated GEMV against the activation kernel + GEMV (graph replays)
+            echo "== python -m engine.bench.gemv --shapes 4096x14336"
+            python3 -m engine.bench.gemv --shapes 4096x14336 --json "$OUT/gemv_down.json" 2>&1 | grep -v "^INFO" ;;
         profile)
             for flags in "" "--no-async-scheduling"; do
                 echo "== profile 1000 x 256/256 $flags"

@@ -4,7 +4,9 @@ For each shape (default: Llama 3.1 8B's q/k/v, o, gate/up, down and LM head), cu
 against kernels/gemv.py at its default launch and at the best of a sweep, timed as replays of a CUDA
 graph as the decode graphs run them. Each call reads another copy of the weight, enough copies to
 pass 300 MB, so the L2 cache (50 MB on an H100/H200) never holds the next call's weight, as in a
-model whose every layer has its own. CUDA only.
+model whose every layer has its own. A down projection's shape (input 14,336 wide, or any with
+`--silu-gated`) also times the GEMV that applies SiLU-and-multiply as it reads the gate/up
+projection against the activation kernel followed by the plain GEMV, as the model ran it before. CUDA only.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from engine.bench.timing import graph_ms
 LLAMA_8B_SHAPES = ["6144x4096", "4096x4096", "28672x4096", "4096x14336", "128256x4096"]
 
 
-def run_gemv_bench(out_features: int, in_features: int, dtype: torch.dtype, iters: int, sweep: bool) -> dict:
+def run_gemv_bench(out_features: int, in_features: int, dtype: torch.dtype, iters: int, sweep: bool,
+                   silu_gated: bool = False) -> dict:
     from kernels.gemv import GemvLaunch, gemv, gemv_launch_for
+    from kernels.silu_and_mul import silu_and_mul
 
     nbytes = out_features * in_features * dtype.itemsize
     copies = max(2, -(-300_000_000 // nbytes))
@@ -38,6 +42,10 @@ def run_gemv_bench(out_features: int, in_features: int, dtype: torch.dtype, iter
     error = (gemv(x, weights[0]).float() - expected).abs().max().item()
     row = {"shape": [out_features, in_features], "cublas_us": timed_us(F.linear), "gemv_us": timed_us(gemv),
            "default_launch": vars(gemv_launch_for(out_features, in_features)), "max_abs_error": error}
+    if silu_gated:
+        gate_up = torch.randn(1, 2 * in_features, device="cuda", dtype=dtype)
+        row["silu_then_gemv_us"] = timed_us(lambda _, w: gemv(silu_and_mul(gate_up), w))
+        row["silu_gated_gemv_us"] = timed_us(lambda _, w: gemv(gate_up, w, silu_gated=True))
     if sweep:
         tried = {}
         for block_n, block_k, warps, stages in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (3,)):
@@ -58,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--sweep", action="store_true", help="also time a sweep of launches")
+    parser.add_argument("--silu-gated", action="store_true", help="time the SiLU-gated GEMV at every shape")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     args = parser.parse_args(argv)
     shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes]
-    return report([run_gemv_bench(out_features, in_features, getattr(torch, args.dtype), args.iters, args.sweep)
+    return report([run_gemv_bench(out_features, in_features, getattr(torch, args.dtype), args.iters, args.sweep,
+                                  args.silu_gated or in_features == 14336)
                    for out_features, in_features in shapes], args)
 
 
