@@ -42,7 +42,7 @@ def _beats(value, index, best_value, best_index):
 
 @triton.jit
 def _argmax_chunk_kernel(logits_ptr, partial_value_ptr, partial_index_ptr, out_ptr, stride_row,
-                  VOCAB: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+                         VOCAB: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     start = chunk * CHUNK
@@ -65,7 +65,7 @@ def _argmax_chunk_kernel(logits_ptr, partial_value_ptr, partial_index_ptr, out_p
 
 @triton.jit
 def _argmax_pick_kernel(partial_value_ptr, partial_index_ptr, out_ptr, VOCAB: tl.constexpr,
-                 NUM_CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+                        NUM_CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunks = tl.arange(0, CHUNKS_PAD)
     mask = chunks < NUM_CHUNKS

@@ -159,19 +159,20 @@ def _merge_chunks(out_ptrs, out_mask, partial_out_ptr, partial_max_ptr, partial_
     _store_softmax_output(out_ptrs, acc, l_i, out_mask)
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
+_counters: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def split_counters(device: torch.device, count: int) -> torch.Tensor:
     """At least `count` zeroed int32 counters of finished chunks, one per (sequence, KV head), kept
     for the process: each launch leaves them at zero again, so a CUDA graph replays with the same
-    buffer. Made outside graph capture (the engine's eager warm-up of each size comes first)."""
-    counters = _counters.get(device)
-    if counters is None or counters.numel() < count:
+    buffer. Made outside graph capture (the engine's eager warm-up of each size comes first). A larger
+    need makes a larger buffer; the smaller ones stay allocated, as graphs captured with them read them."""
+    made = _counters.setdefault(device, [])
+    if not made or made[-1].numel() < count:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("paged decode attention's split counters must be made before graph capture")
-        counters = _counters[device] = torch.zeros(max(count, COUNTERS_AT_LEAST), dtype=torch.int32, device=device)
-    return counters
+        made.append(torch.zeros(max(count, COUNTERS_AT_LEAST), dtype=torch.int32, device=device))
+    return made[-1]
 
 
 def num_splits_for(batch: int, num_kv_heads: int, max_seq_len: int, tile: int) -> int:

@@ -146,3 +146,14 @@ def test_llama_8b_shapes_with_many_chunks_on_gpu(batch):
         out = paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 128 ** -0.5,
                                      max_seq_len=16384)
         assert_matches(out, expected, torch.bfloat16)
+
+
+def test_a_larger_need_keeps_the_smaller_counters_alive():
+    """A graph captured with the first buffer still reads it after a larger batch made a second one."""
+    from kernels.paged_decode_attention import COUNTERS_AT_LEAST, _counters, split_counters
+
+    device = torch.device(DEVICE)
+    first = split_counters(device, 1)
+    larger = split_counters(device, COUNTERS_AT_LEAST + 1)
+    assert larger.numel() > first.numel() and split_counters(device, 1) is larger
+    assert any(buffer is first for buffer in _counters[device])
