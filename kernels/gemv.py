@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.silu_and_mul import gated_activation
+
 
 @dataclass(frozen=True)
 class GemvLaunch:
@@ -38,17 +40,6 @@ def gemv_launch_for(out_features: int, in_features: int) -> GemvLaunch:
 
 
 @triton.jit
-def _silu_gated(gate_up_ptr, ks, mask, K: tl.constexpr):
-    """silu(gate) * up for columns `ks`, rounded where kernels/silu_and_mul.py rounds (the activation,
-    then the product, to the input's dtype): the same x as the unfused layers, bit for bit."""
-    gate = tl.load(gate_up_ptr + ks, mask=mask, other=0.0)
-    up = tl.load(gate_up_ptr + K + ks, mask=mask, other=0.0).to(tl.float32)
-    gate32 = gate.to(tl.float32)
-    activated = (gate32 / (1.0 + tl.exp(-gate32))).to(gate.dtype).to(tl.float32)
-    return (activated * up).to(gate.dtype)
-
-
-@triton.jit
 def _gemv_kernel(w_ptr, x_ptr, bias_ptr, y_ptr, N, stride_w, K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SILU_GATED: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -63,8 +54,8 @@ def _gemv_kernel(w_ptr, x_ptr, bias_ptr, y_ptr, N, stride_w, K: tl.constexpr,
             w = tl.load(w_rows + ks[None, :])
         else:
             w = tl.load(w_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if SILU_GATED:  # x is the MLP's gate/up projection: its activation is computed here, not stored
-            x = _silu_gated(x_ptr, ks, k_mask, K)
+        if SILU_GATED:  # x is the MLP's gate/up projection: its activation, rounded as silu_and_mul rounds it
+            x = gated_activation(x_ptr, ks, k_mask, K, False).to(x_ptr.dtype.element_ty)
         elif EVEN_K:
             x = tl.load(x_ptr + ks)
         else:

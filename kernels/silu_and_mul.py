@@ -17,20 +17,28 @@ _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit
-def _gated_kernel(out_ptr, x_ptr, d, stride_x, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < d
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
+def gated_activation(row_ptr, cols, mask, d, GELU_TANH: tl.constexpr):
+    """act(gate) * up at columns `cols` of one row [gate (d wide), up], in float32, the activation
+    rounded to the row's dtype first: the one place this rounding is written (the GEMV that applies
+    the activation as it reads its input, kernels/gemv.py, uses it too)."""
+    gate = tl.load(row_ptr + cols, mask=mask, other=0.0)
+    up = tl.load(row_ptr + d + cols, mask=mask, other=0.0).to(tl.float32)
     gate32 = gate.to(tl.float32)
     if GELU_TANH:  # 0.5 * g * (1 + tanh(y)) = g * sigmoid(2y), y = sqrt(2 / pi) * (g + 0.044715 g^3)
         inner = _SQRT_2_OVER_PI * (gate32 + 0.044715 * gate32 * gate32 * gate32)
         activated = gate32 / (1.0 + tl.exp(-2.0 * inner))
     else:
         activated = gate32 / (1.0 + tl.exp(-gate32))
-    activated = activated.to(gate.dtype).to(tl.float32)
-    tl.store(out_ptr + row * d + cols, (activated * up).to(out_ptr.dtype.element_ty), mask=mask)
+    return activated.to(gate.dtype).to(tl.float32) * up
+
+
+@triton.jit
+def _gated_kernel(out_ptr, x_ptr, d, stride_x, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    product = gated_activation(x_ptr + row * stride_x, cols, mask, d, GELU_TANH)
+    tl.store(out_ptr + row * d + cols, product.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def gated_activation_and_mul(x: torch.Tensor, gelu_tanh: bool, out: torch.Tensor | None = None) -> torch.Tensor:
