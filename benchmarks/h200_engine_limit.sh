@@ -2,13 +2,15 @@
 # The engine-limit figures (issue 16) on one H200 (the device tool's nvidia-h200), new defaults
 # (async scheduling, max_num_seqs 1024, max_num_batched_tokens 16384) against the previous
 # configuration (no async scheduling, 256 sequences, 8192 tokens) in the same call.
-# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile|structured|baseline|kernels ...
+# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile|kinds|structured|baseline|kernels ...
 # (each part takes minutes); ONLY_NEW=1 skips the previous configuration. `structured` (issue 20) runs 1000 requests free and
 # with half of them under a JSON schema; it needs .gpu/tokenizer (grammars compile against a tokenizer) and
 # the llguidance wheel installed from .whl (see benchmarks/h200_serving.sh). `baseline` runs the batch-1
 # latency of another commit in the same call, from a copy of its tree in $BASELINE_TREE (carried to the
 # device: `mkdir .clean && git archive COMMIT | tar -x -C .clean`), then this tree's again, and the
 # baseline's batch-1 kernel profile (compare with `profile`'s last part: which launches went, what each costs).
+# `kinds` profiles the whole of the uniform and the mixed runs and splits the device time into linear layers
+# (with their achieved TFLOP/s), attention and the rest: what engine.bench.step_cost_model cannot tell apart.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -56,6 +58,13 @@ for part in "$@"; do
         kernels)  # the down projection's SiLU-gated GEMV against the activation kernel + GEMV (graph replays)
             echo "== python -m engine.bench.gemv --shapes 4096x14336"
             python3 -m engine.bench.gemv --shapes 4096x14336 --json "$OUT/gemv_down.json" 2>&1 | grep -v "^INFO" ;;
+        kinds)
+            for lens in "256 256" "16-1024 16-512"; do
+                read -r in_len out_len <<< "$lens"
+                echo "== whole-run profile 1000 x $in_len/$out_len"
+                python3 -m engine.bench.step_profile "${model[@]}" --num-prompts 1000 --input-len "$in_len" \
+                    --output-len "$out_len" --profile-from 0 --window 0 2>&1 | grep -v "^INFO"
+            done ;;
         profile)
             for flags in "" "--no-async-scheduling"; do
                 echo "== profile 1000 x 256/256 $flags"

@@ -1,0 +1,157 @@
+"""python -m engine.bench.step_cost_model: the real scheduler replayed on a throughput workload, each
+step priced by a roofline model of a dense decoder on one card. A planning tool, not a measurement.
+
+    python -m engine.bench.step_cost_model --input-len 16-1024 --output-len 16-512 [--tflops 720 ...]
+
+A step with async scheduling costs what its device work costs:
+    fixed + max(weight bytes / bandwidth, tokens x FLOP per token / linear TFLOP/s)
+          + decode KV bytes read / bandwidth + prefill attention FLOPs / attention TFLOP/s
+The defaults are Llama 3.1 8B in bf16 on an H200, calibrated so that one set of constants gives both
+measured workloads of benchmarks/RESULTS.md at aa3c193: 1000 x 256/256 in 15.3-16.7 s (model: 15.8)
+and 16-1024 in / 16-512 out in 25.79 s (model: 25.7). The breakdown says which part a target needs
+(`--sweep-tflops` shows the linear layers' efficiency that a throughput figure asks for). The two
+calibration points do not separate the linear TFLOP/s from the bandwidth (650/4.3 and 720/3.3 fit
+alike): a profile on the card (`engine.bench.step_profile ... --profile-from 0 --window 0`) does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+
+from engine.bench.workload import LengthRange, make_workload
+from engine.config import SchedulerConfig
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.scheduler import Scheduler
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    linear_tflops: float = 580.0  # achieved by the GEMMs in the model (the card's measured peak: ~796)
+    bandwidth_tbs: float = 4.3  # HBM, for the weights and the KV cache
+    attention_tflops: float = 350.0  # prefill attention
+    fixed_ms: float = 0.6  # per step: norms, rotary, sampling, launch gaps
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What the roofline needs of a dense decoder (defaults: Llama 3.1 8B in bf16)."""
+
+    linear_params: float = 6.98e9  # the decoder's projections
+    lm_head_params: float = 0.525e9
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    dtype_bytes: int = 2
+
+    @property
+    def weight_bytes(self) -> float:
+        return (self.linear_params + self.lm_head_params) * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * self.num_kv_heads * self.head_dim * 2 * self.dtype_bytes
+
+    @property
+    def attention_flops_per_pair(self) -> int:
+        """One query attending to one key: QK and PV, 2 FLOPs a multiply-add, every head and layer."""
+        return 2 * 2 * self.head_dim * self.num_heads * self.num_layers
+
+
+@dataclass
+class Prediction:
+    seconds: float = 0.0
+    num_steps: int = 0
+    output_tokens: int = 0
+    parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("linear, compute-bound", "linear, weight-read-bound", "decode attention (KV reads)", "prefill attention",
+         "fixed"), 0.0))
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds else 0.0
+
+
+def price_step(prediction: Prediction, shape: DecoderShape, device: DeviceModel, num_tokens: int, num_sampled: int,
+               decode_context: int, prefill_pairs: int) -> None:
+    """Add one step's device time, by part, to `prediction`."""
+    compute = (2 * shape.linear_params * num_tokens + 2 * shape.lm_head_params * num_sampled) / (device.linear_tflops * 1e12)
+    weights = shape.weight_bytes / (device.bandwidth_tbs * 1e12)
+    parts = prediction.parts
+    parts["linear, compute-bound" if compute > weights else "linear, weight-read-bound"] += max(compute, weights)
+    parts["decode attention (KV reads)"] += decode_context * shape.kv_bytes_per_token / (device.bandwidth_tbs * 1e12)
+    parts["prefill attention"] += prefill_pairs * shape.attention_flops_per_pair / (device.attention_tflops * 1e12)
+    parts["fixed"] += device.fixed_ms / 1000
+    prediction.seconds = sum(parts.values())
+    prediction.num_steps += 1
+
+
+def predict(config: SchedulerConfig, num_kv_tokens: int, requests, shape: DecoderShape = DecoderShape(),
+            device: DeviceModel = DeviceModel(), block_size: int = 16) -> Prediction:
+    """Run `requests` (BenchRequest, ignore_eos) through the real scheduler with every sampled token
+    known at once; price each step."""
+    scheduler = Scheduler(config, KVCacheManager(num_kv_tokens // block_size, block_size, enable_caching=False))
+    for i, bench_request in enumerate(requests):
+        params = SamplingParams(max_tokens=bench_request.max_tokens, ignore_eos=True)
+        params.all_stop_token_ids = set()
+        scheduler.add_request(Request(f"r{i}", bench_request.prompt_token_ids, params, arrival_time=float(i)))
+    prediction = Prediction()
+    while scheduler.has_unfinished_requests():
+        output = scheduler.schedule()
+        decode_context = prefill_pairs = 0
+        for request_id, num_new in output.num_scheduled_tokens.items():
+            end = scheduler.requests[request_id].num_computed_tokens  # advanced by schedule(): past this step
+            if num_new == 1 and scheduler.requests[request_id].num_output_tokens:
+                decode_context += end
+            else:  # a prefill chunk: each query sees the context before it and the chunk up to itself
+                prefill_pairs += num_new * (end - num_new) + num_new * (num_new + 1) // 2
+        price_step(prediction, shape, device, output.total_num_scheduled_tokens, len(output.sampling_req_ids),
+                   decode_context, prefill_pairs)
+        prediction.output_tokens += len(output.sampling_req_ids)
+        scheduler.update(output, dict.fromkeys(output.sampling_req_ids, 1000))
+    return prediction
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.bench.step_cost_model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--input-len", type=LengthRange.parse, default=LengthRange.parse("256"))
+    parser.add_argument("--output-len", type=LengthRange.parse, default=LengthRange.parse("256"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--long-prefill-token-threshold", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--num-kv-tokens", type=int, default=878_000, help="the KV cache (an H200 at 8B: ~878k)")
+    for name, default in asdict(DeviceModel()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=default)
+    parser.add_argument("--sweep-tflops", type=float, nargs="*", default=[],
+                        help="also predict with these linear TFLOP/s")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    batched = args.max_num_batched_tokens
+    threshold = args.long_prefill_token_threshold or max(16, batched // 4)
+    config = SchedulerConfig(args.max_model_len, args.max_num_seqs, batched, min(threshold, batched))
+    requests = make_workload(args.num_prompts, args.input_len, args.output_len, 128256, args.seed)
+    device = DeviceModel(*(getattr(args, name) for name in asdict(DeviceModel())))
+    results = []
+    for tflops in [device.linear_tflops, *args.sweep_tflops]:
+        model = DeviceModel(tflops, device.bandwidth_tbs, device.attention_tflops, device.fixed_ms)
+        prediction = predict(config, args.num_kv_tokens, requests, device=model)
+        row = {"device": asdict(model), "seconds": round(prediction.seconds, 3), "steps": prediction.num_steps,
+               "output_tokens_per_s": round(prediction.output_tokens_per_s),
+               "parts_s": {k: round(v, 3) for k, v in prediction.parts.items()}}
+        print(json.dumps(row))
+        results.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
