@@ -2,7 +2,7 @@
 # The engine-limit figures (issue 16) on one H200 (the device tool's nvidia-h200), new defaults
 # (async scheduling, max_num_seqs 1024, max_num_batched_tokens 16384) against the previous
 # configuration (no async scheduling, 256 sequences, 8192 tokens) in the same call.
-# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile|kinds|structured|baseline|kernels ...
+# Usage: benchmarks/h200_engine_limit.sh tests|uniform|mixed|latency|profile|kinds|ops|structured|baseline|kernels ...
 # (each part takes minutes); ONLY_NEW=1 skips the previous configuration. `structured` (issue 20) runs 1000 requests free and
 # with half of them under a JSON schema; it needs .gpu/tokenizer (grammars compile against a tokenizer) and
 # the llguidance wheel installed from .whl (see benchmarks/h200_serving.sh). `baseline` runs the batch-1
@@ -11,6 +11,7 @@
 # baseline's batch-1 kernel profile (compare with `profile`'s last part: which launches went, what each costs).
 # `kinds` profiles the whole of the uniform and the mixed runs and splits the device time into linear layers
 # (with their achieved TFLOP/s), attention and the rest: what engine.bench.step_cost_model cannot tell apart.
+# `ops` times a layer's ops alone at 256-16,384 tokens (cuBLAS TFLOP/s per projection, the elementwise TB/s).
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -58,6 +59,9 @@ for part in "$@"; do
         kernels)  # the down projection's SiLU-gated GEMV against the activation kernel + GEMV (graph replays)
             echo "== python -m engine.bench.gemv --shapes 4096x14336"
             python3 -m engine.bench.gemv --shapes 4096x14336 --json "$OUT/gemv_down.json" 2>&1 | grep -v "^INFO" ;;
+        ops)
+            echo "== python -m engine.bench.layer_ops"
+            python3 -m engine.bench.layer_ops --json "$OUT/layer_ops.json" 2>&1 | grep -v "^INFO" ;;
         kinds)
             for lens in "256 256" "16-1024 16-512"; do
                 read -r in_len out_len <<< "$lens"

@@ -57,3 +57,17 @@ def test_kernel_names_sort_into_linear_attention_and_the_rest():
     assert totals == {"linear": 2.0, "attention": 1.0, "other": 1.0}
     lines = summary_lines([KernelTime("nvjet_a", 2.0), KernelTime("_rms", 2.0)], num_steps=4, linear_flops=1.2e15)
     assert "600.00 TFLOP/s achieved" in lines[1] and "50.0%" in lines[1]
+
+
+def test_layer_ops_times_every_op_of_a_layer_at_each_token_count(tmp_path):
+    """A smoke run on the CPU (eager; the figures come from the card): every op at every token count,
+    with the rate the op is judged by, in the JSON file."""
+    import json
+
+    from engine.bench.layer_ops import main
+
+    assert main(["--tokens", "2", "3", "--dtype", "float32", "--iters", "1", "--json", str(tmp_path / "ops.json")]) == 0
+    rows = json.loads((tmp_path / "ops.json").read_text())["results"]
+    assert [(row["op"], row["tokens"]) for row in rows] == [
+        (op, tokens) for tokens in (2, 3) for op in ("qkv", "o", "gate_up", "down", "silu_and_mul", "add_rms_norm")]
+    assert all(row["us"] > 0 and (row.get("tflops") or row.get("tb_per_s")) > 0 for row in rows)
