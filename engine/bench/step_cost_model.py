@@ -1,23 +1,24 @@
 """python -m engine.bench.step_cost_model: the real scheduler replayed on a throughput workload, each
 step priced by a roofline model of a dense decoder on one card. A planning tool, not a measurement.
 
-    python -m engine.bench.step_cost_model --input-len 16-1024 --output-len 16-512 [--tflops 720 ...]
+    python -m engine.bench.step_cost_model --input-len 16-1024 --output-len 16-512 [--sweep-tflops 650 700]
 
 A step with async scheduling costs what its device work costs:
-    fixed + max(weight bytes / bandwidth, tokens x FLOP per token / linear TFLOP/s)
+    fixed + max(weight bytes / bandwidth, FLOPs of the step's tokens / linear TFLOP/s)
           + decode KV bytes read / bandwidth + prefill attention FLOPs / attention TFLOP/s
-The defaults are Llama 3.1 8B in bf16 on an H200, calibrated so that one set of constants gives both
-measured workloads of benchmarks/RESULTS.md at aa3c193: 1000 x 256/256 in 15.3-16.7 s (model: 15.8)
-and 16-1024 in / 16-512 out in 25.79 s (model: 25.7). The breakdown says which part a target needs
-(`--sweep-tflops` shows the linear layers' efficiency that a throughput figure asks for). The two
-calibration points do not separate the linear TFLOP/s from the bandwidth (650/4.3 and 720/3.3 fit
-alike): a profile on the card (`engine.bench.step_profile ... --profile-from 0 --window 0`) does.
+(the LM head's FLOPs count for the rows that sample only). The defaults are Llama 3.1 8B in bf16 on
+an H200, fitted so that one set of constants gives both measured workloads of benchmarks/RESULTS.md
+at aa3c193: 1000 x 256/256 in 15.3-16.7 s (model: 15.97) and 16-1024 in / 16-512 out in 25.79 s
+(model: 25.65). It prints the time by part, and TTFT and TPOT p50 in model time. The two points do
+not separate the linear TFLOP/s from the bandwidth (560/4.8 and 600/3.6 fit about as well): a profile
+on the card (`engine.bench.step_profile ... --profile-from 0 --window 0`) does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 
 from engine.bench.workload import LengthRange, make_workload
@@ -67,6 +68,9 @@ class Prediction:
     seconds: float = 0.0
     num_steps: int = 0
     output_tokens: int = 0
+    # Per request, in model seconds: its first token's time and its time per output token after it.
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
     parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("linear, compute-bound", "linear, weight-read-bound", "decode attention (KV reads)", "prefill attention",
          "fixed"), 0.0))
@@ -79,7 +83,8 @@ class Prediction:
 def price_step(prediction: Prediction, shape: DecoderShape, device: DeviceModel, num_tokens: int, num_sampled: int,
                decode_context: int, prefill_pairs: int) -> None:
     """Add one step's device time, by part, to `prediction`."""
-    compute = (2 * shape.linear_params * num_tokens + 2 * shape.lm_head_params * num_sampled) / (device.linear_tflops * 1e12)
+    flops = 2 * shape.linear_params * num_tokens + 2 * shape.lm_head_params * num_sampled
+    compute = flops / (device.linear_tflops * 1e12)
     weights = shape.weight_bytes / (device.bandwidth_tbs * 1e12)
     parts = prediction.parts
     parts["linear, compute-bound" if compute > weights else "linear, weight-read-bound"] += max(compute, weights)
@@ -100,6 +105,7 @@ def predict(config: SchedulerConfig, num_kv_tokens: int, requests, shape: Decode
         params.all_stop_token_ids = set()
         scheduler.add_request(Request(f"r{i}", bench_request.prompt_token_ids, params, arrival_time=float(i)))
     prediction = Prediction()
+    first_token_at: dict[str, float] = {}
     while scheduler.has_unfinished_requests():
         output = scheduler.schedule()
         decode_context = prefill_pairs = 0
@@ -112,8 +118,22 @@ def predict(config: SchedulerConfig, num_kv_tokens: int, requests, shape: Decode
         price_step(prediction, shape, device, output.total_num_scheduled_tokens, len(output.sampling_req_ids),
                    decode_context, prefill_pairs)
         prediction.output_tokens += len(output.sampling_req_ids)
-        scheduler.update(output, dict.fromkeys(output.sampling_req_ids, 1000))
+        for request_id in output.sampling_req_ids:
+            first_token_at.setdefault(request_id, prediction.seconds)
+        for request in scheduler.update(output, dict.fromkeys(output.sampling_req_ids, 1000)):
+            first = first_token_at.pop(request.request_id)
+            prediction.ttft.append(first)
+            if request.num_output_tokens > 1:
+                prediction.tpot.append((prediction.seconds - first) / (request.num_output_tokens - 1))
     return prediction
+
+
+def decode_step_seconds(num_seqs: int, context: int, shape: DecoderShape = DecoderShape(),
+                        device: DeviceModel = DeviceModel()) -> float:
+    """The model's price of a pure decode step: `num_seqs` sequences, each `context` tokens long."""
+    prediction = Prediction()
+    price_step(prediction, shape, device, num_seqs, num_seqs, num_seqs * context, 0)
+    return prediction.seconds
 
 
 def main() -> None:
@@ -145,7 +165,9 @@ def main() -> None:
         prediction = predict(config, args.num_kv_tokens, requests, device=model)
         row = {"device": asdict(model), "seconds": round(prediction.seconds, 3), "steps": prediction.num_steps,
                "output_tokens_per_s": round(prediction.output_tokens_per_s),
-               "parts_s": {k: round(v, 3) for k, v in prediction.parts.items()}}
+               "parts_s": {k: round(v, 3) for k, v in prediction.parts.items()},
+               "ttft_p50_s": round(statistics.median(prediction.ttft), 3),
+               "tpot_p50_ms": round(1000 * statistics.median(prediction.tpot), 2) if prediction.tpot else None}
         print(json.dumps(row))
         results.append(row)
     if args.json:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from engine.bench.kernel_kinds import KernelTime, by_kind, kind_of, summary_lines
-from engine.bench.step_cost_model import DecoderShape, DeviceModel, predict
+from engine.bench.step_cost_model import DecoderShape, DeviceModel, decode_step_seconds, predict
 from engine.bench.workload import LengthRange, make_workload
 from engine.config import SchedulerConfig
 
@@ -43,6 +43,26 @@ def test_a_one_token_step_reads_every_weight_once():
     read_bound = prediction.parts["linear, weight-read-bound"]
     assert prediction.num_steps == 33  # the prefill samples the first token
     assert read_bound == pytest.approx(33 * DecoderShape().weight_bytes / (DeviceModel().bandwidth_tbs * 1e12))
+    [ttft], [tpot] = prediction.ttft, prediction.tpot
+    assert tpot == pytest.approx((prediction.seconds - ttft) / 32)
+    assert decode_step_seconds(1, 17) < tpot < decode_step_seconds(1, 48)  # its context grows from 17 to 48
+
+
+def test_a_burst_prefilled_in_one_step_decodes_at_the_pure_decode_step():
+    """All prompts in one step, then every request decodes together: time per output token is the
+    decode step's price and the run costs no more than the chunked schedule; first tokens wait."""
+    import statistics
+
+    requests = make_workload(64, LengthRange.parse("32"), LengthRange.parse("16"), 128256, seed=0)
+    chunked = predict(SchedulerConfig(4096, 64, max_num_batched_tokens=256, long_prefill_token_threshold=64),
+                      200_000, requests)
+    at_once = predict(SchedulerConfig(4096, 64, max_num_batched_tokens=2048, long_prefill_token_threshold=2048),
+                      200_000, requests)
+    assert at_once.num_steps == 16 < chunked.num_steps
+    assert statistics.median(at_once.tpot) == pytest.approx(decode_step_seconds(64, 40))  # contexts 33..47
+    assert statistics.median(at_once.tpot) < statistics.median(chunked.tpot)
+    assert statistics.median(at_once.ttft) > statistics.median(chunked.ttft)
+    assert at_once.seconds <= chunked.seconds  # chunks add steps; each reads every weight
 
 
 def test_kernel_names_sort_into_linear_attention_and_the_rest():
