@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from pathlib import Path
 
 from tokenizers.decoders import DecodeStream
@@ -68,6 +69,35 @@ def eos_token_ids(tokenizer, model_config) -> set[int]:
     return ids
 
 
+# Text that transformers' clean_up_tokenization changes (" ." -> ".", " 's" -> "'s", ...).
+_CLEANUP_PROBE = "a . b , c ! d ? e 's f n't g 'm h 've i 're"
+_decodes_like_backend: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decodes_like_its_backend(tokenizer) -> bool:
+    """Whether transformers' decode() returns its Rust backend's text: then a stream can run on the
+    backend's DecodeStream (about a microsecond a token) and still match decode(). decode() may also
+    clean up spaces before punctuation (`clean_up_tokenization_spaces`), which the backend does not;
+    transformers 5 ignores that setting for BPE tokenizers, and Llama 3's sets it, so the setting alone
+    would send every Llama 3 stream down the ~5x slower window path. Checked once per tokenizer, on a
+    probe whose text the clean-up would change."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return True
+    try:
+        return _decodes_like_backend[tokenizer]
+    except KeyError:
+        pass
+    except TypeError:  # a tokenizer that cannot be a weak key: probed every time
+        return _probe(tokenizer)
+    known = _decodes_like_backend[tokenizer] = _probe(tokenizer)
+    return known
+
+
+def _probe(tokenizer) -> bool:
+    ids = tokenizer.backend_tokenizer.encode(_CLEANUP_PROBE, add_special_tokens=False).ids
+    return tokenizer.decode(ids) == tokenizer.backend_tokenizer.decode(ids)
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without ever emitting half a character.
 
@@ -89,8 +119,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        # Transformers' decode() may also clean up spaces, which the Rust decoder does not do.
-        self._backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
+        self._backend = backend if backend is not None and decodes_like_its_backend(tokenizer) else None
         self._stream = DecodeStream(ids=self.tokens, skip_special_tokens=skip_special_tokens) \
             if self._backend is not None else None
 

@@ -95,3 +95,36 @@ def test_the_fast_and_the_window_detokenizers_agree(bundled_tokenizer, text):
     window._stream = window._backend = None  # the path of tokenizers without a Rust backend
     assert fast._stream is not None
     assert stream(fast, token_ids) == stream(window, token_ids)
+
+
+def test_a_bpe_tokenizer_that_asks_for_space_clean_up_still_streams_on_the_fast_path(bundled_tokenizer):
+    """Llama 3's tokenizer sets clean_up_tokenization_spaces; transformers ignores it for BPE, so
+    decode() is the backend's text and the DecodeStream path (5x cheaper a token) gives it exactly."""
+    import copy
+
+    tokenizer = copy.deepcopy(bundled_tokenizer)
+    tokenizer.clean_up_tokenization_spaces = True
+    text = "Wait . Really , it's done ! Isn't it ? We've seen 're and 'm too ."
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(token_ids) == text  # the clean-up did not apply
+    detokenizer = IncrementalDetokenizer(tokenizer, [])
+    assert detokenizer._stream is not None
+    assert "".join(stream(detokenizer, token_ids)) == text
+
+
+def test_a_tokenizer_whose_decode_cleans_up_spaces_streams_what_decode_returns():
+    """A WordPiece-style tokenizer whose decoder keeps " ." but whose transformers decode() cleans it
+    up: the stream takes the window path, which decodes through transformers, and matches decode()."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "a", ".", "b", ",", "c", "!", "d", "?", "e", "'", "s", "hello", "world"]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(cleanup=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=True, unk_token="[UNK]")
+    token_ids = backend.encode("hello world . a , b ! c ? d").ids
+    assert tokenizer.decode(token_ids) == "hello world. a, b! c? d" != backend.decode(token_ids)
+    detokenizer = IncrementalDetokenizer(tokenizer, [])
+    assert detokenizer._stream is None
+    assert "".join(stream(detokenizer, token_ids)) == tokenizer.decode(token_ids)
