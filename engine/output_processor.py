@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import RequestOutputKind, SamplingParams
-from engine.tokenization import IncrementalDetokenizer
+from engine.tokenization import IncrementalDetokenizer, token_text
 
 
 class SequenceState:
@@ -239,6 +239,6 @@ def to_logprob_dict(entries: list[tuple[int, float, int]], tokenizer) -> dict[in
     result = {}
     for token_id, logprob, rank in entries:
         if token_id not in result:
-            decoded = tokenizer.decode([token_id]) if tokenizer is not None else None
+            decoded = token_text(tokenizer, token_id) if tokenizer is not None else None
             result[token_id] = Logprob(logprob=logprob, rank=rank, decoded_token=decoded)
     return result

@@ -98,6 +98,15 @@ def _probe(tokenizer) -> bool:
     return tokenizer.decode(ids) == tokenizer.backend_tokenizer.decode(ids)
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """`tokenizer.decode([token_id])`, a logprob's decoded token: through the Rust backend when its
+    text is decode()'s (~0.6 us against ~2.2; a top-20 logprobs request decodes 21 a token)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and decodes_like_its_backend(tokenizer):
+        return backend.decode([token_id], skip_special_tokens=False)
+    return tokenizer.decode([token_id])
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without ever emitting half a character.
 

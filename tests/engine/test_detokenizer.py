@@ -128,3 +128,12 @@ def test_a_tokenizer_whose_decode_cleans_up_spaces_streams_what_decode_returns()
     detokenizer = IncrementalDetokenizer(tokenizer, [])
     assert detokenizer._stream is None
     assert "".join(stream(detokenizer, token_ids)) == tokenizer.decode(token_ids)
+
+
+def test_a_token_s_text_is_what_decode_gives_for_it(bundled_tokenizer):
+    """Logprobs' decoded tokens, specials and ids that are half a character included."""
+    from engine.tokenization import token_text
+
+    ids = [*range(0, 40), *range(1000, 49152, 97), bundled_tokenizer.eos_token_id]
+    assert [token_text(bundled_tokenizer, i) for i in ids] == [bundled_tokenizer.decode([i]) for i in ids]
+    assert any("\ufffd" in token_text(bundled_tokenizer, i) for i in ids)
