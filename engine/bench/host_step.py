@@ -5,11 +5,13 @@ for async scheduling to hide it; on a replica the step's deltas are also built a
 Redis. This measures that work alone, on any machine: the bundled model's engine with its forward
 pass, logits and sampler replaced by constants (the one part not measured), N sequences decoding.
 
-    python -m engine.bench.host_step --num-seqs 1000 [--replica]
+    python -m engine.bench.host_step --num-seqs 1000 [--replica [--stream-interval 2]]
 
 Without --replica: what the offline benchmark asks for (final outputs only, no detokenization).
 With it: per-token DELTA outputs with detokenization, the replica's `_publish` and the writer's
 encoding of each client's deltas (`encode_deltas`), as `engine serve` does every step.
+`--stream-interval 2` streams every other token, requests taking turns, as the replica's pacer
+does while its host work outlasts the device's step (engine/service/stream_pacing.py).
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ def build_engine(num_seqs: int) -> LLMEngine:
     return engine
 
 
-def run(num_seqs: int, replica: bool, steps: int, seed: int = 0) -> dict:
+def run(num_seqs: int, replica: bool, steps: int, seed: int = 0, stream_interval: int = 1) -> dict:
     engine = build_engine(num_seqs)
     server = EngineServer(engine, "redis://unused", "bench") if replica else None
+    engine.output_processor.stream_interval = stream_interval
+    engine.output_processor.stagger = stream_interval > 1
     kind = RequestOutputKind.DELTA if replica else RequestOutputKind.FINAL_ONLY
     rng = random.Random(seed)
     for i in range(num_seqs):
@@ -78,7 +82,8 @@ def run(num_seqs: int, replica: bool, steps: int, seed: int = 0) -> dict:
             timings["publish"] += published - stepped
             timings["encode (writer thread)"] += time.perf_counter() - published
     result = {name: round(1000 * seconds / steps, 2) for name, seconds in timings.items()}
-    return {"num_seqs": num_seqs, "replica": replica, "steps": steps, "ms_per_step": result,
+    return {"num_seqs": num_seqs, "replica": replica, "stream_interval": stream_interval, "steps": steps,
+            "ms_per_step": result,
             "total_ms_per_step": round(sum(result.values()), 2)}
 
 
@@ -88,8 +93,9 @@ def main() -> None:
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--replica", action="store_true")
+    parser.add_argument("--stream-interval", type=int, default=1)
     args = parser.parse_args()
-    print(run(args.num_seqs, args.replica, args.steps))
+    print(run(args.num_seqs, args.replica, args.steps, stream_interval=args.stream_interval))
 
 
 if __name__ == "__main__":
