@@ -7,6 +7,7 @@ import os
 import weakref
 from pathlib import Path
 
+from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from engine.weights.source import ModelSource, bundled_model_path, resolve_model
@@ -127,7 +128,8 @@ class IncrementalDetokenizer:
         self.tokens = list(prompt_token_ids[-self.CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
+        # A bare `tokenizers.Tokenizer` (a web process's, from the ModelCard) is its own backend.
+        backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
         self._backend = backend if backend is not None and decodes_like_its_backend(tokenizer) else None
         self._stream = DecodeStream(ids=self.tokens, skip_special_tokens=skip_special_tokens) \
             if self._backend is not None else None

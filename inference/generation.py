@@ -11,8 +11,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from tokenizers import Tokenizer
+
 from engine.service.client import EngineClient
 from engine.service.protocol import EngineRequest, OutputDelta, Usage
+from inference.stream_text import StreamText
 
 
 @dataclass
@@ -27,6 +30,8 @@ class GenerationPlan:
     trace_context: dict = field(default_factory=dict)  # W3C trace headers of the call's span (engine/tracing.py)
     base_model: str = ""  # whose replicas run it; "" : `model` itself
     lora_name: str | None = None  # the LoRA adapter those replicas apply (inference/model_targets.py)
+    # Set when this process makes the streams' text from their token ids (inference/stream_text.py).
+    web_tokenizer: Tokenizer | None = None
 
     @property
     def n(self) -> int:
@@ -52,7 +57,9 @@ async def generate(client: EngineClient, plan: GenerationPlan,
     try:
         for request in plan.engine_requests():
             streams.append(await client.submit(request))
-        async for item in _merged(streams, usages):
+        texts = [StreamText(plan.web_tokenizer, prompt, plan.params.get("skip_special_tokens", True))
+                 for prompt in plan.prompts] if plan.web_tokenizer is not None else None
+        async for item in _merged(streams, usages, texts):
             yield item
     finally:  # a stream never iterated (a later submit failed, say) is aborted here
         for index, stream in enumerate(streams):
@@ -69,16 +76,17 @@ def _record(usages: dict[int, Usage], index: int, usage: Usage) -> None:
                           max(old.cached_tokens, usage.cached_tokens))
 
 
-async def _merged(streams, usages: dict[int, Usage]) -> AsyncIterator[tuple[int, OutputDelta]]:
+async def _merged(streams, usages: dict[int, Usage],
+                  texts: list[StreamText] | None) -> AsyncIterator[tuple[int, OutputDelta]]:
     if len(streams) == 1:
-        async for delta in _checked(streams[0], 0, usages):
+        async for delta in _checked(streams[0], 0, usages, texts and texts[0]):
             yield 0, delta
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream) -> None:
         try:
-            async for delta in _checked(stream, index, usages):
+            async for delta in _checked(stream, index, usages, texts and texts[index]):
                 await queue.put((index, delta))
         except EngineFailed as error:
             await queue.put((index, error))
@@ -102,12 +110,14 @@ async def _merged(streams, usages: dict[int, Usage]) -> AsyncIterator[tuple[int,
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _checked(stream, index: int, usages: dict[int, Usage]) -> AsyncIterator[OutputDelta]:
+async def _checked(stream, index: int, usages: dict[int, Usage], text: StreamText | None) -> AsyncIterator[OutputDelta]:
     try:
         async for delta in stream:
             _record(usages, index, delta.usage)
             if delta.error:
                 raise EngineFailed(delta.error.get("code", "engine_error"), delta.error.get("message", ""))
+            if text is not None:
+                text.fill(delta)
             yield delta
     finally:
         await stream.aclose()

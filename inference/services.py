@@ -34,6 +34,7 @@ from inference.prompt_limits import chat_chars, check_text_length, check_token_i
 from inference.prompt_tokenizer import PromptError, PromptTokenizer
 from inference.request_cleanup import close_when_request_ends
 from inference.sampling import sampling_fields
+from inference.stream_text import web_detokenizes
 from inference.structured_outputs import checked_constraint, requested_constraint
 from inference.tokenizing import off_loop
 from inference.tools import ToolPlan
@@ -275,10 +276,15 @@ def _plan(api_key: ApiKey, target: ModelTarget, kind: str, prompts, fields: dict
     limits = effective_limits(api_key=api_key)
     _check_sequences(limits, n=fields.get("n", 1), prompts=len(prompts))
     # The trace context is taken here, in the view's span: a stream's body runs after that span ends.
+    web_tokenizer = target.tokenizer.tokenizer
+    if web_detokenizes(target.tokenizer.card, web_tokenizer, fields):
+        fields["detokenize"] = False  # the engine sends token ids; this process makes the text
+    else:
+        web_tokenizer = None
     return GenerationPlan(request_id=f"{kind}-{uuid.uuid4().hex}", model=target.model, tenant=str(api_key.tenant_id),
                           prompts=prompts, params=fields, priority=limits.priority_tier, prompt_texts=texts,
                           trace_context=tracing.current_context(), base_model=target.base_model,
-                          lora_name=target.lora_name)
+                          lora_name=target.lora_name, web_tokenizer=web_tokenizer)
 
 
 def _check_sequences(limits, *, n: int, prompts: int) -> None:

@@ -10,8 +10,10 @@ pass, logits and sampler replaced by constants (the one part not measured), N se
 Without --replica: what the offline benchmark asks for (final outputs only, no detokenization).
 With it: per-token DELTA outputs with detokenization, the replica's `_publish` and the writer's
 encoding of each client's deltas (`encode_deltas`), as `engine serve` does every step.
-`--stream-interval 2` streams every other token, requests taking turns, as the replica's pacer
-does while its host work outlasts the device's step (engine/service/stream_pacing.py).
+`--web-detokenizes` leaves the text to the web processes, as the replica runs plain streams
+(inference/stream_text.py). `--stream-interval 2` streams every other token, requests taking turns,
+as the replica's pacer does while its host work outlasts the device's step
+(engine/service/stream_pacing.py).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def build_engine(num_seqs: int) -> LLMEngine:
     return engine
 
 
-def run(num_seqs: int, replica: bool, steps: int, seed: int = 0, stream_interval: int = 1) -> dict:
+def run(num_seqs: int, replica: bool, steps: int, seed: int = 0, stream_interval: int = 1,
+        web_detokenizes: bool = False) -> dict:
     engine = build_engine(num_seqs)
     server = EngineServer(engine, "redis://unused", "bench") if replica else None
     engine.output_processor.stream_interval = stream_interval
@@ -58,7 +61,7 @@ def run(num_seqs: int, replica: bool, steps: int, seed: int = 0, stream_interval
         request_id = f"cmpl-{i:08x}"
         prompt = [rng.randrange(1000, 40000) for _ in range(16)]
         engine.add_request(request_id, {"prompt_token_ids": prompt}, SamplingParams(
-            max_tokens=steps + 10, ignore_eos=True, detokenize=replica, output_kind=kind))
+            max_tokens=steps + 10, ignore_eos=True, detokenize=replica and not web_detokenizes, output_kind=kind))
         if server is not None:
             server.in_flight[request_id] = InFlight(f"web-{i % NUM_WEB_CLIENTS}")
     while engine.scheduler.waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
@@ -82,7 +85,8 @@ def run(num_seqs: int, replica: bool, steps: int, seed: int = 0, stream_interval
             timings["publish"] += published - stepped
             timings["encode (writer thread)"] += time.perf_counter() - published
     result = {name: round(1000 * seconds / steps, 2) for name, seconds in timings.items()}
-    return {"num_seqs": num_seqs, "replica": replica, "stream_interval": stream_interval, "steps": steps,
+    return {"num_seqs": num_seqs, "replica": replica, "stream_interval": stream_interval,
+            "web_detokenizes": web_detokenizes, "steps": steps,
             "ms_per_step": result,
             "total_ms_per_step": round(sum(result.values()), 2)}
 
@@ -94,8 +98,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--replica", action="store_true")
     parser.add_argument("--stream-interval", type=int, default=1)
+    parser.add_argument("--web-detokenizes", action="store_true")
     args = parser.parse_args()
-    print(run(args.num_seqs, args.replica, args.steps, stream_interval=args.stream_interval))
+    print(run(args.num_seqs, args.replica, args.steps, stream_interval=args.stream_interval,
+              web_detokenizes=args.web_detokenizes))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ from engine.sampling_params import SamplingParams
 # 4: sampling params may carry structured_outputs; heartbeats speculative-decoding counters.
 # 5: requests may name a LoRA adapter (lora_name); heartbeats list the adapters held and those that failed,
 #    and the largest rank they load (max_lora_rank).
-PROTOCOL_VERSION = 5
+# 6: model cards say whether the engine's streamed text is its tokenizer JSON's own decoding
+#    (streams_backend_text), so the web side may detokenize plain streams itself.
+PROTOCOL_VERSION = 6
 
 
 class ProtocolError(ValueError):
@@ -131,6 +133,9 @@ class ModelCard:
     # The model's own sampling defaults (generation_config.json), SamplingParams fields by name: the
     # web side uses them for the fields a call leaves out.
     sampling_defaults: dict = field(default_factory=dict)
+    # The engine streams the text that `tokenizer_json`'s own decoder gives (no clean-up on top): a web
+    # process can then turn a stream's token ids into the same text (inference/stream_text.py).
+    streams_backend_text: bool = False
     created_at: float = field(default_factory=time.time)
 
 
@@ -245,7 +250,7 @@ def decode_heartbeat(data: bytes) -> Heartbeat:
 def decode_model_card(data: bytes) -> ModelCard:
     return _build(ModelCard, _unpack(data), {"model": str, "max_model_len": int, "tokenizer_json": str,
                                              "chat_template": str, "special_tokens": dict,
-                                             "sampling_defaults": dict})
+                                             "sampling_defaults": dict, "streams_backend_text": bool})
 
 
 def error_delta(request_id: str, seq: int, code: str, message: str, replica_id: str = "", *,

@@ -38,6 +38,7 @@ from engine.service.stream_pacing import StreamPacer
 from engine.service.transport import (
     DEAD_LETTER_BYTES, DEAD_LETTER_MAXLEN, GROUP, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, Backoff, Keys,
 )
+from engine.tokenization import decodes_like_its_backend
 
 logger = logging.getLogger(__name__)
 MODEL_CARD_CHECK_S = 10.0  # how often the writer makes sure the model card is still in Redis
@@ -345,7 +346,8 @@ class EngineServer:
         special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
         return ModelCard(self.model_name, self.engine.max_model_len, tokenizer.backend_tokenizer.to_str(),
                          tokenizer.chat_template, {k: v for k, v in special.items() if isinstance(v, str)},
-                         sampling_defaults=defaults)
+                         sampling_defaults=defaults,
+                         streams_backend_text=decodes_like_its_backend(tokenizer))
 
     # -- reader thread ------------------------------------------------------------------------------
 

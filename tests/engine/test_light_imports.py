@@ -23,6 +23,7 @@ LIGHT_IMPORTS = [
     "import engine.outputs; import engine.weights.source",
     "from engine import SamplingParams, RequestOutputKind, EngineConfig, RequestOutput, CompletionOutput",
     "from engine.sampling_params import SamplingParams; SamplingParams(temperature=0.5, stop='x')",
+    "import engine.tokenization",  # web processes detokenize plain streams (inference/stream_text.py)
 ]
 
 

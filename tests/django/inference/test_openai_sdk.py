@@ -124,3 +124,21 @@ def test_usage_is_recorded_per_call(live):
     assert (event.prompt_tokens, event.completion_tokens) == (reply.usage.prompt_tokens,
                                                               reply.usage.completion_tokens)
     assert event.status == "ok" and event.endpoint == "chat.completions" and event.model == MODEL
+
+
+def test_plain_streams_made_into_text_by_the_web_process_read_as_the_engine_writes_them(client):
+    """Without stop strings or logprobs the replica sends token ids and the web process makes the
+    text (inference/stream_text.py); a stop string that never matches keeps it in the engine. Sampled
+    from a seed, so both get the same tokens, odd ones included; streamed and not, n=2."""
+    sampled = {"temperature": 1.5, "seed": 11, "max_tokens": 32, "n": 2}
+    prompt = "Emoji and accents: 😀 café"
+    plain = client.completions.create(model=MODEL, prompt=prompt, **sampled)
+    in_engine = client.completions.create(model=MODEL, prompt=prompt, stop=["\u0000\u0001"], **sampled)
+    assert [c.text for c in plain.choices] == [c.text for c in in_engine.choices]
+    assert all(c.text for c in plain.choices)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, stream=True, **sampled))
+    streamed = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert [streamed[0], streamed[1]] == [c.text for c in in_engine.choices]
