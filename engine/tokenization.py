@@ -102,10 +102,17 @@ def _probe(tokenizer) -> bool:
 def token_text(tokenizer, token_id: int) -> str:
     """`tokenizer.decode([token_id])`, a logprob's decoded token: through the Rust backend when its
     text is decode()'s (~0.6 us against ~2.2; a top-20 logprobs request decodes 21 a token)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and decodes_like_its_backend(tokenizer):
+    backend = streaming_backend(tokenizer)
+    if backend is not None:
         return backend.decode([token_id], skip_special_tokens=False)
     return tokenizer.decode([token_id])
+
+
+def streaming_backend(tokenizer) -> Tokenizer | None:
+    """The Rust tokenizer whose decoding is `tokenizer`'s text, or None (no backend, or a decode() that
+    cleans up on top). A bare `tokenizers.Tokenizer` (a web process's, from the ModelCard) is its own."""
+    backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+    return backend if backend is not None and decodes_like_its_backend(tokenizer) else None
 
 
 class IncrementalDetokenizer:
@@ -128,9 +135,7 @@ class IncrementalDetokenizer:
         self.tokens = list(prompt_token_ids[-self.CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
-        # A bare `tokenizers.Tokenizer` (a web process's, from the ModelCard) is its own backend.
-        backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
-        self._backend = backend if backend is not None and decodes_like_its_backend(tokenizer) else None
+        self._backend = streaming_backend(tokenizer)
         self._stream = DecodeStream(ids=self.tokens, skip_special_tokens=skip_special_tokens) \
             if self._backend is not None else None
 
