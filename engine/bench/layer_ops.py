@@ -26,13 +26,26 @@ LLAMA_8B_HIDDEN, LLAMA_8B_INTERMEDIATE = 4096, 14336
 
 
 def time_projection(name: str, out_features: int, in_features: int, num_tokens: int, dtype: torch.dtype,
-                    device: str, iters: int) -> dict:
+                    device: str, iters: int, chunk_tokens: int | None = None) -> dict:
+    """One projection's GEMM; with `chunk_tokens`, as GEMMs of at most that many rows into one output
+    (does cuBLAS do better on a large step's rows in pieces?)."""
     nbytes = out_features * in_features * dtype.itemsize
     copies = max(2, -(-300_000_000 // nbytes)) if device == "cuda" else 1
     weights = [torch.randn(out_features, in_features, device=device, dtype=dtype) for _ in range(copies)]
     x = torch.randn(num_tokens, in_features, device=device, dtype=dtype)
     turn = itertools.count()
-    ms = graph_ms(lambda: F.linear(x, weights[next(turn) % copies]), iters)
+    if chunk_tokens:
+        out = torch.empty(num_tokens, out_features, device=device, dtype=dtype)
+        pieces = [(x[i:i + chunk_tokens], out[i:i + chunk_tokens]) for i in range(0, num_tokens, chunk_tokens)]
+
+        def run():
+            weight = weights[next(turn) % copies].t()
+            for rows, into in pieces:
+                torch.mm(rows, weight, out=into)
+        ms = graph_ms(run, iters)
+        name = f"{name}/{chunk_tokens}"
+    else:
+        ms = graph_ms(lambda: F.linear(x, weights[next(turn) % copies]), iters)
     flops = 2.0 * num_tokens * out_features * in_features
     return {"op": name, "tokens": num_tokens, "shape": [out_features, in_features], "us": ms * 1e3,
             "tflops": flops / ms / 1e9}
@@ -43,12 +56,16 @@ def time_elementwise(name: str, fn, bytes_moved: int, num_tokens: int, iters: in
     return {"op": name, "tokens": num_tokens, "us": ms * 1e3, "tb_per_s": bytes_moved / ms / 1e9}
 
 
-def layer_rows(num_tokens: int, dtype: torch.dtype, device: str, iters: int) -> list[dict]:
+def layer_rows(num_tokens: int, dtype: torch.dtype, device: str, iters: int,
+               chunk_tokens: int | None = None) -> list[dict]:
     from engine.layers.activation import apply_silu_and_mul
     from engine.layers.norm import RMSNorm
 
     rows = [time_projection(name, *shape, num_tokens, dtype, device, iters)
             for name, shape in LLAMA_8B_PROJECTIONS.items()]
+    if chunk_tokens and num_tokens > chunk_tokens:
+        rows += [time_projection(name, *shape, num_tokens, dtype, device, iters, chunk_tokens)
+                 for name, shape in LLAMA_8B_PROJECTIONS.items()]
     size = dtype.itemsize
     gate_up = torch.randn(num_tokens, 2 * LLAMA_8B_INTERMEDIATE, device=device, dtype=dtype)
     rows.append(time_elementwise("silu_and_mul", lambda: apply_silu_and_mul(gate_up),
@@ -67,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--chunk-tokens", type=int, default=None,
+                        help="also time each projection in GEMMs of at most this many rows (steps larger than it)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
-    return report([row for num_tokens in args.tokens for row in layer_rows(num_tokens, dtype, device, args.iters)],
+    return report([row for num_tokens in args.tokens for row in layer_rows(num_tokens, dtype, device, args.iters,
+                                                                                 args.chunk_tokens)],
                   args)
 
 

@@ -91,3 +91,14 @@ def test_layer_ops_times_every_op_of_a_layer_at_each_token_count(tmp_path):
     assert [(row["op"], row["tokens"]) for row in rows] == [
         (op, tokens) for tokens in (2, 3) for op in ("qkv", "o", "gate_up", "down", "silu_and_mul", "add_rms_norm")]
     assert all(row["us"] > 0 and (row.get("tflops") or row.get("tb_per_s")) > 0 for row in rows)
+
+
+def test_layer_ops_also_times_the_projections_in_row_chunks_above_the_chunk_size(tmp_path):
+    import json
+
+    from engine.bench.layer_ops import main
+
+    assert main(["--tokens", "2", "3", "--chunk-tokens", "2", "--dtype", "float32", "--iters", "1",
+                 "--json", str(tmp_path / "ops.json")]) == 0
+    ops = [(row["op"], row["tokens"]) for row in json.loads((tmp_path / "ops.json").read_text())["results"]]
+    assert [op for op in ops if "/" in op[0]] == [(f"{op}/2", 3) for op in ("qkv", "o", "gate_up", "down")]
