@@ -298,7 +298,13 @@ class LLMEngine:
             self.abort_request(state.request_id)
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers, if any (also done when the engine is garbage collected)."""
+        """Stop the tensor-parallel workers, if any (also done when the engine is garbage collected), and
+        hand the heap frozen at start back to the collector: frozen objects are never scanned again, so
+        a reference cycle through the engine's objects would keep its model and KV cache alive after
+        the last reference went (a second engine in the same process then found no memory left). This
+        unfreezes every engine's objects in the process; another engine still running only pays the
+        collector's scans again."""
+        gc.unfreeze()
         if self.workers is not None:
             self.workers.shutdown()
         grammars = getattr(self, "_structured_outputs", None)  # unset when the model failed to load
