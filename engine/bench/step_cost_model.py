@@ -5,13 +5,16 @@ step priced by a roofline model of a dense decoder on one card. A planning tool,
 
 A step with async scheduling costs what its device work costs:
     fixed + max(weight bytes / bandwidth, FLOPs of the step's tokens / linear TFLOP/s)
-          + decode KV bytes read / bandwidth + prefill attention FLOPs / attention TFLOP/s
+          + decode KV bytes read / KV bandwidth + prefill attention FLOPs / attention TFLOP/s
 (the LM head's FLOPs count for the rows that sample only). The defaults are Llama 3.1 8B in bf16 on
-an H200, fitted so that one set of constants gives both measured workloads of benchmarks/RESULTS.md
-at aa3c193: 1000 x 256/256 in 15.3-16.7 s (model: 15.97) and 16-1024 in / 16-512 out in 25.79 s
-(model: 25.65). It prints the time by part, and TTFT and TPOT p50 in model time. The two points do
-not separate the linear TFLOP/s from the bandwidth (560/4.8 and 600/3.6 fit about as well): a profile
-on the card (`engine.bench.step_profile ... --profile-from 0 --window 0`) does.
+an H200, each constant measured on the card at 4440d05 by whole-run profiles (`engine.bench.step_profile
+... --profile-from 0 --window 0`, benchmarks/RESULTS.md): the GEMMs at 677-696 TFLOP/s, the decode
+kernel reading the KV cache at ~3.8 TB/s, ~2.9 ms a step of norms, rotary, SiLU and sampling. With
+them the model gives 1000 x 256/256 in 15.02 s of device time (profiled: 14.98 s busy, 15.42 s wall)
+and 16-1024 in / 16-512 out in 24.95 s (24.60 s busy, 26.35 s wall); its linear and decode attention parts
+are within 4% of the profiles'. It prints the time by part, and TTFT and TPOT p50 in model
+time. (An earlier fit to two run times alone, linear at 580 TFLOP/s, gave the right totals with the
+wrong split.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from engine.bench.workload import LengthRange, make_workload
 from engine.config import SchedulerConfig
@@ -31,10 +34,13 @@ from engine.sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class DeviceModel:
-    linear_tflops: float = 580.0  # achieved by the GEMMs in the model (the card's measured peak: ~796)
-    bandwidth_tbs: float = 4.3  # HBM, for the weights and the KV cache
-    attention_tflops: float = 350.0  # prefill attention
-    fixed_ms: float = 0.6  # per step: norms, rotary, sampling, launch gaps
+    """Defaults measured on the H200 at 4440d05 (whole-run profiles, `step_profile --window 0`)."""
+
+    linear_tflops: float = 690.0  # the GEMMs in the runs: 677-696 (one short burst of one GEMM: ~796)
+    bandwidth_tbs: float = 4.3  # HBM, for the weights
+    attention_tflops: float = 140.0  # prefill attention (0.69 s in the mixed run)
+    fixed_ms: float = 2.9  # per step: norms, rotary, SiLU, sampling ("other" in the profile)
+    kv_bandwidth_tbs: float = 3.8  # the decode attention kernel's read of the KV cache
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ def price_step(prediction: Prediction, shape: DecoderShape, device: DeviceModel,
     weights = shape.weight_bytes / (device.bandwidth_tbs * 1e12)
     parts = prediction.parts
     parts["linear, compute-bound" if compute > weights else "linear, weight-read-bound"] += max(compute, weights)
-    parts["decode attention (KV reads)"] += decode_context * shape.kv_bytes_per_token / (device.bandwidth_tbs * 1e12)
+    parts["decode attention (KV reads)"] += decode_context * shape.kv_bytes_per_token / (device.kv_bandwidth_tbs * 1e12)
     parts["prefill attention"] += prefill_pairs * shape.attention_flops_per_pair / (device.attention_tflops * 1e12)
     parts["fixed"] += device.fixed_ms / 1000
     prediction.seconds = sum(parts.values())
@@ -161,7 +167,7 @@ def main() -> None:
     device = DeviceModel(*(getattr(args, name) for name in asdict(DeviceModel())))
     results = []
     for tflops in [device.linear_tflops, *args.sweep_tflops]:
-        model = DeviceModel(tflops, device.bandwidth_tbs, device.attention_tflops, device.fixed_ms)
+        model = replace(device, linear_tflops=tflops)
         prediction = predict(config, args.num_kv_tokens, requests, device=model)
         row = {"device": asdict(model), "seconds": round(prediction.seconds, 3), "steps": prediction.num_steps,
                "output_tokens_per_s": round(prediction.output_tokens_per_s),

@@ -35,6 +35,15 @@ def test_faster_linear_layers_and_more_bandwidth_shorten_the_run():
     assert predict(CONFIG, 200_000, requests, device=DeviceModel(bandwidth_tbs=8.0)).seconds < base
 
 
+def test_decode_attention_is_priced_at_the_kv_read_bandwidth_alone():
+    requests = workload()
+    base = predict(CONFIG, 200_000, requests)
+    faster = predict(CONFIG, 200_000, requests, device=DeviceModel(kv_bandwidth_tbs=2 * DeviceModel().kv_bandwidth_tbs))
+    assert faster.parts["decode attention (KV reads)"] == pytest.approx(base.parts["decode attention (KV reads)"] / 2)
+    assert {k: v for k, v in faster.parts.items() if k != "decode attention (KV reads)"} == pytest.approx(
+        {k: v for k, v in base.parts.items() if k != "decode attention (KV reads)"})
+
+
 def test_a_one_token_step_reads_every_weight_once():
     """A single sequence is weight-read bound: each step (its 16-token prefill too) costs the weights
     over the bandwidth."""
