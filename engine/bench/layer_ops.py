@@ -1,13 +1,14 @@
 """Micro-benchmark of a decoder layer's ops at a step's token count: python -m engine.bench.layer_ops.
 
-The model's linear layers, fitted to the H200 runs, reach ~580 TFLOP/s (engine/bench/step_cost_model.py)
-where one large GEMM reaches ~796. This times each op of a Llama 3.1 8B layer alone at the token counts
-a step has (a decode batch of 256 or 1,024 sequences, prefill steps of 4,096 and 16,384 tokens), as
-replays of a CUDA graph: the four projections through cuBLAS (`F.linear`, as the model calls it) with
-their TFLOP/s, and the Triton SiLU-and-mul and fused add + RMSNorm with their TB/s. Set against
-`step_profile`'s device time by kind, it says whether the gap is in cuBLAS at these shapes or around
-it. Each call reads another copy of the weight (as a model whose layers each have their own), so the
-50 MB L2 never holds it. On the CPU it runs eagerly (a smoke run, not a figure).
+Times each op of a Llama 3.1 8B layer alone at the token counts a step has (a decode batch of 256 or
+1,024 sequences, prefill steps of 4,096 and 16,384 tokens), as replays of a CUDA graph: the four
+projections through cuBLAS (`F.linear`, as the model calls it) with their TFLOP/s, and the Triton
+SiLU-and-mul and fused add + RMSNorm with their TB/s; `--chunk-tokens` also times each projection in
+row chunks. Set against `step_profile`'s device time by kind, it says whether the GEMMs in a run fall
+short of what cuBLAS does alone (on the H200, 2026-12-05: the runs' 678-696 TFLOP/s is what gate_up
+and down reach alone at 16,384 tokens, 760-830 at 1,024, and chunks do not help; benchmarks/RESULTS.md). Each call reads another copy of the
+weight (as a model whose layers each have their own), so the 50 MB L2 never holds it. On the CPU it
+runs eagerly (a smoke run, not a figure).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def time_projection(name: str, out_features: int, in_features: int, num_tokens: 
             weight = weights[next(turn) % copies].t()
             for rows, into in pieces:
                 torch.mm(rows, weight, out=into)
+
         ms = graph_ms(run, iters)
         name = f"{name}/{chunk_tokens}"
     else:
