@@ -6,9 +6,9 @@ projections through cuBLAS (`F.linear`, as the model calls it) with their TFLOP/
 SiLU-and-mul and fused add + RMSNorm with their TB/s; `--chunk-tokens` also times each projection in
 row chunks. Set against `step_profile`'s device time by kind, it says whether the GEMMs in a run fall
 short of what cuBLAS does alone (on the H200, 2026-12-05: the runs' 678-696 TFLOP/s is what gate_up
-and down reach alone at 16,384 tokens, 760-830 at 1,024, and chunks do not help; benchmarks/RESULTS.md). Each call reads another copy of the
-weight (as a model whose layers each have their own), so the 50 MB L2 never holds it. On the CPU it
-runs eagerly (a smoke run, not a figure).
+and down reach alone at 16,384 tokens, 760-830 at 1,024, and chunks do not help; benchmarks/RESULTS.md).
+Each call reads another copy of the weight (as a model whose layers each have their own), so the 50 MB
+L2 never holds it. On the CPU it runs eagerly (a smoke run, not a figure).
 """
 
 from __future__ import annotations
